@@ -1,0 +1,1 @@
+"""A seeded generator of MERIT-like products: silhouettes, rendered visual attributes, multilingual titles."""

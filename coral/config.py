@@ -1,0 +1,171 @@
+"""The typed config of one graph run: frozen dataclasses loaded from YAML plus ``a.b.c=value`` overrides.
+
+Each stage receives only its own section. Adding a stage means adding its section here and registering
+the stage in ``coral.stages``; the driver needs no change.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from coral.errors import ConfigError
+from coral.typed import check, from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives and which stages it has, in order."""
+
+    name: str = "demo"
+    run_root: str = "runs/demo"  # local path, file:// or s3://bucket/prefix
+    stages: tuple[str, ...] = ("catalog", "embed")
+
+    def __post_init__(self):
+        check(bool(self.run_root), "run_root must not be empty")
+        check(len(self.stages) > 0, "stages must name at least one stage")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object-storage access. Unset values fall back to the usual AWS_* environment variables."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for an S3-compatible server
+    region: str | None = None
+    access_key_id: str | None = field(default=None, metadata={"secret": True})
+    secret_access_key: str | None = field(default=None, metadata={"secret": True})
+    connect_timeout_s: float = 3.0
+    request_timeout_s: float = 10.0
+    max_attempts: int = 2
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How the driver reaches Ray. ``address`` (or RAY_ADDRESS) joins a cluster; otherwise a local Ray starts.
+
+    ``num_cpus`` is the *logical* CPU count of a local Ray: on a 2-core machine an actor pool plus its read
+    tasks (or train workers plus ingest) deadlock at the physical count, so the default oversubscribes.
+    """
+
+    address: str | None = None
+    num_cpus: int = 4
+    include_dashboard: bool = True  # Ray Train V2 logs state-API errors without it
+    temp_dir: str | None = None
+
+    def __post_init__(self):
+        check(self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """The synthetic MERIT-like product catalog (the embedded default's data)."""
+
+    seed: int = 0
+    num_groups: int = 40
+    variants_per_group: int = 3
+    image_size: int = 64
+    test_fraction: float = 0.25
+    languages: tuple[str, ...] = ("en", "id", "ms", "vi", "th")
+    num_tasks: int = 4  # Ray tasks (one Parquet file each)
+
+    def __post_init__(self):
+        from coral.catalog.vocab import LANGUAGES
+
+        check(self.num_groups >= 1, f"num_groups must be >= 1, got {self.num_groups}")
+        check(self.variants_per_group >= 2, f"variants_per_group must be >= 2, got {self.variants_per_group}")
+        check(16 <= self.image_size <= 1024, f"image_size must be in 16..1024, got {self.image_size}")
+        check(0.0 <= self.test_fraction < 1.0, f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        check(self.num_tasks >= 1, f"num_tasks must be >= 1, got {self.num_tasks}")
+        bad = [lang for lang in self.languages if lang not in LANGUAGES]
+        check(not bad and self.languages, f"languages must be a non-empty subset of {list(LANGUAGES)}, got {bad}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One image encoder run as a Ray Data actor pool."""
+
+    name: str = "clip_image"  # output column is f"emb_{name}"
+    kind: Literal["clip_image", "dinov2"] = "clip_image"
+    model: str = "models/tiny/clip"  # local dir or hub id (a hub id is the only thing that downloads)
+    batch_size: int = 32
+    num_actors: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional GPUs share one device between actors
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.num_actors >= 1, f"num_actors must be >= 1, got {self.num_actors}")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so 3 is an int and [1, 2] a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or only defaults when path is None) and apply overrides; errors name the file."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        raw = apply_overrides(raw, list(overrides))
+        return from_dict(Config, raw)
+    except ConfigError as e:
+        where = source + (" (with command-line overrides)" if overrides else "")
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def section_dict(section: Any) -> dict:
+    """A config section as plain data with secrets redacted: what manifests record and hash."""
+    return to_dict(section, redact=True)

@@ -1,0 +1,34 @@
+"""Connect to Ray: join a cluster when an address is given (RAY_ADDRESS under ``ray job submit``),
+otherwise start a local Ray whose logical CPU count keeps actor pools, tasks and train workers from
+deadlocking on a small machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from coral.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def connect(cfg: RayConfig) -> str:
+    """Initialise Ray once per process; returns "existing", "cluster" or "local"."""
+    if ray.is_initialized():
+        return "existing"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined Ray cluster at %s", address)
+        return "cluster"
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=cfg.include_dashboard,
+        _temp_dir=cfg.temp_dir,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    log.info("started a local Ray with %d logical CPUs", cfg.num_cpus)
+    return "local"

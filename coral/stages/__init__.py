@@ -1,0 +1,9 @@
+"""The stage registry: the one place a stage is added. Order of execution comes from ``run.stages``."""
+
+from coral.stages.base import Stage, StageContext
+from coral.stages.catalog import CatalogStage
+from coral.stages.embed import EmbedStage
+
+STAGES: dict[str, Stage] = {s.name: s for s in (CatalogStage(), EmbedStage())}
+
+__all__ = ["STAGES", "Stage", "StageContext"]

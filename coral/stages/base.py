@@ -1,0 +1,63 @@
+"""What a stage is: a name, the stages it reads, the config section that defines it, and ``run``.
+
+Stages hand off through storage: each writes Parquet under ``{run_root}/{stage}/data/`` and rejected
+rows under ``{run_root}/{stage}/rejected/``; the driver writes the manifest and marker.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import pyarrow.parquet as pq
+
+from coral import manifest, schemas, storage
+from coral.config import Config
+from coral.storage import Location
+
+
+@dataclass(frozen=True)
+class StageContext:
+    config: Config
+    root: Location
+
+    def stage_dir(self, stage: str) -> Location:
+        return self.root.child(stage)
+
+    def data(self, stage: str) -> Location:
+        return self.root.child(stage, manifest.DATA)
+
+    def rejected(self, stage: str) -> Location:
+        return self.root.child(stage, manifest.REJECTED)
+
+    def manifest(self, stage: str) -> dict:
+        m = manifest.read_complete(self.stage_dir(stage))
+        if m is None:
+            raise RuntimeError(f"stage input '{stage}' at {self.stage_dir(stage).uri} is not complete")
+        return m
+
+
+class Stage(Protocol):
+    name: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]]
+
+    def section(self, config: Config) -> Any:
+        """The config section whose hash (with the inputs' hashes) decides whether to rerun."""
+
+    def run(self, ctx: StageContext) -> manifest.StageResult:
+        """Do the work, write data and rejected rows, and say what happened."""
+
+
+def count_rows(loc: Location) -> int:
+    """Rows in every Parquet file under ``loc`` (footer metadata only, no data read)."""
+    return sum(pq.ParquetFile(loc.fs.open_input_file(p)).metadata.num_rows for p in storage.list_files(loc, ".parquet"))
+
+
+def count_rejected(loc: Location) -> dict[str, int]:
+    """Rejected rows under ``loc`` counted by reason."""
+    counts: Counter[str] = Counter()
+    for path in storage.list_files(loc, ".parquet"):
+        table = pq.read_table(path, filesystem=loc.fs, columns=[schemas.REASON])
+        counts.update(table.column(schemas.REASON).to_pylist())
+    return dict(counts)

@@ -1,0 +1,168 @@
+"""One way to reach storage: a URI (local path, ``file://``, ``s3://bucket/prefix``) becomes a pyarrow
+filesystem plus a path, used by Ray Data (``filesystem=``), Ray Train (``storage_filesystem=``) and boto3.
+
+Endpoint, region and credentials come from ``StorageConfig`` or the usual AWS environment variables.
+Credentials live only inside the filesystem objects; nothing here logs or returns them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from coral.config import StorageConfig
+from coral.errors import StorageError
+
+PROBE_NAME = ".coral-write-probe"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved storage location: ``fs`` + ``path`` (no scheme), and the ``uri`` users see."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def child(self, *parts: str) -> Location:
+        return Location(join(self.uri, *parts), self.fs, posixpath.join(self.path, *parts))
+
+
+def join(uri: str, *parts: str) -> str:
+    return posixpath.join(uri.rstrip("/"), *parts) if parts else uri
+
+
+def endpoint_url(cfg: StorageConfig) -> str | None:
+    return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def region(cfg: StorageConfig) -> str:
+    return cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = dict(
+        region=region(cfg),
+        connect_timeout=cfg.connect_timeout_s,
+        request_timeout=cfg.request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
+    )
+    if cfg.access_key_id and cfg.secret_access_key:
+        kwargs.update(access_key=cfg.access_key_id, secret_key=cfg.secret_access_key)
+    url = endpoint_url(cfg)
+    if url:
+        parsed = urlparse(url if "://" in url else f"https://{url}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, cfg: StorageConfig | None = None) -> Location:
+    """Turn a URI into a Location. Local paths become absolute; ``s3://`` keeps bucket/prefix as the path."""
+    cfg = cfg or StorageConfig()
+    if uri.startswith("s3://"):
+        path = uri[len("s3://") :].strip("/")
+        if not path:
+            raise StorageError(f"{uri}: an s3:// URI needs a bucket")
+        return Location(f"s3://{path}", s3_filesystem(cfg), path)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif "://" in uri:
+        raise StorageError(f"{uri}: unsupported scheme (use a local path, file:// or s3://)")
+    path = str(Path(uri).expanduser().absolute())
+    return Location(path, pafs.LocalFileSystem(), path)
+
+
+def ensure_writable(loc: Location) -> None:
+    """Fail fast with a StorageError naming the URI unless we can create, write and delete under it."""
+    try:
+        if loc.is_s3:
+            bucket = loc.path.split("/", 1)[0]
+            if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"{loc.uri}: bucket '{bucket}' does not exist")
+        else:
+            loc.fs.create_dir(loc.path, recursive=True)
+        probe = posixpath.join(loc.path, PROBE_NAME)
+        with loc.fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        loc.fs.delete_file(probe)
+    except StorageError:
+        raise
+    except (OSError, PermissionError) as e:
+        raise StorageError(f"{loc.uri}: cannot write there: {_short(e)}") from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def read_bytes(loc: Location) -> bytes:
+    with loc.fs.open_input_stream(loc.path) as f:
+        return f.read()
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    parent = posixpath.dirname(loc.path)
+    if parent and not loc.is_s3:
+        loc.fs.create_dir(parent, recursive=True)
+    with loc.fs.open_output_stream(loc.path) as f:
+        f.write(data)
+
+
+def read_json(loc: Location) -> Any:
+    return json.loads(read_bytes(loc))
+
+
+def write_json(loc: Location, obj: Any) -> None:
+    write_bytes(loc, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def delete_tree(loc: Location) -> None:
+    """Remove a directory (or prefix) and everything under it; missing is fine."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.Directory or (loc.is_s3 and list_files(loc)):
+        loc.fs.delete_dir(loc.path)
+    elif info.type == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+
+
+def list_files(loc: Location, suffix: str = "") -> list[str]:
+    """Paths (fs paths, sorted) of the files under ``loc`` ending in ``suffix``."""
+    sel = pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+    return sorted(
+        i.path for i in loc.fs.get_file_info(sel) if i.type == pafs.FileType.File and i.path.endswith(suffix)
+    )
+
+
+def boto3_client(cfg: StorageConfig | None = None):
+    """A boto3 S3 client with the same endpoint, region, credentials and timeouts as the filesystems."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    cfg = cfg or StorageConfig()
+    kwargs: dict[str, Any] = dict(
+        region_name=region(cfg),
+        endpoint_url=endpoint_url(cfg),
+        config=BotoConfig(
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.request_timeout_s,
+            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+        ),
+    )
+    if cfg.access_key_id and cfg.secret_access_key:
+        kwargs.update(aws_access_key_id=cfg.access_key_id, aws_secret_access_key=cfg.secret_access_key)
+    return boto3.client("s3", **kwargs)

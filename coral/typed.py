@@ -1,0 +1,98 @@
+"""Build frozen dataclasses from plain dicts, checking every key and type.
+
+Errors name the dotted key path (``embed.encoder.batch_size``) so a caller can add the file name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from coral.errors import ConfigError
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Return ``cls(**data)`` with nested dataclasses built and types checked."""
+    return _convert(cls, data, path)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    where = path or "<root>"
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+            raise ConfigError(f"unknown key '{key}' (known under {where}: {', '.join(sorted(fields))})")
+        kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def to_dict(obj: Any, redact: bool = True) -> Any:
+    """Plain-data view of a config; fields marked ``metadata={"secret": True}`` become '***'."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            out[f.name] = "***" if (redact and f.metadata.get("secret") and v is not None) else to_dict(v, redact)
+        return out
+    if isinstance(obj, list | tuple):
+        return [to_dict(v, redact) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v, redact) for k, v in obj.items()}
+    return obj
+
+
+def check(condition: bool, message: str) -> None:
+    """Validation helper for ``__post_init__``: raise ConfigError(message) unless condition."""
+    if not condition:
+        raise ConfigError(message)

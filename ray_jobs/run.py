@@ -1,0 +1,53 @@
+"""Run the job graph.
+
+    python -m ray_jobs.run --config workflows/demo.yaml [--from STAGE] [--until STAGE] [key.path=value ...]
+    ray job submit --working-dir . -- python -m ray_jobs.run --config workflows/<name>.yaml
+
+Exit codes: 0 done, 1 a stage failed (named), 2 bad input (config, storage), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from coral.config import load_config
+from coral.errors import UserInputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.run", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="workflow YAML, e.g. workflows/demo.yaml")
+    p.add_argument("--from", dest="start", help="rerun from this stage on (earlier stages must be complete)")
+    p.add_argument("--until", help="stop after this stage")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. catalog.num_groups=10")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.time()
+    try:
+        config = load_config(args.config, args.overrides)
+        from coral import graph  # imports Ray and torch: after the config is known to be good
+
+        rows = graph.run_graph(config, args.start, args.until)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last completed stage", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from coral.graph import StageFailed
+
+        if not isinstance(e, StageFailed):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"\nrun '{config.run.name}' at {config.run.run_root} ({time.time() - started:.1f} s)")
+    print(graph.format_summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
