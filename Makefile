@@ -1,0 +1,43 @@
+# The two commands a fresh machine needs: `make demo` and `make test` (each sets itself up first).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODELS ?= models/tiny
+
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench lint install models clean
+
+demo: install models
+	$(PY) -m ray_jobs.run --config workflows/demo.yaml $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install models
+	$(PY) -m benchmarks.run_all
+
+lint: install
+	$(VENV)/bin/ruff check coral ray_jobs tests benchmarks
+	$(VENV)/bin/ruff format --check coral ray_jobs tests benchmarks
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 comes first in requirements.txt so pip never resolves a CUDA build for CPU machines.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+models: $(MODELS)/.built
+
+$(MODELS)/.built: $(VENV)/.installed coral/models/tiny.py
+	$(PY) -m ray_jobs.build_tiny_models --out $(MODELS) --force
+	touch $@
+
+clean:
+	rm -rf runs $(MODELS)

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny models, a local Ray, a real S3 endpoint (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from coral.models.tiny import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session, sized like the driver's default (logical CPUs > cores)."""
+    import ray
+
+    from coral import ray_runtime
+    from coral.config import RayConfig
+
+    ray_runtime.connect(RayConfig(num_cpus=4, include_dashboard=False))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto's server) on 127.0.0.1; yields its URL. Any credentials are accepted."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the moto server; yields (StorageConfig, bucket name)."""
+    from coral.config import StorageConfig
+    from coral.storage import boto3_client
+
+    cfg = StorageConfig(endpoint_url=s3_server)
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
+    boto3_client(cfg).create_bucket(Bucket=name)
+    return cfg, name

@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coral.config import Config, StorageConfig, load_config, section_dict
+from coral.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "catalog:\n  num_groups: 7\n  languages: [en, th]\n"))
+    assert isinstance(cfg, Config)
+    assert cfg.catalog.num_groups == 7
+    assert cfg.catalog.languages == ("en", "th")
+    assert cfg.embed.encoder.kind == "clip_image"  # untouched default
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "catalog:\n  num_groups: 7\n"),
+        ["catalog.num_groups=11", "embed.encoder.num_cpus=0.5", "run.stages=[catalog]", "storage.region=eu-west-1"],
+    )
+    assert cfg.catalog.num_groups == 11
+    assert cfg.embed.encoder.num_cpus == 0.5
+    assert cfg.run.stages == ("catalog",)
+    assert cfg.storage.region == "eu-west-1"
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["embed.encoder.num_cpus=1"]).embed.encoder.num_cpus == 1.0
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "embed:\n  encoder:\n    batch_sise: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "embed.encoder.batch_sise" in str(e.value) and str(p) in str(e.value)
+
+
+def test_unknown_key_in_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"catalog\.nope"):
+        load_config(write(tmp_path, "{}"), ["catalog.nope=1"])
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    p = write(tmp_path, "catalog:\n  num_groups: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "catalog.num_groups" in msg and "expected int" in msg and "'many'" in msg and str(p) in msg
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["catalog.num_groups=true"])
+
+
+def test_literal_and_validation_errors():
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(None, ["embed.encoder.kind=resnet"])
+    with pytest.raises(ConfigError, match="num_groups must be >= 1"):
+        load_config(None, ["catalog.num_groups=0"])
+    with pytest.raises(ConfigError, match="languages"):
+        load_config(None, ["catalog.languages=[en, fr]"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["catalog.num_groups"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_configs_are_frozen():
+    cfg = load_config(None)
+    with pytest.raises(AttributeError):
+        cfg.catalog.seed = 3  # type: ignore[misc]
+
+
+def test_secrets_are_redacted_in_recorded_sections():
+    s = StorageConfig(access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t", region="r")
+    d = section_dict(s)
+    assert d["access_key_id"] == "***" and d["secret_access_key"] == "***" and d["region"] == "r"
+    assert "s3cr3t" not in yaml.safe_dump(d)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_workflow_yaml_loads(path):
+    cfg = load_config(path)
+    assert cfg.run.stages and cfg.run.run_root
+
+
+def test_every_yaml_in_repo_parses():
+    files = [p for p in REPO.rglob("*.y*ml") if ".venv" not in p.parts and "runs" not in p.parts]
+    assert any(p.name == "cluster.yaml" for p in files)
+    for p in files:
+        assert yaml.safe_load(p.read_text()) is not None, p
+
+
+def test_cluster_yaml_has_head_and_gpu_workers():
+    c = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert c["head_node_type"] in c["available_node_types"]
+    assert {"cpu_worker", "gpu_worker"} <= set(c["available_node_types"])

@@ -1,0 +1,102 @@
+"""The driver's ordering, skip, rerun and failure logic, with in-process fake stages (no Ray)."""
+
+import json
+
+import pytest
+
+from coral import graph, ray_runtime
+from coral.config import load_config
+from coral.errors import ConfigError
+from coral.manifest import StageResult
+
+
+class Fake:
+    def __init__(self, name, inputs=(), fail=False):
+        self.name, self.inputs, self.fail, self.calls = name, inputs, fail, 0
+
+    def section(self, config):
+        return {"seed": config.catalog.seed} if self.name == "a" else {"n": config.catalog.num_groups}
+
+    def run(self, ctx):
+        self.calls += 1
+        if self.fail:
+            raise ValueError("bad row 7")
+        out = ctx.data(self.name)
+        out.fs.create_dir(out.path, recursive=True)
+        return StageResult(rows_in=3, rows_out=3 - self.calls % 2, rejected={"why": self.calls % 2})
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    fakes = {"a": Fake("a"), "b": Fake("b", ("a",)), "c": Fake("c", ("b",))}
+    monkeypatch.setattr(graph, "STAGES", fakes)
+    monkeypatch.setattr(ray_runtime, "connect", lambda cfg: "none")
+    return fakes
+
+
+def cfg(tmp_path, *extra):
+    return load_config(None, [f"run.run_root={tmp_path / 'run'}", "run.stages=[a, b, c]", *extra])
+
+
+def test_runs_in_order_then_skips_everything(tmp_path, stages):
+    rows = graph.run_graph(cfg(tmp_path))
+    assert [(r.stage, r.status) for r in rows] == [("a", "ran"), ("b", "ran"), ("c", "ran")]
+    assert (rows[0].rows_in, rows[0].rows_out, rows[0].rows_rejected) == (3, 2, 1)
+    rows = graph.run_graph(cfg(tmp_path))
+    assert [r.status for r in rows] == ["skipped"] * 3
+    assert [s.calls for s in stages.values()] == [1, 1, 1]
+    assert rows[1].rows_out == 2  # counts come from the manifest
+    for name in "abc":
+        d = tmp_path / "run" / name
+        assert (d / "_SUCCESS").exists() and json.loads((d / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_config_change_reruns_that_stage_and_downstream(tmp_path, stages):
+    graph.run_graph(cfg(tmp_path))
+    rows = graph.run_graph(cfg(tmp_path, "catalog.num_groups=5"))  # only b and c hash num_groups
+    assert [r.status for r in rows] == ["skipped", "ran", "ran"]
+    rows = graph.run_graph(cfg(tmp_path, "catalog.seed=9", "catalog.num_groups=5"))  # a changes -> all
+    assert [r.status for r in rows] == ["ran", "ran", "ran"]
+
+
+def test_from_and_until(tmp_path, stages):
+    assert [r.stage for r in graph.run_graph(cfg(tmp_path), until="b")] == ["a", "b"]
+    rows = graph.run_graph(cfg(tmp_path), start="b")
+    assert [(r.stage, r.status) for r in rows] == [("b", "ran"), ("c", "ran")]
+    assert stages["a"].calls == 1 and stages["b"].calls == 2
+
+
+def test_from_needs_completed_inputs(tmp_path, stages):
+    with pytest.raises(RuntimeError, match="'a'.*not complete"):
+        graph.run_graph(cfg(tmp_path), start="b")
+
+
+def test_failure_names_stage_and_leaves_no_marker(tmp_path, stages):
+    stages["b"].fail = True
+    with pytest.raises(graph.StageFailed, match="stage 'b' failed: ValueError: bad row 7"):
+        graph.run_graph(cfg(tmp_path))
+    d = tmp_path / "run" / "b"
+    assert not (d / "_SUCCESS").exists()
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["status"] == "failed" and "bad row 7" in m["error"]
+    stages["b"].fail = False
+    rows = graph.run_graph(cfg(tmp_path))
+    assert [r.status for r in rows] == ["skipped", "ran", "ran"]
+
+
+def test_bad_selection_is_a_config_error(tmp_path, stages):
+    with pytest.raises(ConfigError, match="unknown stage 'z'"):
+        graph.select(cfg(tmp_path, "run.stages=[a, z]"))
+    with pytest.raises(ConfigError, match="--from q"):
+        graph.select(cfg(tmp_path), start="q")
+    with pytest.raises(ConfigError, match="needs"):
+        graph.select(cfg(tmp_path, "run.stages=[b, c]"))
+    with pytest.raises(ConfigError, match="after"):
+        graph.select(cfg(tmp_path), start="c", until="a")
+
+
+def test_summary_table_lists_every_stage():
+    text = graph.format_summary([graph.SummaryRow("catalog", "ran", 0, 240, 1, 2.25)])
+    header, rule, row = text.splitlines()
+    assert header.split() == ["stage", "status", "rows_in", "rows_out", "rejected", "seconds"]
+    assert row.split() == ["catalog", "ran", "0", "240", "1", "2.2"]

@@ -1,0 +1,83 @@
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from coral import storage
+from coral.config import StorageConfig
+from coral.errors import StorageError
+
+
+def test_resolve_local_and_file_uri(tmp_path):
+    a = storage.resolve(str(tmp_path / "x"))
+    b = storage.resolve(f"file://{tmp_path}/x")
+    assert a.path == b.path == str(tmp_path / "x")
+    assert isinstance(a.fs, pafs.LocalFileSystem) and not a.is_s3
+    assert a.child("embed", "data").path == str(tmp_path / "x" / "embed" / "data")
+
+
+def test_resolve_s3_uri_keeps_bucket_and_prefix():
+    loc = storage.resolve("s3://bucket/some/prefix/", StorageConfig(endpoint_url="http://127.0.0.1:9"))
+    assert loc.is_s3 and loc.path == "bucket/some/prefix" and loc.uri == "s3://bucket/some/prefix"
+    assert isinstance(loc.fs, pafs.S3FileSystem)
+    assert loc.child("a").uri == "s3://bucket/some/prefix/a"
+
+
+@pytest.mark.parametrize("uri", ["gs://b/x", "s3://", "http://host/x"])
+def test_resolve_rejects_bad_uris(uri):
+    with pytest.raises(StorageError, match="s3://|scheme|bucket"):
+        storage.resolve(uri)
+
+
+def test_local_roundtrip_and_delete(tmp_path):
+    root = storage.resolve(str(tmp_path / "run"))
+    storage.ensure_writable(root)
+    storage.write_json(root.child("s", "manifest.json"), {"a": 1})
+    storage.write_bytes(root.child("s", "data", "x.parquet"), b"123")
+    assert storage.read_json(root.child("s", "manifest.json")) == {"a": 1}
+    assert [p.rsplit("/", 1)[1] for p in storage.list_files(root.child("s"), ".parquet")] == ["x.parquet"]
+    storage.delete_tree(root.child("s"))
+    assert not storage.exists(root.child("s"))
+    assert list((tmp_path / "run").iterdir()) == []  # the write probe is gone too
+
+
+def test_unwritable_local_root_names_uri(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    loc = storage.resolve(str(blocker / "run"))
+    with pytest.raises(StorageError) as e:
+        storage.ensure_writable(loc)
+    assert str(blocker / "run") in str(e.value)
+
+
+def test_s3_roundtrip(s3_bucket):
+    cfg, bucket = s3_bucket
+    root = storage.resolve(f"s3://{bucket}/runs/r1", cfg)
+    storage.ensure_writable(root)
+    storage.write_json(root.child("st", "manifest.json"), {"ok": True})
+    storage.write_bytes(root.child("st", "_SUCCESS"), b"")
+    assert storage.read_json(root.child("st", "manifest.json")) == {"ok": True}
+    objects = storage.boto3_client(cfg).list_objects_v2(Bucket=bucket)["Contents"]
+    keys = {o["Key"] for o in objects if not o["Key"].endswith("/")}  # pyarrow keeps directory markers
+    assert keys == {"runs/r1/st/manifest.json", "runs/r1/st/_SUCCESS"}
+    storage.delete_tree(root.child("st"))
+    assert storage.list_files(root) == []
+
+
+def test_s3_missing_bucket_is_named(s3_server):
+    loc = storage.resolve("s3://no-such-bucket/x", StorageConfig(endpoint_url=s3_server))
+    with pytest.raises(StorageError, match="no-such-bucket"):
+        storage.ensure_writable(loc)
+
+
+def test_unreachable_s3_endpoint_fails_fast_and_names_uri():
+    from tests.conftest import free_port
+
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="k", secret_access_key="s")
+    loc = storage.resolve("s3://bucket/run", cfg)
+    t = time.time()
+    with pytest.raises(StorageError) as e:
+        storage.ensure_writable(loc)
+    assert time.time() - t < 30
+    assert "s3://bucket/run" in str(e.value)
+    assert "k" != str(e.value) and "secret" not in str(e.value)
