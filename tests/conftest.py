@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+SECRET = "moto-secret-never-logged"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,8 +49,11 @@ def ray_local():
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's server) on 127.0.0.1; yields its URL. Any credentials are accepted."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -65,11 +71,11 @@ def s3_server():
 
 @pytest.fixture
 def s3_bucket(s3_server, request):
-    """A fresh bucket on the moto server; yields (StorageConfig, bucket name)."""
+    """A fresh bucket on the moto server; yields (StorageConfig with explicit credentials, bucket name)."""
     from coral.config import StorageConfig
     from coral.storage import boto3_client
 
-    cfg = StorageConfig(endpoint_url=s3_server)
+    cfg = StorageConfig(endpoint_url=s3_server, access_key_id="AKIATESTKEY", secret_access_key=SECRET)
     name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
     boto3_client(cfg).create_bucket(Bucket=name)
     return cfg, name

@@ -1,0 +1,103 @@
+"""``python -m ray_jobs.run`` as a user runs it: exit codes, messages, nothing written on bad input,
+and an interrupted run that completes when started again."""
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = str(REPO / "workflows" / "ci_small.yaml")
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ray_jobs.run", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_unknown_key_exits_2_naming_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("catalog:\n  num_grups: 3\n")
+    r = cli("--config", str(bad), f"run.run_root={tmp_path / 'run'}")
+    assert r.returncode == 2, r.stderr
+    assert "catalog.num_grups" in r.stderr and str(bad) in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_type_exits_2(tmp_path):
+    r = cli("--config", SMALL, "catalog.image_size=big", f"run.run_root={tmp_path / 'run'}")
+    assert r.returncode == 2 and "catalog.image_size" in r.stderr and "expected int" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_stage_in_from_exits_2(tmp_path):
+    r = cli("--config", SMALL, "--from", "train", f"run.run_root={tmp_path / 'run'}")
+    assert r.returncode == 2 and "--from train" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_root_exits_2(tmp_path):
+    (tmp_path / "file").write_text("x")
+    root = tmp_path / "file" / "run"
+    r = cli("--config", SMALL, f"run.run_root={root}")
+    assert r.returncode == 2 and str(root) in r.stderr and "cannot write" in r.stderr
+
+
+def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials():
+    secret = "do-not-print-this-secret"
+    t = time.time()
+    r = cli(
+        "--config", SMALL, "run.run_root=s3://somebucket/run",
+        f"storage.endpoint_url=http://127.0.0.1:{free_port()}",
+        "storage.access_key_id=AKIANOTPRINTED", f"storage.secret_access_key={secret}",
+        timeout=60,
+    )
+    assert time.time() - t < 30
+    assert r.returncode == 2 and "s3://somebucket/run" in r.stderr
+    assert secret not in r.stderr + r.stdout and "AKIANOTPRINTED" not in r.stderr + r.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
+    args = ["--config", SMALL, f"run.run_root={tmp_path / 'run'}", f"embed.encoder.model={tiny_models['clip']}",
+            "catalog.num_groups=40"]
+    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.run", *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    deadline, seen = time.time() + 180, False
+    while time.time() < deadline and not seen:
+        try:
+            seen = "embed: running" in lines.get(timeout=1)
+        except queue.Empty:
+            assert proc.poll() is None, "driver exited before embed started"
+    assert seen, "embed never started"
+    time.sleep(3)  # let the actor pool start
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait(timeout=30)
+    assert rc != 0
+    assert (tmp_path / "run" / "catalog" / "_SUCCESS").exists()
+    assert not (tmp_path / "run" / "embed" / "_SUCCESS").exists()
+
+    r = cli(*args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    status = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line[:7] in ("catalog", "embed  ")}
+    assert status == {"catalog": "skipped", "embed": "ran"}
+    catalog_ids = pq.read_table(tmp_path / "run" / "catalog" / "data").column("id").to_pylist()
+    embed_ids = pq.read_table(tmp_path / "run" / "embed" / "data").column("id").to_pylist()
+    assert len(catalog_ids) == 120 and sorted(embed_ids) == sorted(catalog_ids)

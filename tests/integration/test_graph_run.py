@@ -1,0 +1,94 @@
+"""The real graph (catalog -> embed) on a local Ray, local storage and S3; asserts on what it wrote."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from coral import graph, manifest, storage
+from coral import schemas as S
+from coral.config import load_config
+from tests.conftest import SECRET
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def small(run_root: str, tiny_models, *extra):
+    return load_config(
+        REPO / "workflows" / "ci_small.yaml",
+        [f"run.run_root={run_root}", f"embed.encoder.model={tiny_models['clip']}", *extra],
+    )
+
+
+def read(loc) -> pa.Table:
+    return pq.read_table(loc.path, filesystem=loc.fs)
+
+
+def check_outputs(root, cfg) -> None:
+    catalog = read(root.child("catalog", "data"))
+    emb = read(root.child("embed", "data"))
+    n = cfg.catalog.num_groups * cfg.catalog.variants_per_group
+    assert catalog.num_rows == n
+    assert sorted(emb.column(S.ID).to_pylist()) == sorted(catalog.column(S.ID).to_pylist())  # one row each
+    vectors = np.array(emb.column("emb_clip_image").to_pylist(), dtype=np.float32)
+    assert vectors.shape == (n, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    for stage in ("catalog", "embed"):
+        m = manifest.read_complete(root.child(stage))
+        assert m is not None and m["status"] == "complete"
+        assert m["rows_out"] == n and m["rows_rejected"] == 0
+    assert manifest.read_complete(root.child("embed"))["inputs"] == {
+        "catalog": manifest.read_complete(root.child("catalog"))["hash"]
+    }
+
+
+def test_local_run_then_rerun_skips_everything(tmp_path, tiny_models, ray_local):
+    cfg = small(str(tmp_path / "run"), tiny_models)
+    rows = graph.run_graph(cfg)
+    assert [(r.stage, r.status) for r in rows] == [("catalog", "ran"), ("embed", "ran")]
+    root = storage.resolve(cfg.run.run_root)
+    check_outputs(root, cfg)
+    first = (tmp_path / "run" / "embed" / "manifest.json").read_text()
+    rows = graph.run_graph(cfg)
+    assert [r.status for r in rows] == ["skipped", "skipped"]
+    assert (tmp_path / "run" / "embed" / "manifest.json").read_text() == first  # untouched
+
+
+def test_undecodable_images_are_rejected_with_reason(tmp_path, tiny_models, ray_local):
+    cfg = small(str(tmp_path / "run"), tiny_models)
+    graph.run_graph(cfg, until="catalog")
+    part = sorted((tmp_path / "run" / "catalog" / "data").glob("*.parquet"))[0]
+    t = pq.read_table(part)
+    broken_ids = t.column(S.ID).to_pylist()[:2]
+    images = t.column(S.IMAGE).to_pylist()
+    images[0], images[1] = b"garbage", b""
+    pq.write_table(t.set_column(t.schema.get_field_index(S.IMAGE), S.IMAGE, pa.array(images, pa.binary())), part)
+
+    rows = graph.run_graph(cfg, start="embed")
+    n = cfg.catalog.num_groups * cfg.catalog.variants_per_group
+    assert (rows[0].rows_in, rows[0].rows_out, rows[0].rows_rejected) == (n, n - 2, 2)
+    rejected = pq.read_table(tmp_path / "run" / "embed" / "rejected")
+    assert sorted(rejected.column(S.ID).to_pylist()) == sorted(broken_ids)
+    assert set(rejected.column(S.REASON).to_pylist()) == {"undecodable image: UnidentifiedImageError"}
+    m = manifest.read_complete(storage.resolve(str(tmp_path / "run" / "embed")))
+    assert m["rejected_reasons"] == {"undecodable image: UnidentifiedImageError": 2}
+
+
+def test_s3_run_root(s3_bucket, tiny_models, ray_local):
+    storage_cfg, bucket = s3_bucket
+    creds = [f"storage.access_key_id={storage_cfg.access_key_id}", f"storage.secret_access_key={SECRET}"]
+    cfg = small(f"s3://{bucket}/runs/ci", tiny_models, f"storage.endpoint_url={storage_cfg.endpoint_url}", *creds)
+    rows = graph.run_graph(cfg)
+    assert [r.status for r in rows] == ["ran", "ran"]
+    root = storage.resolve(cfg.run.run_root, cfg.storage)
+    check_outputs(root, cfg)
+    keys = {o["Key"] for o in storage.boto3_client(cfg.storage).list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {"runs/ci/catalog/_SUCCESS", "runs/ci/embed/_SUCCESS", "runs/ci/embed/manifest.json"} <= keys
+    assert [r.status for r in graph.run_graph(cfg)] == ["skipped", "skipped"]
+    client = storage.boto3_client(cfg.storage)
+    for stage in ("catalog", "embed"):
+        text = client.get_object(Bucket=bucket, Key=f"runs/ci/{stage}/manifest.json")["Body"].read().decode()
+        assert SECRET not in text and "AKIATESTKEY" not in text
