@@ -8,20 +8,18 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench lint install models clean
+.PHONY: demo test bench install models clean
 
 demo: install models
 	$(PY) -m ray_jobs.run --config workflows/demo.yaml $(ARGS)
 
 test: install
+	$(VENV)/bin/ruff check coral ray_jobs tests benchmarks
+	$(VENV)/bin/ruff format --check coral ray_jobs tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install models
 	$(PY) -m benchmarks.run_all
-
-lint: install
-	$(VENV)/bin/ruff check coral ray_jobs tests benchmarks
-	$(VENV)/bin/ruff format --check coral ray_jobs tests benchmarks
 
 install: $(VENV)/.installed
 

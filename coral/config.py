@@ -81,7 +81,10 @@ class CatalogConfig:
         check(0.0 <= self.test_fraction < 1.0, f"test_fraction must be in [0, 1), got {self.test_fraction}")
         check(self.num_tasks >= 1, f"num_tasks must be >= 1, got {self.num_tasks}")
         bad = [lang for lang in self.languages if lang not in LANGUAGES]
-        check(not bad and self.languages, f"languages must be a non-empty subset of {list(LANGUAGES)}, got {bad}")
+        check(
+            not bad and self.languages,
+            f"languages must be a non-empty subset of {list(LANGUAGES)}, got {bad}",
+        )
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,15 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
 
 def format_summary(rows: list[SummaryRow]) -> str:
     header = ("stage", "status", "rows_in", "rows_out", "rejected", "seconds")
-    body = [(r.stage, r.status, str(r.rows_in), str(r.rows_out), str(r.rows_rejected), f"{r.seconds:.1f}") for r in rows]
+    body = [
+        (r.stage, r.status, str(r.rows_in), str(r.rows_out), str(r.rows_rejected), f"{r.seconds:.1f}")
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 # catalog: one row per product
-ID, GROUP_ID, CLASS, ATTRIBUTES, VARIANT_ATTRIBUTE = "id", "group_id", "class", "attributes", "variant_attribute"
+ID, GROUP_ID, CLASS, ATTRIBUTES, VARIANT_ATTRIBUTE = (
+    "id",
+    "group_id",
+    "class",
+    "attributes",
+    "variant_attribute",
+)
 TITLE, LANGUAGE, CAPTION, IMAGE, SPLIT = "title", "language", "caption", "image", "split"
 REASON = "reason"
 

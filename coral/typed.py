@@ -83,7 +83,9 @@ def to_dict(obj: Any, redact: bool = True) -> Any:
         out = {}
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
-            out[f.name] = "***" if (redact and f.metadata.get("secret") and v is not None) else to_dict(v, redact)
+            out[f.name] = (
+                "***" if (redact and f.metadata.get("secret") and v is not None) else to_dict(v, redact)
+            )
         return out
     if isinstance(obj, list | tuple):
         return [to_dict(v, redact) for v in obj]

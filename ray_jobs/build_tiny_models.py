@@ -1,6 +1,6 @@
 """Build the tiny offline models (seeded, random init, local tokenizers) as Hugging Face dirs.
 
-    python -m ray_jobs.build_tiny_models [--out models/tiny] [--force]
+python -m ray_jobs.build_tiny_models [--out models/tiny] [--force]
 """
 
 from __future__ import annotations

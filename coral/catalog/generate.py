@@ -35,7 +35,9 @@ def group_rows(cfg: CatalogConfig, group: int, split: str) -> list[dict]:
     if not varying:
         raise ValueError(f"variants_per_group={cfg.variants_per_group} exceeds every attribute's value count")
     key = _pick(rng, varying)
-    values = [base[key]] + [str(v) for v in rng.permutation([v for v in vocab.ATTRIBUTE_VALUES[key] if v != base[key]])]
+    values = [base[key]] + [
+        str(v) for v in rng.permutation([v for v in vocab.ATTRIBUTE_VALUES[key] if v != base[key]])
+    ]
     rows = []
     for variant in range(cfg.variants_per_group):
         attrs = dict(base, **{key: values[variant]})

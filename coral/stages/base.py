@@ -51,7 +51,10 @@ class Stage(Protocol):
 
 def count_rows(loc: Location) -> int:
     """Rows in every Parquet file under ``loc`` (footer metadata only, no data read)."""
-    return sum(pq.ParquetFile(loc.fs.open_input_file(p)).metadata.num_rows for p in storage.list_files(loc, ".parquet"))
+    return sum(
+        pq.ParquetFile(loc.fs.open_input_file(p)).metadata.num_rows
+        for p in storage.list_files(loc, ".parquet")
+    )
 
 
 def count_rejected(loc: Location) -> dict[str, int]:

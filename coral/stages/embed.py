@@ -44,14 +44,18 @@ class EmbedBatch:
             self._write_rejected(bad)
         emb = self.encoder.encode(images) if images else None
         values = [] if emb is None else list(emb)
-        return pa.Table.from_pydict({S.ID: keep, self.column: values}, schema=S.embed_schema(self.encoder.cfg.name))
+        return pa.Table.from_pydict(
+            {S.ID: keep, self.column: values}, schema=S.embed_schema(self.encoder.cfg.name)
+        )
 
     def _write_rejected(self, rows: list[dict]) -> None:
         name = hashlib.sha256("\n".join(r[S.ID] for r in rows).encode()).hexdigest()[:16]
         if not self.rejected.is_s3:
             self.rejected.fs.create_dir(self.rejected.path, recursive=True)
         table = pa.Table.from_pylist(rows, schema=S.REJECTED)
-        pq.write_table(table, posixpath.join(self.rejected.path, f"part-{name}.parquet"), filesystem=self.rejected.fs)
+        pq.write_table(
+            table, posixpath.join(self.rejected.path, f"part-{name}.parquet"), filesystem=self.rejected.fs
+        )
 
 
 class EmbedStage:
@@ -80,5 +84,7 @@ class EmbedStage:
         rows_in = ctx.manifest("catalog")["rows_out"]
         rows_out, reasons = count_rows(out), count_rejected(rejected)
         if rows_out + sum(reasons.values()) != rows_in:
-            raise RuntimeError(f"embed: {rows_in} rows in but {rows_out} written + {sum(reasons.values())} rejected")
+            raise RuntimeError(
+                f"embed: {rows_in} rows in but {rows_out} written + {sum(reasons.values())} rejected"
+            )
         return StageResult(rows_in, rows_out, reasons, details={"encoder": enc.name, "model": enc.model})

@@ -21,7 +21,11 @@ SMALL = str(REPO / "workflows" / "ci_small.yaml")
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ray_jobs.run", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "ray_jobs.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -57,9 +61,12 @@ def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials():
     secret = "do-not-print-this-secret"
     t = time.time()
     r = cli(
-        "--config", SMALL, "run.run_root=s3://somebucket/run",
+        "--config",
+        SMALL,
+        "run.run_root=s3://somebucket/run",
         f"storage.endpoint_url=http://127.0.0.1:{free_port()}",
-        "storage.access_key_id=AKIANOTPRINTED", f"storage.secret_access_key={secret}",
+        "storage.access_key_id=AKIANOTPRINTED",
+        f"storage.secret_access_key={secret}",
         timeout=60,
     )
     assert time.time() - t < 30
@@ -70,10 +77,21 @@ def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials():
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
-    args = ["--config", SMALL, f"run.run_root={tmp_path / 'run'}", f"embed.encoder.model={tiny_models['clip']}",
-            "catalog.num_groups=40"]
-    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.run", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    args = [
+        "--config",
+        SMALL,
+        f"run.run_root={tmp_path / 'run'}",
+        f"embed.encoder.model={tiny_models['clip']}",
+        "catalog.num_groups=40",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray_jobs.run", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     deadline, seen = time.time() + 180, False
@@ -96,7 +114,11 @@ def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
 
     r = cli(*args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    status = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line[:7] in ("catalog", "embed  ")}
+    status = {
+        line.split()[0]: line.split()[1]
+        for line in r.stdout.splitlines()
+        if line[:7] in ("catalog", "embed  ")
+    }
     assert status == {"catalog": "skipped", "embed": "ran"}
     catalog_ids = pq.read_table(tmp_path / "run" / "catalog" / "data").column("id").to_pylist()
     embed_ids = pq.read_table(tmp_path / "run" / "embed" / "data").column("id").to_pylist()

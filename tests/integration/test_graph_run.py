@@ -65,7 +65,9 @@ def test_undecodable_images_are_rejected_with_reason(tmp_path, tiny_models, ray_
     broken_ids = t.column(S.ID).to_pylist()[:2]
     images = t.column(S.IMAGE).to_pylist()
     images[0], images[1] = b"garbage", b""
-    pq.write_table(t.set_column(t.schema.get_field_index(S.IMAGE), S.IMAGE, pa.array(images, pa.binary())), part)
+    pq.write_table(
+        t.set_column(t.schema.get_field_index(S.IMAGE), S.IMAGE, pa.array(images, pa.binary())), part
+    )
 
     rows = graph.run_graph(cfg, start="embed")
     n = cfg.catalog.num_groups * cfg.catalog.variants_per_group
@@ -80,7 +82,9 @@ def test_undecodable_images_are_rejected_with_reason(tmp_path, tiny_models, ray_
 def test_s3_run_root(s3_bucket, tiny_models, ray_local):
     storage_cfg, bucket = s3_bucket
     creds = [f"storage.access_key_id={storage_cfg.access_key_id}", f"storage.secret_access_key={SECRET}"]
-    cfg = small(f"s3://{bucket}/runs/ci", tiny_models, f"storage.endpoint_url={storage_cfg.endpoint_url}", *creds)
+    cfg = small(
+        f"s3://{bucket}/runs/ci", tiny_models, f"storage.endpoint_url={storage_cfg.endpoint_url}", *creds
+    )
     rows = graph.run_graph(cfg)
     assert [r.status for r in rows] == ["ran", "ran"]
     root = storage.resolve(cfg.run.run_root, cfg.storage)

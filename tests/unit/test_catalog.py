@@ -89,8 +89,14 @@ def test_at_least_twelve_distinct_silhouettes():
 
 @pytest.mark.parametrize("key", S.VISUAL_ATTRIBUTES)
 def test_every_visual_attribute_changes_the_pixels(key):
-    base = {"colour": "red", "pattern": "solid", "size": "medium", "background": "white", "material": "wood",
-            "brand": "Kova"}
+    base = {
+        "colour": "red",
+        "pattern": "solid",
+        "size": "medium",
+        "background": "white",
+        "material": "wood",
+        "brand": "Kova",
+    }
     other = [v for v in vocab.ATTRIBUTE_VALUES[key] if v != base[key]][0]
     a = np.asarray(draw.render("mug", base, 64), dtype=int)
     b = np.asarray(draw.render("mug", dict(base, **{key: other}), 64), dtype=int)
@@ -99,7 +105,15 @@ def test_every_visual_attribute_changes_the_pixels(key):
 
 @pytest.mark.parametrize("key", S.TEXT_ATTRIBUTES)
 def test_non_visual_attributes_do_not_change_the_pixels(key):
-    base = {"colour": "red", "pattern": "solid", "size": "medium", "background": "white", "material": "wood",
-            "brand": "Kova"}
+    base = {
+        "colour": "red",
+        "pattern": "solid",
+        "size": "medium",
+        "background": "white",
+        "material": "wood",
+        "brand": "Kova",
+    }
     other = [v for v in vocab.ATTRIBUTE_VALUES[key] if v != base[key]][0]
-    assert draw.png_bytes(draw.render("mug", base, 64)) == draw.png_bytes(draw.render("mug", dict(base, **{key: other}), 64))
+    assert draw.png_bytes(draw.render("mug", base, 64)) == draw.png_bytes(
+        draw.render("mug", dict(base, **{key: other}), 64)
+    )

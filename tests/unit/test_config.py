@@ -26,7 +26,12 @@ def test_defaults_and_yaml_values(tmp_path):
 def test_overrides_parse_values_as_yaml(tmp_path):
     cfg = load_config(
         write(tmp_path, "catalog:\n  num_groups: 7\n"),
-        ["catalog.num_groups=11", "embed.encoder.num_cpus=0.5", "run.stages=[catalog]", "storage.region=eu-west-1"],
+        [
+            "catalog.num_groups=11",
+            "embed.encoder.num_cpus=0.5",
+            "run.stages=[catalog]",
+            "storage.region=eu-west-1",
+        ],
     )
     assert cfg.catalog.num_groups == 11
     assert cfg.embed.encoder.num_cpus == 0.5

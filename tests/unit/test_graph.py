@@ -48,7 +48,9 @@ def test_runs_in_order_then_skips_everything(tmp_path, stages):
     assert rows[1].rows_out == 2  # counts come from the manifest
     for name in "abc":
         d = tmp_path / "run" / name
-        assert (d / "_SUCCESS").exists() and json.loads((d / "manifest.json").read_text())["status"] == "complete"
+        assert (d / "_SUCCESS").exists() and json.loads((d / "manifest.json").read_text())[
+            "status"
+        ] == "complete"
 
 
 def test_config_change_reruns_that_stage_and_downstream(tmp_path, stages):

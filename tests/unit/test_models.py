@@ -17,8 +17,14 @@ from coral.models.encoders import ImageEncoder, decode_image
 
 
 def images(n=3, px=64):
-    attrs = {"colour": "red", "pattern": "striped", "size": "large", "background": "sky", "material": "wood",
-             "brand": "Kova"}
+    attrs = {
+        "colour": "red",
+        "pattern": "striped",
+        "size": "large",
+        "background": "sky",
+        "material": "wood",
+        "brand": "Kova",
+    }
     return [draw.render(c, attrs, px) for c in ("mug", "hat", "shoe")[:n]]
 
 
@@ -31,8 +37,10 @@ def test_resolve_paths_and_hub_ids(tiny_models, tmp_path):
         loader.model_type(str(tmp_path))
 
 
-@pytest.mark.parametrize("name,kind", [("clip", "clip"), ("dinov2", "dinov2"), ("qwen2_vl", "qwen2_vl"),
-                                       ("qwen2_5_vl", "qwen2_5_vl")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [("clip", "clip"), ("dinov2", "dinov2"), ("qwen2_vl", "qwen2_vl"), ("qwen2_5_vl", "qwen2_5_vl")],
+)
 def test_tiny_models_round_trip_through_from_pretrained(tiny_models, name, kind):
     assert loader.model_type(str(tiny_models[name])) == kind
     a = loader.load_model(str(tiny_models[name]))
@@ -65,7 +73,10 @@ def test_qwen2_vl_processor_and_last_token_embedding(tiny_models):
     ref = str(tiny_models["qwen2_vl"])
     proc, model = loader.load_processor(ref), loader.load_model(ref)
     proc.tokenizer.padding_side = "left"
-    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}] for t in ("a", "longer")]
+    msgs = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}]
+        for t in ("a", "longer")
+    ]
     texts = [proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
     batch = proc(text=texts, images=images(2), return_tensors="pt", padding=True)
     with torch.inference_mode():

@@ -73,7 +73,9 @@ def test_s3_missing_bucket_is_named(s3_server):
 def test_unreachable_s3_endpoint_fails_fast_and_names_uri():
     from tests.conftest import free_port
 
-    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="k", secret_access_key="s")
+    cfg = StorageConfig(
+        endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="k", secret_access_key="s"
+    )
     loc = storage.resolve("s3://bucket/run", cfg)
     t = time.time()
     with pytest.raises(StorageError) as e:

@@ -1,0 +1,109 @@
+"""Benchmark plumbing: machine facts, a peak-memory sampler, and the JSON result writer.
+
+Every figure is a ratio against a baseline measured in the same process on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu,
+    }
+
+
+def commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and every Ray process (the driver plus its workers)."""
+
+    def __init__(self, period_s: float = 0.2):
+        self.period_s, self.peak, self._stop = period_s, 0, threading.Event()
+
+    def _sample(self) -> int:
+        total = 0
+        for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.info["pid"] == os.getpid() or "ray" in cmd:
+                    total += p.info["memory_info"].rss
+            except (psutil.Error, TypeError):
+                continue
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.period_s)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gib(self) -> float:
+        return round(self.peak / 2**30, 2)
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
+def write_result(name: str, value: float, unit: str, baseline: dict, goal: dict, **extra) -> dict:
+    """Write benchmarks/results/<name>.json; ``baseline`` = {"what", "value"}; ``goal`` = {"bar", "direction"}."""
+    ratio = round(value / baseline["value"], 3) if baseline.get("value") else None
+    result = {
+        "name": name,
+        "value": round(value, 3),
+        "unit": unit,
+        "baseline": baseline,
+        "ratio": ratio,
+        "goal": goal,
+        "goal_met": None
+        if ratio is None
+        else (ratio >= goal["bar"] if goal["direction"] == "higher" else ratio <= goal["bar"]),
+        "machine": machine(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
