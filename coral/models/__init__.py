@@ -1,0 +1,1 @@
+"""Model loading (hub id or local dir) and tiny offline model builders."""

@@ -1,0 +1,151 @@
+"""Seeded, random-init tiny models with locally built tokenizers, saved as Hugging Face dirs.
+
+They load through the same ``from_pretrained`` path as real checkpoints, so tests and the demo exercise
+the real loading code without any download.
+
+    python -m ray_jobs.build_tiny_models --out models/tiny
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS = ("clip", "dinov2", "qwen2_vl", "qwen2_5_vl")
+MARKER = ".tiny-complete"
+
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return sorted(ByteLevel.alphabet())
+
+
+def build_clip(out: Path, image_size: int = 64, hidden: int = 64, layers: int = 2, patch: int = 16) -> None:
+    """Tiny CLIP by default; benchmarks pass larger sizes to get a compute-bound model of the same kind."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    alphabet = _byte_alphabet()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in alphabet:
+        vocab[c] = len(vocab)
+    for c in alphabet:  # CLIP's BPE uses the end-of-word suffix </w>
+        vocab[c + "</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=max(2, hidden // 64), image_size=image_size, patch_size=patch),
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(cfg)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    model.save_pretrained(out)
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(out)
+
+
+def build_dinov2(out: Path) -> None:
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                     image_size=64, patch_size=14))
+    model.save_pretrained(out)
+    BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(out)
+
+
+def _qwen_tokenizer():
+    from transformers import Qwen2Tokenizer
+
+    vocab = {"<|endoftext|>": 0}
+    for c in _byte_alphabet():
+        vocab[c] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
+    tok.pad_token = "<|endoftext|>"
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def _qwen_text_config(tok) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                bos_token_id=0, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=0)
+
+
+def _qwen_token_ids(tok) -> dict:
+    ids = tok.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def _build_qwen(out: Path, version: str) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from coral.models import processors
+
+    tok = _qwen_tokenizer()
+    if version == "2":
+        from transformers import Qwen2VLConfig as Cfg
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        proc_cls = processors.Qwen2VLImageOnlyProcessor
+    else:
+        from transformers import Qwen2_5_VLConfig as Cfg
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      window_size=112, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        proc_cls = processors.Qwen2_5_VLImageOnlyProcessor
+    cfg = Cfg(text_config=_qwen_text_config(tok), vision_config=vision, **_qwen_token_ids(tok))
+    torch.manual_seed(0)
+    model = Model(cfg)
+    model.save_pretrained(out)
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
+    proc_cls(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(out)
+
+
+BUILDERS = {
+    "clip": build_clip,
+    "dinov2": build_dinov2,
+    "qwen2_vl": lambda out: _build_qwen(out, "2"),
+    "qwen2_5_vl": lambda out: _build_qwen(out, "2.5"),
+}
+
+
+def build_all(root: str | Path, names: tuple[str, ...] = TINY_MODELS, force: bool = False) -> dict[str, Path]:
+    """Build each tiny model into ``root/name`` unless already complete; returns name -> dir."""
+    root = Path(root)
+    out = {}
+    for name in names:
+        d = root / name
+        if force or not (d / MARKER).exists():
+            log.info("building tiny %s in %s", name, d)
+            d.mkdir(parents=True, exist_ok=True)
+            BUILDERS[name](d)
+            (d / MARKER).write_text("ok\n")
+        out[name] = d
+    return out
