@@ -83,3 +83,15 @@ def s3_bucket(s3_server, request):
     name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
     boto3_client(cfg).create_bucket(Bucket=name)
     return cfg, name
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -18,8 +18,15 @@ log = logging.getLogger(__name__)
 TINY_MODELS = ("clip", "dinov2", "qwen2_vl", "qwen2_5_vl")
 MARKER = ".tiny-complete"
 
-QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -48,16 +55,32 @@ def build_clip(out: Path, image_size: int = 64, hidden: int = 64, layers: int = 
         vocab[c + "</w>"] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=max(2, hidden // 64), image_size=image_size, patch_size=patch),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=max(2, hidden // 64),
+            image_size=image_size,
+            patch_size=patch,
+        ),
         projection_dim=32,
     )
     torch.manual_seed(0)
     model = CLIPModel(cfg)
-    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    ip = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     model.save_pretrained(out)
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(out)
 
@@ -67,10 +90,20 @@ def build_dinov2(out: Path) -> None:
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
     torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                     image_size=64, patch_size=14))
+    model = Dinov2Model(
+        Dinov2Config(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            image_size=64,
+            patch_size=14,
+        )
+    )
     model.save_pretrained(out)
-    BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(out)
+    BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(
+        out
+    )
 
 
 def _qwen_tokenizer():
@@ -87,16 +120,29 @@ def _qwen_tokenizer():
 
 
 def _qwen_text_config(tok) -> dict:
-    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-                bos_token_id=0, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=0)
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        bos_token_id=0,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=0,
+    )
 
 
 def _qwen_token_ids(tok) -> dict:
     ids = tok.convert_tokens_to_ids
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
 
 
 def _build_qwen(out: Path, version: str) -> None:
@@ -109,16 +155,33 @@ def _build_qwen(out: Path, version: str) -> None:
         from transformers import Qwen2VLConfig as Cfg
         from transformers import Qwen2VLForConditionalGeneration as Model
 
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         proc_cls = processors.Qwen2VLImageOnlyProcessor
     else:
         from transformers import Qwen2_5_VLConfig as Cfg
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                      window_size=112, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=112,
+            fullatt_block_indexes=[1],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         proc_cls = processors.Qwen2_5_VLImageOnlyProcessor
     cfg = Cfg(text_config=_qwen_text_config(tok), vision_config=vision, **_qwen_token_ids(tok))
     torch.manual_seed(0)
