@@ -32,21 +32,25 @@ def plain_loop(encoder: ImageEncoder, images: list[bytes]) -> int:
     return done
 
 
+def config(run_root: str, groups: int, model: str):
+    return load_config(
+        None,
+        [
+            f"run.run_root={run_root}",
+            f"catalog.num_groups={groups}",
+            f"catalog.variants_per_group={VARIANTS}",
+            f"embed.encoder.model={model}",
+            f"embed.encoder.batch_size={BATCH}",
+            "embed.encoder.num_actors=2",
+        ],
+    )
+
+
 def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = f"{tmp}/clip-bench"
         build_clip(Path(model), **BENCH_CLIP)
-        cfg = load_config(
-            None,
-            [
-                f"run.run_root={tmp}/run",
-                f"catalog.num_groups={GROUPS}",
-                f"catalog.variants_per_group={VARIANTS}",
-                f"embed.encoder.model={model}",
-                f"embed.encoder.batch_size={BATCH}",
-                "embed.encoder.num_actors=2",
-            ],
-        )
+        cfg = config(f"{tmp}/run", GROUPS, model)
         graph.run_graph(cfg, until="catalog")
         images = pq.read_table(f"{tmp}/run/catalog/data", columns=[S.IMAGE]).column(S.IMAGE).to_pylist()
         n = len(images)
@@ -58,17 +62,7 @@ def main() -> dict:
         assert done == n
 
         # the same stage on SMALL_GROUPS groups first: its time is (almost all) fixed start-up cost
-        small = load_config(
-            None,
-            [
-                f"run.run_root={tmp}/small",
-                f"catalog.num_groups={SMALL_GROUPS}",
-                f"catalog.variants_per_group={VARIANTS}",
-                f"embed.encoder.model={model}",
-                f"embed.encoder.batch_size={BATCH}",
-                "embed.encoder.num_actors=2",
-            ],
-        )
+        small = config(f"{tmp}/small", SMALL_GROUPS, model)
         graph.run_graph(small, until="catalog")
         small_s, _ = timed(graph.run_graph, small, "embed")
         n_small = SMALL_GROUPS * VARIANTS

@@ -11,6 +11,15 @@ from coral.catalog import draw, vocab
 from coral.catalog.generate import generate_table, shard_groups
 from coral.config import CatalogConfig
 
+BASE = {
+    "colour": "red",
+    "pattern": "solid",
+    "size": "medium",
+    "background": "white",
+    "material": "wood",
+    "brand": "Kova",
+}
+
 
 @pytest.fixture(scope="module")
 def table() -> pa.Table:
@@ -89,31 +98,15 @@ def test_at_least_twelve_distinct_silhouettes():
 
 @pytest.mark.parametrize("key", S.VISUAL_ATTRIBUTES)
 def test_every_visual_attribute_changes_the_pixels(key):
-    base = {
-        "colour": "red",
-        "pattern": "solid",
-        "size": "medium",
-        "background": "white",
-        "material": "wood",
-        "brand": "Kova",
-    }
-    other = [v for v in vocab.ATTRIBUTE_VALUES[key] if v != base[key]][0]
-    a = np.asarray(draw.render("mug", base, 64), dtype=int)
-    b = np.asarray(draw.render("mug", dict(base, **{key: other}), 64), dtype=int)
+    other = [v for v in vocab.ATTRIBUTE_VALUES[key] if v != BASE[key]][0]
+    a = np.asarray(draw.render("mug", BASE, 64), dtype=int)
+    b = np.asarray(draw.render("mug", dict(BASE, **{key: other}), 64), dtype=int)
     assert np.abs(a - b).sum() > 0
 
 
 @pytest.mark.parametrize("key", S.TEXT_ATTRIBUTES)
 def test_non_visual_attributes_do_not_change_the_pixels(key):
-    base = {
-        "colour": "red",
-        "pattern": "solid",
-        "size": "medium",
-        "background": "white",
-        "material": "wood",
-        "brand": "Kova",
-    }
-    other = [v for v in vocab.ATTRIBUTE_VALUES[key] if v != base[key]][0]
-    assert draw.png_bytes(draw.render("mug", base, 64)) == draw.png_bytes(
-        draw.render("mug", dict(base, **{key: other}), 64)
+    other = [v for v in vocab.ATTRIBUTE_VALUES[key] if v != BASE[key]][0]
+    assert draw.png_bytes(draw.render("mug", BASE, 64)) == draw.png_bytes(
+        draw.render("mug", dict(BASE, **{key: other}), 64)
     )
