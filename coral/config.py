@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from coral.errors import ConfigError
-from coral.typed import check, from_dict, to_dict
+from coral.typed import check, from_dict, is_secret, to_dict
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class StorageConfig:
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 10.0
     max_attempts: int = 2
+
+    def __post_init__(self):
+        check(
+            (self.access_key_id is None) == (self.secret_access_key is None),
+            "access_key_id and secret_access_key must be set together (or neither, to use the environment)",
+        )
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class CatalogConfig:
     image_size: int = 64
     test_fraction: float = 0.25
     languages: tuple[str, ...] = ("en", "id", "ms", "vi", "th")
-    num_tasks: int = 4  # Ray tasks (one Parquet file each)
+    num_tasks: int = field(default=4, metadata={"rerun": False})  # Ray tasks, one Parquet file each
 
     def __post_init__(self):
         from coral.catalog.vocab import LANGUAGES
@@ -94,10 +100,11 @@ class EncoderConfig:
     name: str = "clip_image"  # output column is f"emb_{name}"
     kind: Literal["clip_image", "dinov2"] = "clip_image"
     model: str = "models/tiny/clip"  # local dir or hub id (a hub id is the only thing that downloads)
-    batch_size: int = 32
-    num_actors: int = 2
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0  # fractional GPUs share one device between actors
+    # resources: changing them does not change the output, so it does not rerun the stage
+    batch_size: int = field(default=32, metadata={"rerun": False})
+    num_actors: int = field(default=2, metadata={"rerun": False})
+    num_cpus: float = field(default=1.0, metadata={"rerun": False})
+    num_gpus: float = field(default=0.0, metadata={"rerun": False})  # fractional GPUs share one device
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -121,15 +128,21 @@ class Config:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so 3 is an int and [1, 2] a list)."""
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so 3 is an int and [1, 2] a list).
+
+    Secret fields keep the raw string (YAML would turn 0123 into an int or drop text after #), and no
+    error message repeats a value."""
     key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected key.path=value")
+    keys = key.split(".")
+    if not sep or not key or any(not part for part in keys):
+        raise ConfigError(f"override '{key[:60]}': expected key.path=value")
+    if is_secret(Config, keys):
+        return keys, raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
-    return key.split("."), value
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{key}': the value is not valid YAML") from None
+    return keys, value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -157,6 +170,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{source}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read the config file: {type(e).__name__}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -170,5 +185,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def section_dict(section: Any) -> dict:
-    """A config section as plain data with secrets redacted: what manifests record and hash."""
+    """A config section as plain data with secrets redacted: what manifests record."""
     return to_dict(section, redact=True)
+
+
+def section_hash_dict(section: Any) -> dict:
+    """The part of a section that decides whether a stage reruns (resource settings left out)."""
+    return to_dict(section, redact=True, for_hash=True)

@@ -12,8 +12,8 @@ import traceback
 from dataclasses import dataclass
 
 from coral import manifest, ray_runtime, storage
-from coral.config import Config, section_dict
-from coral.errors import ConfigError
+from coral.config import Config, section_dict, section_hash_dict
+from coral.errors import ConfigError, UserInputError
 from coral.stages import STAGES, StageContext
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,16 @@ class SummaryRow:
 
 
 def select(config: Config, start: str | None = None, until: str | None = None) -> list[str]:
-    """The stages to consider, in order; unknown names are ConfigErrors."""
+    """The stages to consider, in order; unknown, repeated or misordered names are ConfigErrors."""
     order = list(config.run.stages)
-    for name in order:
+    for i, name in enumerate(order):
         if name not in STAGES:
             raise ConfigError(f"run.stages: unknown stage '{name}' (known: {', '.join(STAGES)})")
+        if name in order[:i]:
+            raise ConfigError(f"run.stages: stage '{name}' is listed twice")
+        for needed in STAGES[name].inputs:
+            if needed not in order[:i]:
+                raise ConfigError(f"run.stages: stage '{name}' needs '{needed}' before it")
     for flag, name in (("--from", start), ("--until", until)):
         if name is not None and name not in order:
             raise ConfigError(f"{flag} {name}: not one of this run's stages ({', '.join(order)})")
@@ -48,20 +53,32 @@ def select(config: Config, start: str | None = None, until: str | None = None) -
     hi = order.index(until) + 1 if until else len(order)
     if lo >= hi:
         raise ConfigError(f"--from {start} comes after --until {until}")
-    for name in order:
-        missing = [i for i in STAGES[name].inputs if i not in order]
-        if missing:
-            raise ConfigError(f"run.stages: stage '{name}' needs {missing}, which the run does not have")
     return order[lo:hi]
 
 
-def run_graph(config: Config, start: str | None = None, until: str | None = None) -> list[SummaryRow]:
-    """Run the selected stages. ``start`` (--from) reruns that stage and everything after it."""
+def run_graph(
+    config: Config,
+    start: str | None = None,
+    until: str | None = None,
+    summary: list[SummaryRow] | None = None,
+) -> list[SummaryRow]:
+    """Run the selected stages. ``start`` (--from) reruns that stage and everything after it.
+
+    Rows are appended to ``summary`` as stages finish, so a caller can report them after a failure."""
     names = select(config, start, until)
+    for name in names:
+        STAGES[name].validate(config)
     root = storage.resolve(config.run.run_root, config.storage)
-    storage.ensure_writable(root)
+    existed = storage.ensure_writable(root)
     ctx = StageContext(config, root)
-    rows = []
+    missing = [i for n in names for i in STAGES[n].inputs if i not in names and not ctx.is_complete(i)]
+    if missing:
+        if not existed:
+            storage.delete_tree(root)
+        raise UserInputError(
+            f"stage '{missing[0]}' is not complete under {root.uri}; run it first (drop --from, or --from {missing[0]})"
+        )
+    rows = [] if summary is None else summary
     for name in names:
         rows.append(_run_stage(ctx, name, force=start is not None))
     return rows
@@ -69,24 +86,35 @@ def run_graph(config: Config, start: str | None = None, until: str | None = None
 
 def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
     stage = STAGES[name]
-    section = section_dict(stage.section(ctx.config))
+    section = stage.section(ctx.config)
+    config_hash = manifest.stable_hash(section_hash_dict(section))
     inputs = {i: ctx.manifest(i)["hash"] for i in stage.inputs}
     stage_dir = ctx.stage_dir(name)
     done = manifest.read_complete(stage_dir)
-    expected = manifest.lineage_hash(name, manifest.stable_hash(section), inputs)
-    if done is not None and not force and done.get("hash") == expected:
+    if (
+        done is not None
+        and not force
+        and done.get("hash") == manifest.lineage_hash(name, config_hash, inputs)
+    ):
         log.info("%s: skipped (complete, config and inputs unchanged) at %s", name, stage_dir.uri)
         return SummaryRow(name, "skipped", done["rows_in"], done["rows_out"], done["rows_rejected"], 0.0)
     if done is not None:
-        log.info("%s: config or inputs changed, rerunning", name)
-    storage.delete_tree(stage_dir)
-    ray_runtime.connect(ctx.config.ray)
+        log.info("%s: %s, rerunning", name, "--from given" if force else "config or inputs changed")
     log.info("%s: running -> %s", name, stage_dir.uri)
     started = time.time()
     try:
+        storage.delete_tree(stage_dir)
+        ray_runtime.connect(ctx.config.ray)
         result = stage.run(ctx)
+        m = manifest.build(
+            name, section_dict(section), config_hash, inputs, "complete", started, result=result
+        )
+        manifest.write_complete(stage_dir, m)
     except BaseException as e:
-        failed = manifest.build(name, section, inputs, "failed", started, error=f"{type(e).__name__}: {e}")
+        error = f"{type(e).__name__}: {e}"
+        failed = manifest.build(
+            name, section_dict(section), config_hash, inputs, "failed", started, error=error
+        )
         try:
             manifest.write_failed(stage_dir, failed)
         except Exception:
@@ -94,8 +122,6 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
         if isinstance(e, KeyboardInterrupt | SystemExit):
             raise
         raise StageFailed(name, e) from e
-    m = manifest.build(name, section, inputs, "complete", started, result=result)
-    manifest.write_complete(stage_dir, m)
     return SummaryRow(name, "ran", result.rows_in, result.rows_out, result.rows_rejected, m["duration_s"])
 
 

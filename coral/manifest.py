@@ -63,12 +63,16 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout the code runs from, with "-dirty" when it has uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip() or None
+        head = git("rev-parse", "HEAD")
+        return f"{head}-dirty" if git("status", "--porcelain", "--untracked-files=no") else head
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -76,13 +80,13 @@ def git_commit() -> str | None:
 def build(
     stage: str,
     config: dict,
+    config_hash: str,
     inputs: dict[str, str],
     status: str,
     started: float,
     result: StageResult | None = None,
     error: str | None = None,
 ) -> dict:
-    config_hash = stable_hash(config)
     manifest = {
         "stage": stage,
         "status": status,

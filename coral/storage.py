@@ -83,19 +83,24 @@ def resolve(uri: str, cfg: StorageConfig | None = None) -> Location:
     return Location(path, pafs.LocalFileSystem(), path)
 
 
-def ensure_writable(loc: Location) -> None:
-    """Fail fast with a StorageError naming the URI unless we can create, write and delete under it."""
+def ensure_writable(loc: Location) -> bool:
+    """Fail fast with a StorageError naming the URI unless we can create, write and delete under it.
+
+    Returns False when this call created the (local) directory, so a caller can take it back."""
+    existed = True
     try:
         if loc.is_s3:
             bucket = loc.path.split("/", 1)[0]
             if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise StorageError(f"{loc.uri}: bucket '{bucket}' does not exist")
         else:
+            existed = exists(loc)
             loc.fs.create_dir(loc.path, recursive=True)
         probe = posixpath.join(loc.path, PROBE_NAME)
         with loc.fs.open_output_stream(probe) as f:
             f.write(b"ok")
         loc.fs.delete_file(probe)
+        return existed
     except StorageError:
         raise
     except (OSError, PermissionError) as e:

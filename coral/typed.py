@@ -32,7 +32,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if unknown:
             key = f"{path}.{unknown[0]}" if path else str(unknown[0])
             raise ConfigError(f"unknown key '{key}' (known under {where}: {', '.join(sorted(fields))})")
-        kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        kwargs = {}
+        for k, v in value.items():
+            key = f"{path}.{k}" if path else k
+            try:
+                kwargs[k] = _convert(hints[k], v, key)
+            except ConfigError:
+                if not fields[k].metadata.get("secret"):
+                    raise
+                raise ConfigError(f"{key}: expected {hints[k]} (value hidden: it is a secret)") from None
         try:
             return tp(**kwargs)
         except ConfigError as e:
@@ -77,21 +85,37 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def to_dict(obj: Any, redact: bool = True) -> Any:
-    """Plain-data view of a config; fields marked ``metadata={"secret": True}`` become '***'."""
+def to_dict(obj: Any, redact: bool = True, for_hash: bool = False) -> Any:
+    """Plain-data view of a config. Fields marked ``metadata={"secret": True}`` become '***'; with
+    ``for_hash``, fields marked ``metadata={"rerun": False}`` (resources, sharding) are left out."""
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
+            if for_hash and f.metadata.get("rerun") is False:
+                continue
             v = getattr(obj, f.name)
-            out[f.name] = (
-                "***" if (redact and f.metadata.get("secret") and v is not None) else to_dict(v, redact)
-            )
+            secret = redact and f.metadata.get("secret") and v is not None
+            out[f.name] = "***" if secret else to_dict(v, redact, for_hash)
         return out
     if isinstance(obj, list | tuple):
-        return [to_dict(v, redact) for v in obj]
+        return [to_dict(v, redact, for_hash) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v, redact) for k, v in obj.items()}
+        return {k: to_dict(v, redact, for_hash) for k, v in obj.items()}
     return obj
+
+
+def is_secret(cls: type, keys: list[str]) -> bool:
+    """Whether the dotted path ``keys`` names a field marked secret inside dataclass ``cls``."""
+    for i, key in enumerate(keys):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        field = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+        if field is None:
+            return False
+        if i == len(keys) - 1:
+            return bool(field.metadata.get("secret"))
+        cls = typing.get_type_hints(cls)[key]
+    return False
 
 
 def check(condition: bool, message: str) -> None:

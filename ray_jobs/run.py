@@ -14,7 +14,7 @@ import sys
 import time
 
 from coral.config import load_config
-from coral.errors import UserInputError
+from coral.errors import ConfigError, UserInputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,28 +25,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. catalog.num_groups=10")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    started = time.time()
+    started, rows = time.time(), []
     try:
         config = load_config(args.config, args.overrides)
-        from coral import graph  # imports Ray and torch: after the config is known to be good
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from coral import graph  # imports Ray and torch: only once the config is known to be good
 
-        rows = graph.run_graph(config, args.start, args.until)
+    try:
+        graph.run_graph(config, args.start, args.until, summary=rows)
+        return 0
+    except ConfigError as e:
+        print(f"error: {args.config}: {e}", file=sys.stderr)
+        return 2
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the last completed stage", file=sys.stderr)
-        return 130
-    except Exception as e:
-        from coral.graph import StageFailed
-
-        if not isinstance(e, StageFailed):
-            raise
+    except graph.StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"\nrun '{config.run.name}' at {config.run.run_root} ({time.time() - started:.1f} s)")
-    print(graph.format_summary(rows))
-    return 0
+    except KeyboardInterrupt:
+        print(
+            "interrupted: run the same command again to resume after the last completed stage",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        if rows:
+            print(f"\nrun '{config.run.name}' at {config.run.run_root} ({time.time() - started:.1f} s)")
+            print(graph.format_summary(rows))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from PIL import Image
 from coral.config import EncoderConfig
 from coral.models import loader
 
+# encoder kind -> the model types (config.json "model_type") it can run
+ENCODER_MODEL_TYPES = {"clip_image": ("clip",), "dinov2": ("dinov2",)}
+
 
 def decode_image(data: bytes) -> Image.Image:
     """PNG/JPEG bytes -> RGB image; raises ValueError with the decoder's reason on bad bytes."""

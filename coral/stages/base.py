@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from coral import manifest, schemas, storage
 from coral.config import Config
+from coral.errors import UserInputError
 from coral.storage import Location
 
 
@@ -31,10 +32,13 @@ class StageContext:
     def rejected(self, stage: str) -> Location:
         return self.root.child(stage, manifest.REJECTED)
 
+    def is_complete(self, stage: str) -> bool:
+        return manifest.read_complete(self.stage_dir(stage)) is not None
+
     def manifest(self, stage: str) -> dict:
         m = manifest.read_complete(self.stage_dir(stage))
         if m is None:
-            raise RuntimeError(f"stage input '{stage}' at {self.stage_dir(stage).uri} is not complete")
+            raise UserInputError(f"stage '{stage}' at {self.stage_dir(stage).uri} is not complete")
         return m
 
 
@@ -45,16 +49,20 @@ class Stage(Protocol):
     def section(self, config: Config) -> Any:
         """The config section whose hash (with the inputs' hashes) decides whether to rerun."""
 
+    def validate(self, config: Config) -> None:
+        """Cheap checks run before any stage starts (model paths, kinds); raise ConfigError."""
+
     def run(self, ctx: StageContext) -> manifest.StageResult:
         """Do the work, write data and rejected rows, and say what happened."""
 
 
 def count_rows(loc: Location) -> int:
     """Rows in every Parquet file under ``loc`` (footer metadata only, no data read)."""
-    return sum(
-        pq.ParquetFile(loc.fs.open_input_file(p)).metadata.num_rows
-        for p in storage.list_files(loc, ".parquet")
-    )
+    total = 0
+    for path in storage.list_files(loc, ".parquet"):
+        with loc.fs.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def count_rejected(loc: Location) -> dict[str, int]:

@@ -33,6 +33,9 @@ class CatalogStage:
     def section(self, config: Config) -> CatalogConfig:
         return config.catalog
 
+    def validate(self, config: Config) -> None:
+        pass
+
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.catalog
         out = ctx.data(self.name)

@@ -16,8 +16,10 @@ import torch
 
 from coral import schemas as S
 from coral.config import Config, EmbedConfig, EncoderConfig
+from coral.errors import ConfigError
 from coral.manifest import StageResult
-from coral.models.encoders import ImageEncoder, decode_image
+from coral.models import loader
+from coral.models.encoders import ENCODER_MODEL_TYPES, ImageEncoder, decode_image
 from coral.stages.base import StageContext, count_rejected, count_rows
 from coral.storage import Location
 
@@ -64,6 +66,15 @@ class EmbedStage:
 
     def section(self, config: Config) -> EmbedConfig:
         return config.embed
+
+    def validate(self, config: Config) -> None:
+        enc = config.embed.encoder
+        kind = loader.model_type(enc.model)  # a missing path fails here, before any stage runs
+        if kind not in ENCODER_MODEL_TYPES[enc.kind]:
+            raise ConfigError(
+                f"embed.encoder: kind '{enc.kind}' needs a model of type {ENCODER_MODEL_TYPES[enc.kind]}, "
+                f"but '{enc.model}' is '{kind}'"
+            )
 
     def run(self, ctx: StageContext) -> StageResult:
         enc = ctx.config.embed.encoder

@@ -1,8 +1,10 @@
 """``python -m ray_jobs.run`` as a user runs it: exit codes, messages, nothing written on bad input,
 and an interrupted run that completes when started again."""
 
+import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,9 +110,10 @@ def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait(timeout=30)
-    assert rc != 0
+    assert rc == 130
     assert (tmp_path / "run" / "catalog" / "_SUCCESS").exists()
     assert not (tmp_path / "run" / "embed" / "_SUCCESS").exists()
+    assert json.loads((tmp_path / "run" / "embed" / "manifest.json").read_text())["status"] == "failed"
 
     r = cli(*args, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -123,3 +126,25 @@ def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
     catalog_ids = pq.read_table(tmp_path / "run" / "catalog" / "data").column("id").to_pylist()
     embed_ids = pq.read_table(tmp_path / "run" / "embed" / "data").column("id").to_pylist()
     assert len(catalog_ids) == 120 and sorted(embed_ids) == sorted(catalog_ids)
+
+
+def test_missing_model_exits_2_before_any_stage_runs(tmp_path):
+    r = cli("--config", SMALL, f"run.run_root={tmp_path / 'run'}", "embed.encoder.model=models/nowhere/clip")
+    assert r.returncode == 2 and "models/nowhere/clip" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_failing_stage_exits_1_naming_it_and_keeps_earlier_stages(tmp_path, tiny_models):
+    broken = tmp_path / "broken-clip"
+    shutil.copytree(tiny_models["clip"], broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")  # config is valid, weights are not
+    r = cli(
+        "--config", SMALL, f"run.run_root={tmp_path / 'run'}", f"embed.encoder.model={broken}", timeout=240
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "stage 'embed' failed" in r.stderr
+    assert "catalog  ran" in r.stdout  # the summary still lists what completed
+    assert (tmp_path / "run" / "catalog" / "_SUCCESS").exists()
+    assert not (tmp_path / "run" / "embed" / "_SUCCESS").exists()

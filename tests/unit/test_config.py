@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coral.config import Config, StorageConfig, load_config, section_dict
+from coral.config import Config, StorageConfig, load_config, section_dict, section_hash_dict
 from coral.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +82,8 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(None, ["catalog.num_groups"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)  # a directory
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
 
@@ -97,6 +99,26 @@ def test_secrets_are_redacted_in_recorded_sections():
     d = section_dict(s)
     assert d["access_key_id"] == "***" and d["secret_access_key"] == "***" and d["region"] == "r"
     assert "s3cr3t" not in yaml.safe_dump(d)
+
+
+def test_secret_overrides_stay_raw_and_never_appear_in_errors(tmp_path):
+    cfg = load_config(None, ["storage.access_key_id=0123", "storage.secret_access_key=ab#cd"])
+    assert cfg.storage.access_key_id == "0123" and cfg.storage.secret_access_key == "ab#cd"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["storage.secret_access_key=[hidden-secret-value"])  # half a credential pair
+    assert "hidden-secret-value" not in str(e.value) and "set together" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "storage:\n  access_key_id: {a: hidden-secret-value}\n"))
+    assert "hidden-secret-value" not in str(e.value) and "storage.access_key_id" in str(e.value)
+
+
+def test_resource_settings_do_not_enter_the_rerun_hash():
+    a, b = load_config(None), load_config(None, ["catalog.num_tasks=9", "embed.encoder.num_actors=5"])
+    assert section_hash_dict(a.catalog) == section_hash_dict(b.catalog)
+    assert section_hash_dict(a.embed) == section_hash_dict(b.embed)
+    assert section_dict(a.catalog) != section_dict(b.catalog)  # the manifest still records them
+    c = load_config(None, ["embed.encoder.dtype=bfloat16"])
+    assert section_hash_dict(a.embed) != section_hash_dict(c.embed)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.yaml")), ids=lambda p: p.name)

@@ -6,7 +6,7 @@ import pytest
 
 from coral import graph, ray_runtime
 from coral.config import load_config
-from coral.errors import ConfigError
+from coral.errors import ConfigError, UserInputError
 from coral.manifest import StageResult
 
 
@@ -16,6 +16,10 @@ class Fake:
 
     def section(self, config):
         return {"seed": config.catalog.seed} if self.name == "a" else {"n": config.catalog.num_groups}
+
+    def validate(self, config):
+        if config.run.name == "invalid":
+            raise ConfigError(f"{self.name}: invalid")
 
     def run(self, ctx):
         self.calls += 1
@@ -68,9 +72,24 @@ def test_from_and_until(tmp_path, stages):
     assert stages["a"].calls == 1 and stages["b"].calls == 2
 
 
-def test_from_needs_completed_inputs(tmp_path, stages):
-    with pytest.raises(RuntimeError, match="'a'.*not complete"):
+def test_from_needs_completed_inputs_and_writes_nothing(tmp_path, stages):
+    with pytest.raises(UserInputError, match="stage 'a' is not complete"):
         graph.run_graph(cfg(tmp_path), start="b")
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_runs_before_anything_is_written(tmp_path, stages):
+    with pytest.raises(ConfigError, match="a: invalid"):
+        graph.run_graph(cfg(tmp_path, "run.name=invalid"))
+    assert not (tmp_path / "run").exists() and stages["a"].calls == 0
+
+
+def test_summary_collects_rows_before_a_failure(tmp_path, stages):
+    stages["c"].fail = True
+    rows = []
+    with pytest.raises(graph.StageFailed):
+        graph.run_graph(cfg(tmp_path), summary=rows)
+    assert [(r.stage, r.status) for r in rows] == [("a", "ran"), ("b", "ran")]
 
 
 def test_failure_names_stage_and_leaves_no_marker(tmp_path, stages):
@@ -91,8 +110,12 @@ def test_bad_selection_is_a_config_error(tmp_path, stages):
         graph.select(cfg(tmp_path, "run.stages=[a, z]"))
     with pytest.raises(ConfigError, match="--from q"):
         graph.select(cfg(tmp_path), start="q")
-    with pytest.raises(ConfigError, match="needs"):
+    with pytest.raises(ConfigError, match="needs 'a' before it"):
         graph.select(cfg(tmp_path, "run.stages=[b, c]"))
+    with pytest.raises(ConfigError, match="needs 'a' before it"):
+        graph.select(cfg(tmp_path, "run.stages=[b, a, c]"))
+    with pytest.raises(ConfigError, match="listed twice"):
+        graph.select(cfg(tmp_path, "run.stages=[a, a, b]"))
     with pytest.raises(ConfigError, match="after"):
         graph.select(cfg(tmp_path), start="c", until="a")
 

@@ -20,7 +20,15 @@ def test_lineage_hash_depends_on_stage_config_and_inputs():
 def test_build_records_counts_versions_and_no_secrets():
     section = section_dict(StorageConfig(access_key_id="AKIAEXAMPLE", secret_access_key="hunter2"))
     result = manifest.StageResult(rows_in=10, rows_out=8, rejected={"undecodable image": 2})
-    m = manifest.build("s", section, {"up": "abc"}, "complete", time.time() - 1.5, result=result)
+    m = manifest.build(
+        "s",
+        section,
+        manifest.stable_hash(section),
+        {"up": "abc"},
+        "complete",
+        time.time() - 1.5,
+        result=result,
+    )
     assert (m["rows_in"], m["rows_out"], m["rows_rejected"]) == (10, 8, 2)
     assert m["rejected_reasons"] == {"undecodable image": 2}
     assert m["duration_s"] >= 1.5 and m["inputs"] == {"up": "abc"}
@@ -32,7 +40,7 @@ def test_build_records_counts_versions_and_no_secrets():
 
 def test_complete_only_with_marker(tmp_path):
     d = storage.resolve(str(tmp_path / "stage"))
-    m = manifest.build("stage", {}, {}, "failed", time.time(), error="boom")
+    m = manifest.build("stage", {}, "h0", {}, "failed", time.time(), error="boom")
     manifest.write_failed(d, m)
     assert manifest.read_complete(d) is None  # a manifest alone is not completion
     manifest.write_complete(d, dict(m, status="complete"))

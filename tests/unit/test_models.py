@@ -1,11 +1,8 @@
-import io
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from coral import schemas as S
 from coral import storage
@@ -106,7 +103,6 @@ def test_embed_batch_writes_rejected_rows_with_reason(tiny_models, tmp_path):
     assert rej == [{S.ID: "bad", S.REASON: "undecodable image: UnidentifiedImageError"}]
     fn(batch)  # a retried batch overwrites its own rejected file instead of adding one
     assert len(storage.list_files(rejected, ".parquet")) == 1
-    assert Image.open(io.BytesIO(good[0])).size == (64, 64)
 
 
 @pytest.mark.gpu
