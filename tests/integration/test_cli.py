@@ -52,20 +52,21 @@ def test_unknown_stage_in_from_exits_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_run_root_exits_2(tmp_path):
+def test_unwritable_run_root_exits_2(tmp_path, tiny_models):
     (tmp_path / "file").write_text("x")
     root = tmp_path / "file" / "run"
-    r = cli("--config", SMALL, f"run.run_root={root}")
+    r = cli("--config", SMALL, f"run.run_root={root}", f"embed.encoder.model={tiny_models['clip']}")
     assert r.returncode == 2 and str(root) in r.stderr and "cannot write" in r.stderr
 
 
-def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials():
+def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials(tiny_models):
     secret = "do-not-print-this-secret"
     t = time.time()
     r = cli(
         "--config",
         SMALL,
         "run.run_root=s3://somebucket/run",
+        f"embed.encoder.model={tiny_models['clip']}",
         f"storage.endpoint_url=http://127.0.0.1:{free_port()}",
         "storage.access_key_id=AKIANOTPRINTED",
         f"storage.secret_access_key={secret}",
