@@ -17,7 +17,8 @@ from benchmarks.common import PeakRSS, timed, write_result
 from coral import graph
 from coral import schemas as S
 from coral.config import load_config
-from coral.models.encoders import ImageEncoder, decode_image
+from coral.models import encoders
+from coral.models.encoders import decode_image
 from coral.models.tiny import build_clip
 
 GROUPS, VARIANTS, BATCH = 1000, 3, 32
@@ -25,7 +26,7 @@ SMALL_GROUPS = 10
 BENCH_CLIP = dict(image_size=224, hidden=256, layers=4, patch=32)
 
 
-def plain_loop(encoder: ImageEncoder, images: list[bytes]) -> int:
+def plain_loop(encoder, images: list[bytes]) -> int:
     done = 0
     for i in range(0, len(images), BATCH):
         done += len(encoder.encode([decode_image(b) for b in images[i : i + BATCH]]))
@@ -39,9 +40,8 @@ def config(run_root: str, groups: int, model: str):
             f"run.run_root={run_root}",
             f"catalog.num_groups={groups}",
             f"catalog.variants_per_group={VARIANTS}",
-            f"embed.encoder.model={model}",
-            f"embed.encoder.batch_size={BATCH}",
-            "embed.encoder.num_actors=2",
+            "run.stages=[catalog, embed]",
+            f"embed.encoders=[{{name: clip_image, kind: clip_image, model: {model}, batch_size: {BATCH}, num_actors: 2}}]",
         ],
     )
 
@@ -56,7 +56,7 @@ def main() -> dict:
         n = len(images)
 
         torch.set_num_threads(2)
-        encoder = ImageEncoder(cfg.embed.encoder)
+        encoder = encoders.build(cfg.embed.encoders[0])
         plain_loop(encoder, images[:BATCH])  # warm-up, as the actors get with their first batch
         base_s, done = timed(plain_loop, encoder, images)
         assert done == n
@@ -85,7 +85,7 @@ def main() -> dict:
         },
         images=n,
         model={"kind": "clip (random init)", **BENCH_CLIP},
-        actors=cfg.embed.encoder.num_actors,
+        actors=cfg.embed.encoders[0].num_actors,
         batch_size=BATCH,
         seconds={
             "stage": round(stage_s, 3),

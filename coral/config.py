@@ -7,6 +7,7 @@ the stage in ``coral.stages``; the driver needs no change.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -95,27 +96,100 @@ class CatalogConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """One image encoder run as a Ray Data actor pool."""
+    """One encoder run as a Ray Data actor pool; image kinds read ``image``, text kinds read ``caption``."""
 
     name: str = "clip_image"  # output column is f"emb_{name}"
-    kind: Literal["clip_image", "dinov2"] = "clip_image"
+    kind: Literal["clip_image", "clip_text", "dinov2", "sentence_transformers"] = "clip_image"
     model: str = "models/tiny/clip"  # local dir or hub id (a hub id is the only thing that downloads)
+    pooling: Literal["cls", "mean"] = "cls"  # dinov2: CLS token or mean of patch tokens
     # resources: changing them does not change the output, so it does not rerun the stage
     batch_size: int = field(default=32, metadata={"rerun": False})
-    num_actors: int = field(default=2, metadata={"rerun": False})
+    num_actors: int = field(default=1, metadata={"rerun": False})
     num_cpus: float = field(default=1.0, metadata={"rerun": False})
     num_gpus: float = field(default=0.0, metadata={"rerun": False})  # fractional GPUs share one device
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self):
+        check(bool(re.fullmatch(r"[a-z0-9_]+", self.name)), f"name must match [a-z0-9_]+, got {self.name!r}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.num_actors >= 1, f"num_actors must be >= 1, got {self.num_actors}")
 
 
+def _default_encoders() -> tuple[EncoderConfig, ...]:
+    return (
+        EncoderConfig(name="clip_image", kind="clip_image", model="models/tiny/clip"),
+        EncoderConfig(name="dinov2", kind="dinov2", model="models/tiny/dinov2"),
+        EncoderConfig(name="caption", kind="clip_text", model="models/tiny/clip"),
+    )
+
+
+@dataclass(frozen=True)
+class ImagesSourceConfig:
+    """A folder or s3:// prefix of images, with an optional captions file (JSONL or Parquet: id or path, caption)."""
+
+    uri: str = ""
+    captions: str | None = None
+    extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """Every configured encoder over every image; the MegaPairs default is CLIP image, DINOv2, CLIP text."""
+
+    source: Literal["catalog", "images"] = "catalog"
+    images: ImagesSourceConfig = field(default_factory=ImagesSourceConfig)
+    encoders: tuple[EncoderConfig, ...] = field(default_factory=_default_encoders)
+    max_image_pixels: int = 50_000_000  # larger images are rejected (decompression bombs)
+
+    def __post_init__(self):
+        names = [e.name for e in self.encoders]
+        check(len(names) > 0, "encoders must name at least one encoder")
+        check(len(set(names)) == len(names), f"encoder names must be unique, got {names}")
+        check(self.source != "images" or bool(self.images.uri), "source 'images' needs images.uri")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which FAISS index answers the kNN queries; ``auto`` is exact below ``flat_max`` vectors, IVF above."""
+
+    kind: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
+    flat_max: int = 200_000
+    nlist: int = 0  # IVF lists; 0 = 4 * sqrt(n)
+    nprobe: int = 16
+    pq_m: int = 32  # IVF-PQ sub-quantisers (must divide the dimension)
+    pq_bits: int = 8  # bits per sub-quantiser code
+    hnsw_m: int = 32
+    ef_search: int = 128
+    train_size: int = 100_000  # vectors sampled to train IVF
+    use_gpu: Literal["auto", "never"] = "auto"  # auto: faiss-gpu and a visible GPU
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """MegaPairs mining: per encoder top-k, keep pairs inside the similarity band, the rest are negatives."""
+
+    k: int = 20
+    band: tuple[float, float] = (0.8, 0.96)
+    bands: dict[str, tuple[float, float]] = field(default_factory=dict)  # per-encoder override
+    encoders: tuple[str, ...] = ()  # which embedding columns to mine; empty = all
+    splits: tuple[str, ...] = ("train",)  # held-out rows never become pairs
+    hard_negatives: int = 5  # per pair, the query image first
+    max_pairs_per_query: int = 5
+    index: IndexConfig = field(default_factory=IndexConfig)
+    query_tasks: int = field(default=4, metadata={"rerun": False})
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, (lo, hi) in {"band": self.band, **self.bands}.items():
+            check(-1.0 <= lo < hi <= 1.0, f"{name}: a band needs -1 <= low < high <= 1, got ({lo}, {hi})")
+        check(self.k >= 2, f"k must be >= 2, got {self.k}")
+        check(
+            self.hard_negatives >= 0 and self.max_pairs_per_query >= 1, "hard_negatives >= 0, max_pairs >= 1"
+        )
+
+    def band_for(self, encoder: str) -> tuple[float, float]:
+        return tuple(self.bands.get(encoder, self.band))
 
 
 @dataclass(frozen=True)
@@ -125,6 +199,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -43,7 +43,7 @@ def select(config: Config, start: str | None = None, until: str | None = None) -
             raise ConfigError(f"run.stages: unknown stage '{name}' (known: {', '.join(STAGES)})")
         if name in order[:i]:
             raise ConfigError(f"run.stages: stage '{name}' is listed twice")
-        for needed in STAGES[name].inputs:
+        for needed in STAGES[name].inputs(config):
             if needed not in order[:i]:
                 raise ConfigError(f"run.stages: stage '{name}' needs '{needed}' before it")
     for flag, name in (("--from", start), ("--until", until)):
@@ -71,7 +71,9 @@ def run_graph(
     root = storage.resolve(config.run.run_root, config.storage)
     existed = storage.ensure_writable(root)
     ctx = StageContext(config, root)
-    missing = [i for n in names for i in STAGES[n].inputs if i not in names and not ctx.is_complete(i)]
+    missing = [
+        i for n in names for i in STAGES[n].inputs(config) if i not in names and not ctx.is_complete(i)
+    ]
     if missing:
         if not existed:
             storage.delete_tree(root)
@@ -88,7 +90,7 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
     stage = STAGES[name]
     section = stage.section(ctx.config)
     config_hash = manifest.stable_hash(section_hash_dict(section))
-    inputs = {i: ctx.manifest(i)["hash"] for i in stage.inputs}
+    inputs = {i: ctx.manifest(i)["hash"] for i in stage.inputs(ctx.config)}
     stage_dir = ctx.stage_dir(name)
     done = manifest.read_complete(stage_dir)
     if (

@@ -41,10 +41,29 @@ def embedding_column(encoder_name: str) -> str:
     return f"emb_{encoder_name}"
 
 
-def embed_schema(encoder_name: str) -> pa.Schema:
-    """Embeddings: float32, L2-normalised, one list per row."""
-    return pa.schema([(ID, pa.string()), (embedding_column(encoder_name), pa.list_(pa.float32()))])
+def embed_schema(encoder_names: list[str]) -> pa.Schema:
+    """Embeddings: float32, L2-normalised, one list per row and encoder."""
+    cols = [(ID, pa.string()), (SPLIT, pa.string())]
+    return pa.schema(cols + [(embedding_column(n), pa.list_(pa.float32())) for n in encoder_names])
 
 
 # rejected rows of any stage: the row's id, why, and the stage's own extra columns (if any)
 REJECTED = pa.schema([(ID, pa.string()), (REASON, pa.string())])
+
+# mine: one row per (query image, target image) pair
+QUERY_ID, TARGET_ID, ENCODERS, SIMILARITIES, HARD_NEGATIVE_IDS = (
+    "query_id",
+    "target_id",
+    "encoders",
+    "similarities",
+    "hard_negative_ids",
+)
+PAIRS = pa.schema(
+    [
+        (QUERY_ID, pa.string()),
+        (TARGET_ID, pa.string()),
+        (ENCODERS, pa.list_(pa.string())),  # every encoder whose band held this pair
+        (SIMILARITIES, pa.list_(pa.float32())),  # aligned with encoders
+        (HARD_NEGATIVE_IDS, pa.list_(pa.string())),  # the query image first
+    ]
+)

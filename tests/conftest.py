@@ -95,3 +95,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def encoders_override(tiny_models, kinds=("clip_image", "caption")) -> str:
+    """``embed.encoders=[...]`` pointing the ci_small encoders at this session's tiny models."""
+    specs = {
+        "clip_image": f"{{name: clip_image, kind: clip_image, model: {tiny_models['clip']}, batch_size: 8}}",
+        "caption": f"{{name: caption, kind: clip_text, model: {tiny_models['clip']}, batch_size: 8}}",
+        "dinov2": f"{{name: dinov2, kind: dinov2, model: {tiny_models['dinov2']}, batch_size: 8}}",
+    }
+    return "embed.encoders=[" + ", ".join(specs[k] for k in kinds) + "]"

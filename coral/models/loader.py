@@ -24,6 +24,7 @@ def _model_classes() -> dict[str, Any]:
 
     return {
         "clip": T.CLIPModel,
+        "siglip": T.SiglipModel,
         "dinov2": T.Dinov2Model,
         "qwen2_vl": T.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": T.Qwen2_5_VLForConditionalGeneration,
@@ -37,6 +38,7 @@ def _processor_classes() -> dict[str, Any]:
 
     return {
         "clip": T.CLIPProcessor,
+        "siglip": T.SiglipProcessor,
         "dinov2": T.AutoImageProcessor,
         "qwen2_vl": Qwen2VLImageOnlyProcessor,
         "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
@@ -72,16 +74,28 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_model(ref: str, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
-    kind = model_type(ref)
-    classes = _model_classes()
-    if kind not in classes:
-        raise ConfigError(f"model '{ref}': model_type '{kind}' is not supported (known: {sorted(classes)})")
+def load_model(
+    ref: str, device: str = "cpu", dtype: str = "float32", generic: bool = False
+) -> torch.nn.Module:
+    """Load weights by model type; ``generic`` loads any transformers encoder with AutoModel (text towers,
+    sentence-transformers dirs)."""
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    kind = model_type(ref)
+    classes = _model_classes()
+    if not generic and kind not in classes:
+        raise ConfigError(f"model '{ref}': model_type '{kind}' is not supported (known: {sorted(classes)})")
     hf_logging.disable_progress_bar()  # one bar per actor per load is noise
-    model = classes[kind].from_pretrained(resolve(ref), dtype=DTYPES[dtype])
+    cls = AutoModel if generic else classes[kind]
+    model = cls.from_pretrained(resolve(ref), dtype=DTYPES[dtype])
     return model.to(pick_device(device)).eval()
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve(ref))
 
 
 def load_processor(ref: str):

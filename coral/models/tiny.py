@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("clip", "dinov2", "qwen2_vl", "qwen2_5_vl")
+TINY_MODELS = ("clip", "dinov2", "qwen2_vl", "qwen2_5_vl", "sentence_transformers")
 MARKER = ".tiny-complete"
 
 QWEN_SPECIAL = [
@@ -191,11 +191,54 @@ def _build_qwen(out: Path, version: str) -> None:
     proc_cls(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(out)
 
 
+def build_sentence_transformers(out: Path) -> None:
+    """A tiny BERT saved in the sentence-transformers layout (modules.json, 1_Pooling/), mean pooling."""
+    import json
+    import string
+
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(specials + chars + ["##" + c for c in chars])})
+    torch.manual_seed(0)
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": True}))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {
+        "word_embedding_dimension": 32,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    (out / "2_Normalize").mkdir(exist_ok=True)
+
+
 BUILDERS = {
     "clip": build_clip,
     "dinov2": build_dinov2,
     "qwen2_vl": lambda out: _build_qwen(out, "2"),
     "qwen2_5_vl": lambda out: _build_qwen(out, "2.5"),
+    "sentence_transformers": build_sentence_transformers,
 }
 
 

@@ -3,7 +3,8 @@
 from coral.stages.base import Stage, StageContext
 from coral.stages.catalog import CatalogStage
 from coral.stages.embed import EmbedStage
+from coral.stages.mine import MineStage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (CatalogStage(), EmbedStage())}
+STAGES: dict[str, Stage] = {s.name: s for s in (CatalogStage(), EmbedStage(), MineStage())}
 
 __all__ = ["STAGES", "Stage", "StageContext"]

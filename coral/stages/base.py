@@ -6,10 +6,13 @@ rows under ``{run_root}/{stage}/rejected/``; the driver writes the manifest and 
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coral import manifest, schemas, storage
@@ -44,7 +47,9 @@ class StageContext:
 
 class Stage(Protocol):
     name: ClassVar[str]
-    inputs: ClassVar[tuple[str, ...]]
+
+    def inputs(self, config: Config) -> tuple[str, ...]:
+        """The stages whose output this one reads (may depend on the config, e.g. the data source)."""
 
     def section(self, config: Config) -> Any:
         """The config section whose hash (with the inputs' hashes) decides whether to rerun."""
@@ -72,3 +77,15 @@ def count_rejected(loc: Location) -> dict[str, int]:
         table = pq.read_table(path, filesystem=loc.fs, columns=[schemas.REASON])
         counts.update(table.column(schemas.REASON).to_pylist())
     return dict(counts)
+
+
+def write_rejected(loc: Location, rows: list[dict]) -> None:
+    """Write rejected rows ({id, reason}) as one Parquet file named after their ids, so a retried batch
+    overwrites its own file instead of adding a second copy."""
+    if not rows:
+        return
+    name = hashlib.sha256("\n".join(r[schemas.ID] for r in rows).encode()).hexdigest()[:16]
+    if not loc.is_s3:
+        loc.fs.create_dir(loc.path, recursive=True)
+    table = pa.Table.from_pylist(rows, schema=schemas.REJECTED)
+    pq.write_table(table, posixpath.join(loc.path, f"part-{name}.parquet"), filesystem=loc.fs)

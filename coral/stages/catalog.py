@@ -28,7 +28,9 @@ def write_shard(cfg: CatalogConfig, groups: range, out: Location, index: int) ->
 
 class CatalogStage:
     name = "catalog"
-    inputs = ()
+
+    def inputs(self, config: Config) -> tuple[str, ...]:
+        return ()
 
     def section(self, config: Config) -> CatalogConfig:
         return config.catalog

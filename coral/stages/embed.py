@@ -1,12 +1,14 @@
-"""embed: run one configured image encoder over the catalog on a Ray Data actor pool.
+"""embed: every configured encoder over every image, each encoder a Ray Data actor pool.
 
-Output: ``id`` + ``emb_{encoder}`` (float32, L2-normalised). Undecodable images go to ``rejected/``
-with a reason, written by the actor that met them (file names derive from the batch, so retries overwrite).
+Source: the catalog stage's table, or a folder / ``s3://`` prefix of images with an optional captions
+file. A validation step (plain tasks) decodes every image and checks every caption the encoders need;
+failures go to ``rejected/`` with a reason. Then one actor pool per encoder appends its column
+``emb_{name}`` (float32, L2-normalised); the model loads once per actor.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import posixpath
 
 import pyarrow as pa
@@ -15,87 +17,160 @@ import ray
 import torch
 
 from coral import schemas as S
+from coral import storage
 from coral.config import Config, EmbedConfig, EncoderConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult
-from coral.models import loader
-from coral.models.encoders import ENCODER_MODEL_TYPES, ImageEncoder, decode_image
-from coral.stages.base import StageContext, count_rejected, count_rows
+from coral.models import encoders, loader
+from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
 from coral.storage import Location
 
+COLUMNS = [S.ID, S.IMAGE, S.CAPTION, S.SPLIT]
 
-class EmbedBatch:
-    """Ray Data callable class: the model loads once per actor, each batch is a pure function of its rows."""
 
-    def __init__(self, encoder: EncoderConfig, rejected: Location):
+def validate_batch(
+    batch: pa.Table, need_image: bool, need_caption: bool, max_pixels: int, rejected: Location
+):
+    """Keep rows every encoder can read; write the others to ``rejected`` with the first reason found."""
+    keep, bad = [], []
+    images, captions = batch.column(S.IMAGE).to_pylist(), batch.column(S.CAPTION).to_pylist()
+    for i, row_id in enumerate(batch.column(S.ID).to_pylist()):
+        reason = None
+        if need_image:
+            try:
+                encoders.decode_image(images[i], max_pixels)
+            except ValueError as e:
+                reason = str(e)
+        if reason is None and need_caption and not (captions[i] or "").strip():
+            reason = "empty caption"
+        if reason is None:
+            keep.append(i)
+        else:
+            bad.append({S.ID: row_id, S.REASON: reason})
+    write_rejected(rejected, bad)
+    return batch.take(pa.array(keep, pa.int64()))
+
+
+class EncodeBatch:
+    """Ray Data callable class: one encoder, loaded once per actor; appends ``emb_{name}`` to each batch."""
+
+    def __init__(self, encoder: EncoderConfig, max_pixels: int):
         torch.set_num_threads(max(1, int(encoder.num_cpus)))
-        self.encoder = ImageEncoder(encoder)
+        self.encoder = encoders.build(encoder)
         self.column = S.embedding_column(encoder.name)
-        self.rejected = rejected
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column(S.ID).to_pylist()
-        images, keep, bad = [], [], []
-        for row_id, data in zip(ids, batch.column(S.IMAGE).to_pylist(), strict=True):
-            try:
-                images.append(decode_image(data or b""))
-                keep.append(row_id)
-            except ValueError as e:
-                bad.append({S.ID: row_id, S.REASON: str(e)})
-        if bad:
-            self._write_rejected(bad)
-        emb = self.encoder.encode(images) if images else None
-        values = [] if emb is None else list(emb)
-        return pa.Table.from_pydict(
-            {S.ID: keep, self.column: values}, schema=S.embed_schema(self.encoder.cfg.name)
-        )
+        if self.encoder.modality == "image":
+            items = [encoders.decode_image(b, self.max_pixels) for b in batch.column(S.IMAGE).to_pylist()]
+        else:
+            items = [c.strip() for c in batch.column(S.CAPTION).to_pylist()]
+        emb = self.encoder.encode(items) if items else []
+        return batch.append_column(self.column, pa.array(list(emb), pa.list_(pa.float32())))
 
-    def _write_rejected(self, rows: list[dict]) -> None:
-        name = hashlib.sha256("\n".join(r[S.ID] for r in rows).encode()).hexdigest()[:16]
-        if not self.rejected.is_s3:
-            self.rejected.fs.create_dir(self.rejected.path, recursive=True)
-        table = pa.Table.from_pylist(rows, schema=S.REJECTED)
-        pq.write_table(
-            table, posixpath.join(self.rejected.path, f"part-{name}.parquet"), filesystem=self.rejected.fs
-        )
+
+def image_rows(batch: pa.Table, root: str, captions: dict[str, str]) -> pa.Table:
+    """read_binary_files rows -> embed input rows; the id is the path under the root without extension."""
+    ids, caps = [], []
+    for path in batch.column("path").to_pylist():
+        rel = posixpath.relpath(path, root)
+        ids.append(posixpath.splitext(rel)[0])
+        caps.append(captions.get(ids[-1], captions.get(rel, "")))
+    return pa.table(
+        {S.ID: ids, S.IMAGE: batch.column("bytes"), S.CAPTION: caps, S.SPLIT: ["train"] * len(ids)},
+        schema=pa.schema([(c, S.CATALOG.field(c).type) for c in COLUMNS]),
+    )
+
+
+def load_captions(uri: str, cfg: Config) -> dict[str, str]:
+    """A JSONL or Parquet file with ``caption`` and ``id`` (or ``path``) per row -> {id or path: caption}."""
+    loc = storage.resolve(uri, cfg.storage)
+    try:
+        if uri.endswith(".parquet"):
+            rows = pq.read_table(loc.path, filesystem=loc.fs).to_pylist()
+        else:
+            rows = [
+                json.loads(line) for line in storage.read_bytes(loc).decode().splitlines() if line.strip()
+            ]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"embed.images.captions: cannot read {uri}: {type(e).__name__}: {e}") from None
+    out = {}
+    for n, row in enumerate(rows, 1):
+        key = row.get("id") or row.get("path")
+        if key is None or "caption" not in row:
+            raise ConfigError(f"embed.images.captions: {uri} row {n} needs 'caption' and 'id' or 'path'")
+        out[str(key)] = str(row["caption"] or "")
+    return out
 
 
 class EmbedStage:
     name = "embed"
-    inputs = ("catalog",)
+
+    def inputs(self, config: Config) -> tuple[str, ...]:
+        return ("catalog",) if config.embed.source == "catalog" else ()
 
     def section(self, config: Config) -> EmbedConfig:
         return config.embed
 
     def validate(self, config: Config) -> None:
-        enc = config.embed.encoder
-        kind = loader.model_type(enc.model)  # a missing path fails here, before any stage runs
-        if kind not in ENCODER_MODEL_TYPES[enc.kind]:
-            raise ConfigError(
-                f"embed.encoder: kind '{enc.kind}' needs a model of type {ENCODER_MODEL_TYPES[enc.kind]}, "
-                f"but '{enc.model}' is '{kind}'"
-            )
+        for enc in config.embed.encoders:
+            kind = loader.model_type(enc.model)  # a missing path fails here, before any stage runs
+            accepted = encoders.ENCODERS[enc.kind][1]
+            if accepted is not None and kind not in accepted:
+                raise ConfigError(
+                    f"embed.encoders[{enc.name}]: kind '{enc.kind}' needs a model of type {accepted}, "
+                    f"but '{enc.model}' is '{kind}'"
+                )
+
+    def _source(self, ctx: StageContext) -> tuple[ray.data.Dataset, int]:
+        cfg = ctx.config.embed
+        if cfg.source == "catalog":
+            src = ctx.data("catalog")
+            ds = ray.data.read_parquet(src.path, filesystem=src.fs, columns=COLUMNS)
+            return ds, ctx.manifest("catalog")["rows_out"]
+        src = storage.resolve(cfg.images.uri, ctx.config.storage)
+        files = [p for p in storage.list_files(src) if p.rsplit(".", 1)[-1].lower() in cfg.images.extensions]
+        if not files:
+            raise ConfigError(f"embed.images.uri: no image files under {src.uri}")
+        captions = load_captions(cfg.images.captions, ctx.config) if cfg.images.captions else {}
+        ds = ray.data.read_binary_files(files, filesystem=src.fs, include_paths=True)
+        ds = ds.map_batches(
+            image_rows, fn_kwargs={"root": src.path, "captions": captions}, batch_format="pyarrow"
+        )
+        return ds, len(files)
 
     def run(self, ctx: StageContext) -> StageResult:
-        enc = ctx.config.embed.encoder
-        src, out, rejected = ctx.data("catalog"), ctx.data(self.name), ctx.rejected(self.name)
-        ds = ray.data.read_parquet(src.path, filesystem=src.fs, columns=[S.ID, S.IMAGE])
-        # small files arrive as one block; batch-sized blocks let every actor in the pool get work
-        ds = ds.repartition(target_num_rows_per_block=enc.batch_size)
+        cfg = ctx.config.embed
+        out, rejected = ctx.data(self.name), ctx.rejected(self.name)
+        ds, rows_in = self._source(ctx)
+        kinds = {encoders.modality(e.kind) for e in cfg.encoders}
+        # small inputs arrive as one block; batch-sized blocks let every actor in a pool get work
+        ds = ds.repartition(target_num_rows_per_block=min(e.batch_size for e in cfg.encoders))
         ds = ds.map_batches(
-            EmbedBatch,
-            fn_constructor_kwargs={"encoder": enc, "rejected": rejected},
-            compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
-            batch_size=enc.batch_size,
+            validate_batch,
+            fn_kwargs={
+                "need_image": "image" in kinds,
+                "need_caption": "text" in kinds,
+                "max_pixels": cfg.max_image_pixels,
+                "rejected": rejected,
+            },
             batch_format="pyarrow",
-            num_cpus=enc.num_cpus,
-            num_gpus=enc.num_gpus,
         )
+        for enc in cfg.encoders:
+            ds = ds.map_batches(
+                EncodeBatch,
+                fn_constructor_kwargs={"encoder": enc, "max_pixels": cfg.max_image_pixels},
+                compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
+                batch_size=enc.batch_size,
+                batch_format="pyarrow",
+                num_cpus=enc.num_cpus,
+                num_gpus=enc.num_gpus,
+            )
+        ds = ds.select_columns([S.ID, S.SPLIT, *(S.embedding_column(e.name) for e in cfg.encoders)])
         ds.write_parquet(out.path, filesystem=out.fs)
-        rows_in = ctx.manifest("catalog")["rows_out"]
         rows_out, reasons = count_rows(out), count_rejected(rejected)
         if rows_out + sum(reasons.values()) != rows_in:
             raise RuntimeError(
                 f"embed: {rows_in} rows in but {rows_out} written + {sum(reasons.values())} rejected"
             )
-        return StageResult(rows_in, rows_out, reasons, details={"encoder": enc.name, "model": enc.model})
+        return StageResult(rows_in, rows_out, reasons, details={"encoders": [e.name for e in cfg.encoders]})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import encoders_override, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = str(REPO / "workflows" / "ci_small.yaml")
@@ -55,7 +55,7 @@ def test_unknown_stage_in_from_exits_2(tmp_path):
 def test_unwritable_run_root_exits_2(tmp_path, tiny_models):
     (tmp_path / "file").write_text("x")
     root = tmp_path / "file" / "run"
-    r = cli("--config", SMALL, f"run.run_root={root}", f"embed.encoder.model={tiny_models['clip']}")
+    r = cli("--config", SMALL, f"run.run_root={root}", encoders_override(tiny_models))
     assert r.returncode == 2 and str(root) in r.stderr and "cannot write" in r.stderr
 
 
@@ -66,7 +66,7 @@ def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials(tiny_mode
         "--config",
         SMALL,
         "run.run_root=s3://somebucket/run",
-        f"embed.encoder.model={tiny_models['clip']}",
+        encoders_override(tiny_models),
         f"storage.endpoint_url=http://127.0.0.1:{free_port()}",
         "storage.access_key_id=AKIANOTPRINTED",
         f"storage.secret_access_key={secret}",
@@ -84,7 +84,7 @@ def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
         "--config",
         SMALL,
         f"run.run_root={tmp_path / 'run'}",
-        f"embed.encoder.model={tiny_models['clip']}",
+        encoders_override(tiny_models),
         "catalog.num_groups=40",
     ]
     proc = subprocess.Popen(
@@ -130,7 +130,12 @@ def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
 
 
 def test_missing_model_exits_2_before_any_stage_runs(tmp_path):
-    r = cli("--config", SMALL, f"run.run_root={tmp_path / 'run'}", "embed.encoder.model=models/nowhere/clip")
+    r = cli(
+        "--config",
+        SMALL,
+        f"run.run_root={tmp_path / 'run'}",
+        "embed.encoders=[{name: clip_image, model: models/nowhere/clip}]",
+    )
     assert r.returncode == 2 and "models/nowhere/clip" in r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -142,7 +147,11 @@ def test_failing_stage_exits_1_naming_it_and_keeps_earlier_stages(tmp_path, tiny
     shutil.copytree(tiny_models["clip"], broken)
     (broken / "model.safetensors").write_bytes(b"not weights")  # config is valid, weights are not
     r = cli(
-        "--config", SMALL, f"run.run_root={tmp_path / 'run'}", f"embed.encoder.model={broken}", timeout=240
+        "--config",
+        SMALL,
+        f"run.run_root={tmp_path / 'run'}",
+        f"embed.encoders=[{{name: clip_image, model: {broken}}}]",
+        timeout=240,
     )
     assert r.returncode == 1, r.stderr[-2000:]
     assert "stage 'embed' failed" in r.stderr

@@ -10,7 +10,7 @@ import pytest
 from coral import graph, manifest, storage
 from coral import schemas as S
 from coral.config import load_config
-from tests.conftest import SECRET
+from tests.conftest import SECRET, encoders_override
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 def small(run_root: str, tiny_models, *extra):
     return load_config(
         REPO / "workflows" / "ci_small.yaml",
-        [f"run.run_root={run_root}", f"embed.encoder.model={tiny_models['clip']}", *extra],
+        [f"run.run_root={run_root}", encoders_override(tiny_models), *extra],
     )
 
 
@@ -33,9 +33,10 @@ def check_outputs(root, cfg) -> None:
     n = cfg.catalog.num_groups * cfg.catalog.variants_per_group
     assert catalog.num_rows == n
     assert sorted(emb.column(S.ID).to_pylist()) == sorted(catalog.column(S.ID).to_pylist())  # one row each
-    vectors = np.array(emb.column("emb_clip_image").to_pylist(), dtype=np.float32)
-    assert vectors.shape == (n, 32)
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    for column in ("emb_clip_image", "emb_caption"):
+        vectors = np.array(emb.column(column).to_pylist(), dtype=np.float32)
+        assert vectors.shape == (n, 32)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     for stage in ("catalog", "embed"):
         m = manifest.read_complete(root.child(stage))
         assert m is not None and m["status"] == "complete"
@@ -43,17 +44,43 @@ def check_outputs(root, cfg) -> None:
     assert manifest.read_complete(root.child("embed"))["inputs"] == {
         "catalog": manifest.read_complete(root.child("catalog"))["hash"]
     }
+    check_pairs(root, cfg, n)
+
+
+def check_pairs(root, cfg, n) -> None:
+    """Pairs lie inside their encoders' bands, never pair an image with itself, carry hard negatives with
+    the query first, and every query row is either paired or rejected with a reason."""
+    table = read(root.child("mine", "data"))
+    m = manifest.read_complete(root.child("mine"))
+    assert m["rows_in"] == n and m["rows_out"] == table.num_rows > 0
+    ids = set(read(root.child("embed", "data")).column(S.ID).to_pylist())
+    per_query = {}
+    for row in table.to_pylist():
+        assert row[S.QUERY_ID] != row[S.TARGET_ID] and {row[S.QUERY_ID], row[S.TARGET_ID]} <= ids
+        for enc, sim in zip(row[S.ENCODERS], row[S.SIMILARITIES], strict=True):
+            lo, hi = cfg.mine.band_for(enc)
+            assert lo < sim < hi
+        hn = row[S.HARD_NEGATIVE_IDS]
+        assert hn[0] == row[S.QUERY_ID] and row[S.TARGET_ID] not in hn and len(hn) <= cfg.mine.hard_negatives
+        per_query[row[S.QUERY_ID]] = per_query.get(row[S.QUERY_ID], 0) + 1
+    assert max(per_query.values()) <= cfg.mine.max_pairs_per_query
+    assert len(per_query) + m["rows_rejected"] == n
+    assert set(m["details"]["encoders"]) == {"clip_image", "caption"}
+    assert sum(m["details"]["pairs_by_encoders"].values()) == table.num_rows
+    for name in ("clip_image", "caption"):
+        png = root.child("mine", "stats", f"sims_{name}.png")
+        assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_local_run_then_rerun_skips_everything(tmp_path, tiny_models, ray_local):
     cfg = small(str(tmp_path / "run"), tiny_models)
     rows = graph.run_graph(cfg)
-    assert [(r.stage, r.status) for r in rows] == [("catalog", "ran"), ("embed", "ran")]
+    assert [(r.stage, r.status) for r in rows] == [("catalog", "ran"), ("embed", "ran"), ("mine", "ran")]
     root = storage.resolve(cfg.run.run_root)
     check_outputs(root, cfg)
     first = (tmp_path / "run" / "embed" / "manifest.json").read_text()
     rows = graph.run_graph(cfg)
-    assert [r.status for r in rows] == ["skipped", "skipped"]
+    assert [r.status for r in rows] == ["skipped", "skipped", "skipped"]
     assert (tmp_path / "run" / "embed" / "manifest.json").read_text() == first  # untouched
 
 
@@ -69,14 +96,17 @@ def test_undecodable_images_are_rejected_with_reason(tmp_path, tiny_models, ray_
         t.set_column(t.schema.get_field_index(S.IMAGE), S.IMAGE, pa.array(images, pa.binary())), part
     )
 
-    rows = graph.run_graph(cfg, start="embed")
+    rows = graph.run_graph(cfg, start="embed", until="embed")
     n = cfg.catalog.num_groups * cfg.catalog.variants_per_group
     assert (rows[0].rows_in, rows[0].rows_out, rows[0].rows_rejected) == (n, n - 2, 2)
     rejected = pq.read_table(tmp_path / "run" / "embed" / "rejected")
     assert sorted(rejected.column(S.ID).to_pylist()) == sorted(broken_ids)
-    assert set(rejected.column(S.REASON).to_pylist()) == {"undecodable image: UnidentifiedImageError"}
+    assert set(rejected.column(S.REASON).to_pylist()) == {
+        "undecodable image: UnidentifiedImageError",
+        "empty file",
+    }
     m = manifest.read_complete(storage.resolve(str(tmp_path / "run" / "embed")))
-    assert m["rejected_reasons"] == {"undecodable image: UnidentifiedImageError": 2}
+    assert m["rejected_reasons"] == {"undecodable image: UnidentifiedImageError": 1, "empty file": 1}
 
 
 def test_s3_run_root(s3_bucket, tiny_models, ray_local):
@@ -86,12 +116,12 @@ def test_s3_run_root(s3_bucket, tiny_models, ray_local):
         f"s3://{bucket}/runs/ci", tiny_models, f"storage.endpoint_url={storage_cfg.endpoint_url}", *creds
     )
     rows = graph.run_graph(cfg)
-    assert [r.status for r in rows] == ["ran", "ran"]
+    assert [r.status for r in rows] == ["ran", "ran", "ran"]
     root = storage.resolve(cfg.run.run_root, cfg.storage)
     check_outputs(root, cfg)
     keys = {o["Key"] for o in storage.boto3_client(cfg.storage).list_objects_v2(Bucket=bucket)["Contents"]}
     assert {"runs/ci/catalog/_SUCCESS", "runs/ci/embed/_SUCCESS", "runs/ci/embed/manifest.json"} <= keys
-    assert [r.status for r in graph.run_graph(cfg)] == ["skipped", "skipped"]
+    assert [r.status for r in graph.run_graph(cfg)] == ["skipped", "skipped", "skipped"]
     client = storage.boto3_client(cfg.storage)
     for stage in ("catalog", "embed"):
         text = client.get_object(Bucket=bucket, Key=f"runs/ci/{stage}/manifest.json")["Body"].read().decode()

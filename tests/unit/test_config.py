@@ -20,7 +20,7 @@ def test_defaults_and_yaml_values(tmp_path):
     assert isinstance(cfg, Config)
     assert cfg.catalog.num_groups == 7
     assert cfg.catalog.languages == ("en", "th")
-    assert cfg.embed.encoder.kind == "clip_image"  # untouched default
+    assert [e.kind for e in cfg.embed.encoders] == ["clip_image", "dinov2", "clip_text"]  # untouched default
 
 
 def test_overrides_parse_values_as_yaml(tmp_path):
@@ -28,26 +28,28 @@ def test_overrides_parse_values_as_yaml(tmp_path):
         write(tmp_path, "catalog:\n  num_groups: 7\n"),
         [
             "catalog.num_groups=11",
-            "embed.encoder.num_cpus=0.5",
+            "mine.band=[0.5, 0.9]",
+            "embed.encoders=[{name: a, model: m, num_cpus: 0.5}]",
             "run.stages=[catalog]",
             "storage.region=eu-west-1",
         ],
     )
     assert cfg.catalog.num_groups == 11
-    assert cfg.embed.encoder.num_cpus == 0.5
+    assert cfg.mine.band == (0.5, 0.9)
+    assert len(cfg.embed.encoders) == 1 and cfg.embed.encoders[0].num_cpus == 0.5
     assert cfg.run.stages == ("catalog",)
     assert cfg.storage.region == "eu-west-1"
 
 
 def test_int_is_accepted_for_float():
-    assert load_config(None, ["embed.encoder.num_cpus=1"]).embed.encoder.num_cpus == 1.0
+    assert load_config(None, ["catalog.test_fraction=0"]).catalog.test_fraction == 0.0
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
-    p = write(tmp_path, "embed:\n  encoder:\n    batch_sise: 3\n")
+    p = write(tmp_path, "mine:\n  index:\n    nprobes: 3\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert "embed.encoder.batch_sise" in str(e.value) and str(p) in str(e.value)
+    assert "mine.index.nprobes" in str(e.value) and str(p) in str(e.value)
 
 
 def test_unknown_key_in_override(tmp_path):
@@ -70,7 +72,11 @@ def test_bool_is_not_an_int():
 
 def test_literal_and_validation_errors():
     with pytest.raises(ConfigError, match="expected one of"):
-        load_config(None, ["embed.encoder.kind=resnet"])
+        load_config(None, ["embed.encoders=[{name: a, kind: resnet}]"])
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(None, ["embed.encoders=[{name: a}, {name: a}]"])
+    with pytest.raises(ConfigError, match="band"):
+        load_config(None, ["mine.bands={x: [0.9, 0.8]}"])
     with pytest.raises(ConfigError, match="num_groups must be >= 1"):
         load_config(None, ["catalog.num_groups=0"])
     with pytest.raises(ConfigError, match="languages"):
@@ -113,11 +119,13 @@ def test_secret_overrides_stay_raw_and_never_appear_in_errors(tmp_path):
 
 
 def test_resource_settings_do_not_enter_the_rerun_hash():
-    a, b = load_config(None), load_config(None, ["catalog.num_tasks=9", "embed.encoder.num_actors=5"])
+    one = "{name: a, model: m, num_actors: %d, dtype: %s}"
+    enc = lambda n, dtype="float32": f"embed.encoders=[{one % (n, dtype)}]"  # noqa: E731
+    a, b = load_config(None, [enc(1)]), load_config(None, ["catalog.num_tasks=9", enc(5)])
     assert section_hash_dict(a.catalog) == section_hash_dict(b.catalog)
     assert section_hash_dict(a.embed) == section_hash_dict(b.embed)
     assert section_dict(a.catalog) != section_dict(b.catalog)  # the manifest still records them
-    c = load_config(None, ["embed.encoder.dtype=bfloat16"])
+    c = load_config(None, [enc(1, "bfloat16")])
     assert section_hash_dict(a.embed) != section_hash_dict(c.embed)
 
 

@@ -12,7 +12,10 @@ from coral.manifest import StageResult
 
 class Fake:
     def __init__(self, name, inputs=(), fail=False):
-        self.name, self.inputs, self.fail, self.calls = name, inputs, fail, 0
+        self.name, self.needs, self.fail, self.calls = name, inputs, fail, 0
+
+    def inputs(self, config):
+        return self.needs
 
     def section(self, config):
         return {"seed": config.catalog.seed} if self.name == "a" else {"n": config.catalog.num_groups}

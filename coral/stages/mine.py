@@ -1,0 +1,113 @@
+"""mine: MegaPairs pair mining over the embed stage's table.
+
+Per encoder: a FAISS index over the rows of the configured splits, top-k for every row (queries spread
+over Ray tasks), pairs inside that encoder's similarity band. Then the union across encoders, hard
+negatives, and a cap per query. Queries left without any pair are recorded in ``rejected/``.
+Statistics (pairs per encoder, overlap, similarity histograms, also as PNG under ``stats/``) go to
+the manifest.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from coral import schemas as S
+from coral import storage
+from coral.config import Config, MineConfig
+from coral.errors import ConfigError
+from coral.manifest import StageResult
+from coral.mining import knn, pairs, plots
+from coral.stages.base import StageContext, write_rejected
+
+CHUNK = 200_000  # pairs per Parquet file
+
+
+def encoder_names(config: Config) -> list[str]:
+    embedded = [e.name for e in config.embed.encoders]
+    return list(config.mine.encoders) or embedded
+
+
+class MineStage:
+    name = "mine"
+
+    def inputs(self, config: Config) -> tuple[str, ...]:
+        return ("embed",)
+
+    def section(self, config: Config) -> MineConfig:
+        return config.mine
+
+    def validate(self, config: Config) -> None:
+        embedded = {e.name for e in config.embed.encoders}
+        for name in [*config.mine.encoders, *config.mine.bands]:
+            if name not in embedded:
+                raise ConfigError(f"mine: encoder '{name}' is not one of embed.encoders ({sorted(embedded)})")
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg, names = ctx.config.mine, encoder_names(ctx.config)
+        src = ctx.data("embed")
+        table = pq.read_table(
+            src.path, filesystem=src.fs, columns=[S.ID, S.SPLIT, *map(S.embedding_column, names)]
+        )
+        table = table.filter(pc.is_in(table.column(S.SPLIT), pa.array(list(cfg.splits)))).sort_by(S.ID)
+        ids = table.column(S.ID).to_pylist()
+        if len(ids) < 2:
+            raise ConfigError(f"mine: {len(ids)} rows in splits {list(cfg.splits)}; at least 2 are needed")
+
+        per_encoder, stats = {}, {"rows": len(ids), "encoders": {}}
+        for name in names:
+            vectors = np.asarray(table.column(S.embedding_column(name)).to_pylist(), dtype=np.float32)
+            sims, rows = knn.knn(vectors, cfg.k + 1, cfg.index, cfg.query_tasks, cfg.seed)  # +1: itself
+            band = cfg.band_for(name)
+            per_encoder[name] = pairs.mine_encoder(sims, rows, band, cfg.hard_negatives)
+            not_self = (rows >= 0) & (rows != np.arange(len(rows))[:, None])
+            values = sims[not_self]
+            lo = float(np.floor(values.min() * 20) / 20) if values.size else -1.0
+            counts, edges = plots.histogram(values, lo=min(lo, band[0] - 0.05), hi=1.0)
+            storage.write_bytes(
+                ctx.stage_dir(self.name).child("stats", f"sims_{name}.png"),
+                plots.histogram_png(counts, edges, band, f"{name}: similarity of top-{cfg.k} neighbours"),
+            )
+            stats["encoders"][name] = {
+                "band": list(band),
+                "index": knn.index_spec(cfg.index, len(ids), vectors.shape[1]),
+                "pairs_in_band": len(per_encoder[name]),
+                "histogram": {"counts": counts, "edges": edges},
+            }
+
+        kept = pairs.union(per_encoder, cfg.max_pairs_per_query)
+        stats["pairs_by_encoders"] = pairs.overlap(kept)
+        self._write(ctx, ids, kept)
+        with_pairs = {p.query for p in kept}
+        lonely = [
+            {S.ID: ids[i], S.REASON: "no neighbour inside any band"}
+            for i in range(len(ids))
+            if i not in with_pairs
+        ]
+        write_rejected(ctx.rejected(self.name), lonely)
+        stats["queries_with_pairs"] = len(with_pairs)
+        return StageResult(
+            len(ids), len(kept), {"no neighbour inside any band": len(lonely)} if lonely else {}, stats
+        )
+
+    def _write(self, ctx: StageContext, ids: list[str], kept: list[pairs.Pair]) -> None:
+        out = ctx.data(self.name)
+        if not out.is_s3:
+            out.fs.create_dir(out.path, recursive=True)
+        for n, start in enumerate(range(0, max(len(kept), 1), CHUNK)):
+            chunk = kept[start : start + CHUNK]
+            table = pa.table(
+                {
+                    S.QUERY_ID: [ids[p.query] for p in chunk],
+                    S.TARGET_ID: [ids[p.target] for p in chunk],
+                    S.ENCODERS: [p.encoders for p in chunk],
+                    S.SIMILARITIES: [p.similarities for p in chunk],
+                    S.HARD_NEGATIVE_IDS: [[ids[h] for h in p.hard_negatives] for p in chunk],
+                },
+                schema=S.PAIRS,
+            )
+            pq.write_table(table, posixpath.join(out.path, f"pairs-{n:05d}.parquet"), filesystem=out.fs)
