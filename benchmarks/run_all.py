@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from benchmarks import bench_catalog, bench_embed
+from benchmarks import bench_catalog, bench_embed, bench_knn
 
 
 def start_ray() -> None:
@@ -17,7 +17,7 @@ def start_ray() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     start_ray()
-    for bench in (bench_catalog, bench_embed):
+    for bench in (bench_catalog, bench_embed, bench_knn):
         bench.main()
 
 

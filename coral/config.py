@@ -107,6 +107,7 @@ class EncoderConfig:
     num_actors: int = field(default=1, metadata={"rerun": False})
     num_cpus: float = field(default=1.0, metadata={"rerun": False})
     num_gpus: float = field(default=0.0, metadata={"rerun": False})  # fractional GPUs share one device
+    resources: dict[str, float] = field(default_factory=dict, metadata={"rerun": False})  # custom, per actor
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

@@ -165,6 +165,7 @@ class EmbedStage:
                 batch_format="pyarrow",
                 num_cpus=enc.num_cpus,
                 num_gpus=enc.num_gpus,
+                resources=enc.resources or None,
             )
         ds = ds.select_columns([S.ID, S.SPLIT, *(S.embedding_column(e.name) for e in cfg.encoders)])
         ds.write_parquet(out.path, filesystem=out.fs)

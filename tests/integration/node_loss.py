@@ -1,0 +1,78 @@
+"""Run by test_node_loss.py in its own process: a simulated 2-node cluster (plus a spare node) loses the
+node running the embed actors mid-stage; the stage must still finish with exactly one row per image.
+
+    python tests/integration/node_loss.py RUN_ROOT CLIP_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import ray
+from ray.cluster_utils import Cluster
+
+from coral import graph
+from coral.config import load_config
+
+
+def main(run_root: str, clip: str) -> int:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        },
+    )
+    # two nodes can host the encoder actor: the one it lands on is removed, the other is the spare
+    workers = [cluster.add_node(num_cpus=2, resources={"encoder_slot": 1}) for _ in range(2)]
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    cfg = load_config(
+        None,
+        [
+            f"run.run_root={run_root}",
+            "run.stages=[catalog, embed]",
+            "catalog.num_groups=200",
+            "catalog.num_tasks=2",
+            f"embed.encoders=[{{name: clip_image, kind: clip_image, model: {clip}, batch_size: 4, num_actors: 1,"
+            " resources: {encoder_slot: 1}}]",
+        ],
+    )
+    graph.run_graph(cfg, until="catalog")
+
+    def kill_when_embedding():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for info in ray._private.state.actors().values():  # GCS view; needs no dashboard
+                if "MapWorker" in info["ActorClassName"] and info["State"] == "ALIVE":
+                    doomed = [w for w in workers if w.node_id == info["Address"]["NodeID"]]
+                    if doomed:
+                        time.sleep(3)  # let it take a few batches
+                        print("removing the node that runs the encoder actor", flush=True)
+                        cluster.remove_node(doomed[0], allow_graceful=False)
+                        return
+            time.sleep(0.3)
+        print("the encoder actor never started on a worker node", flush=True)
+
+    killer = threading.Thread(target=kill_when_embedding, daemon=True)
+    killer.start()
+    (row,) = graph.run_graph(cfg, start="embed")
+    killer.join(timeout=5)
+    ids = pq.read_table(f"{run_root}/embed/data").column("id").to_pylist()
+    catalog = pq.read_table(f"{run_root}/catalog/data").column("id").to_pylist()
+    print(
+        f"rows_in={row.rows_in} rows_out={row.rows_out} unique={len(set(ids))} catalog={len(catalog)}",
+        flush=True,
+    )
+    ok = sorted(ids) == sorted(catalog)
+    ray.shutdown()
+    cluster.shutdown()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
