@@ -156,8 +156,9 @@ class IndexConfig:
 
     kind: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
     flat_max: int = 200_000
-    nlist: int = 0  # IVF lists; 0 = 4 * sqrt(n)
-    nprobe: int = 16
+    nlist: int = 0  # IVF lists; 0 = n // list_size
+    list_size: int = 256  # vectors per IVF list when nlist is 0
+    nprobe: int = 8
     pq_m: int = 32  # IVF-PQ sub-quantisers (must divide the dimension)
     pq_bits: int = 8  # bits per sub-quantiser code
     hnsw_m: int = 32

@@ -20,17 +20,22 @@ log = logging.getLogger(__name__)
 
 
 def index_spec(cfg: IndexConfig, n: int, d: int) -> str:
-    """The ``faiss.index_factory`` string for ``n`` vectors of dimension ``d``."""
+    """The ``faiss.index_factory`` string for ``n`` vectors of dimension ``d``.
+
+    IVF lists hold about ``list_size`` vectors, so a query scans ``nprobe * list_size`` vectors whatever
+    the pool size; above 1,000 lists the coarse quantizer is an HNSW graph, so assigning a query to its
+    lists stays logarithmic too. Together they keep all-vs-all mining close to linear in ``n``."""
     kind = cfg.kind if cfg.kind != "auto" else ("flat" if n <= cfg.flat_max else "ivf_flat")
-    nlist = cfg.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 points per list
+    nlist = cfg.nlist or max(1, n // cfg.list_size)
+    ivf = f"IVF{nlist}_HNSW32" if nlist > 1000 else f"IVF{nlist}"
     if kind == "flat":
         return "Flat"
     if kind == "ivf_flat":
-        return f"IVF{nlist},Flat"
+        return f"{ivf},Flat"
     if kind == "ivf_pq":
         if d % cfg.pq_m:
             raise ValueError(f"mine.index.pq_m={cfg.pq_m} must divide the embedding dimension {d}")
-        return f"IVF{nlist},PQ{cfg.pq_m}x{cfg.pq_bits}"
+        return f"{ivf},PQ{cfg.pq_m}x{cfg.pq_bits}"
     if kind == "hnsw":
         return f"HNSW{cfg.hnsw_m},Flat"
     raise ValueError(f"unknown index kind {kind!r}")

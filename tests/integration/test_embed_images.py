@@ -45,6 +45,7 @@ def make_folder(root) -> dict[str, str]:
 
 
 def test_folder_of_good_and_bad_images(tmp_path, tiny_models, ray_local):
+    """Three encoders: CLIP image, DINOv2 (mean pooling) and a sentence-transformers dir on the captions."""
     expected = make_folder(tmp_path / "images")
     captions = tmp_path / "captions.jsonl"
     captions.write_text("\n".join(json.dumps({"id": i, "caption": f"image {i}"}) for i in expected))
@@ -59,7 +60,8 @@ def test_folder_of_good_and_bad_images(tmp_path, tiny_models, ray_local):
             "embed.max_image_pixels=1000000",
             f"embed.encoders=[{{name: clip_image, kind: clip_image, model: {tiny_models['clip']}, batch_size: 4}},"
             f" {{name: dinov2, kind: dinov2, model: {tiny_models['dinov2']}, pooling: mean, batch_size: 4}},"
-            f" {{name: caption, kind: clip_text, model: {tiny_models['clip']}, batch_size: 4}}]",
+            f" {{name: caption, kind: sentence_transformers, model: {tiny_models['sentence_transformers']},"
+            " batch_size: 4}]",
             "ray.include_dashboard=false",
         ],
     )

@@ -22,7 +22,8 @@ def recall_at(k: int, exact: np.ndarray, approx: np.ndarray) -> float:
 
 def test_index_spec_by_size_and_kind():
     assert knn.index_spec(IndexConfig(), 1000, 64) == "Flat"
-    assert knn.index_spec(IndexConfig(flat_max=10), 10_000, 64) == "IVF256,Flat"
+    assert knn.index_spec(IndexConfig(flat_max=10), 10_000, 64) == "IVF39,Flat"
+    assert knn.index_spec(IndexConfig(flat_max=10), 1_000_000, 64) == "IVF3906_HNSW32,Flat"
     assert knn.index_spec(IndexConfig(kind="ivf_pq", nlist=64, pq_m=16), 10_000, 64) == "IVF64,PQ16x8"
     assert knn.index_spec(IndexConfig(kind="hnsw", hnsw_m=16), 10, 64) == "HNSW16,Flat"
     with pytest.raises(ValueError, match="divide"):
