@@ -17,8 +17,8 @@ from benchmarks.common import PeakRSS, timed, write_result
 from coral import graph
 from coral import schemas as S
 from coral.config import load_config
+from coral.images import decode_image
 from coral.models import encoders
-from coral.models.encoders import decode_image
 from coral.models.tiny import build_clip
 
 GROUPS, VARIANTS, BATCH = 1000, 3, 32

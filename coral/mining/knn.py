@@ -8,7 +8,6 @@ queried in shards on Ray tasks.
 from __future__ import annotations
 
 import logging
-import math
 
 import faiss
 import numpy as np

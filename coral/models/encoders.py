@@ -6,7 +6,6 @@ embed stage's Ray Data actors and the in-process baselines run the same classes.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -16,33 +15,7 @@ from PIL import Image
 
 from coral.config import EncoderConfig
 from coral.models import loader
-
-
-def decode_image(data: bytes, max_pixels: int = 50_000_000) -> Image.Image:
-    """Image bytes -> RGB. Raises ValueError with a short reason for empty, corrupt, truncated or oversized
-    input. Alpha is composited on white; 16-bit and float images are rescaled to 8 bits."""
-    if not data:
-        raise ValueError("empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Exception as e:  # PIL raises several types for corrupt headers
-        raise ValueError(f"undecodable image: {type(e).__name__}") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(f"image too large: {w}x{h} pixels > max_image_pixels {max_pixels}")
-    try:
-        img.load()
-    except Exception as e:  # truncated data and decoder errors surface here
-        raise ValueError(f"undecodable image: {type(e).__name__}: {str(e)[:80]}") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max() if arr.max() > 0 else 1.0
-        img = Image.fromarray(np.rint(arr * (255.0 / top)).clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(canvas, img)
-    return img.convert("RGB")
+from coral.models.kinds import ENCODER_KINDS
 
 
 def _normalise(x: torch.Tensor) -> np.ndarray:
@@ -50,10 +23,9 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
 
 
 class _Base:
-    modality = "image"
-
     def __init__(self, cfg: EncoderConfig):
         self.cfg = cfg
+        self.modality = ENCODER_KINDS[cfg.kind][0]
         self.device = loader.pick_device(cfg.device)
         self.model = loader.load_model(cfg.model, self.device, cfg.dtype)
         self.processor = loader.load_processor(cfg.model)
@@ -79,8 +51,6 @@ class ClipImage(_Base):
 
 class ClipText(_Base):
     """CLIP / SigLIP text tower: the projected text embedding (MegaPairs' caption similarity)."""
-
-    modality = "text"
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -139,18 +109,14 @@ def sentence_transformers_pooling(src: str) -> str:
     return "mean"
 
 
-# kind -> (class, accepted config.json model types; None = any text encoder transformers can load)
-ENCODERS: dict[str, tuple[type, tuple[str, ...] | None]] = {
-    "clip_image": (ClipImage, ("clip", "siglip")),
-    "clip_text": (ClipText, ("clip", "siglip")),
-    "dinov2": (Dinov2, ("dinov2",)),
-    "sentence_transformers": (SentenceTransformer, None),
+ENCODERS: dict[str, type] = {
+    "clip_image": ClipImage,
+    "clip_text": ClipText,
+    "dinov2": Dinov2,
+    "sentence_transformers": SentenceTransformer,
 }
-
-
-def modality(kind: str) -> str:
-    return ENCODERS[kind][0].modality
+assert ENCODERS.keys() == ENCODER_KINDS.keys()
 
 
 def build(cfg: EncoderConfig):
-    return ENCODERS[cfg.kind][0](cfg)
+    return ENCODERS[cfg.kind](cfg)

@@ -14,14 +14,14 @@ import posixpath
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from coral import schemas as S
 from coral import storage
 from coral.config import Config, EmbedConfig, EncoderConfig
 from coral.errors import ConfigError
+from coral.images import decode_image
 from coral.manifest import StageResult
-from coral.models import encoders, loader
+from coral.models.kinds import ENCODER_KINDS, modality
 from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
 from coral.storage import Location
 
@@ -38,7 +38,7 @@ def validate_batch(
         reason = None
         if need_image:
             try:
-                encoders.decode_image(images[i], max_pixels)
+                decode_image(images[i], max_pixels)
             except ValueError as e:
                 reason = str(e)
         if reason is None and need_caption and not (captions[i] or "").strip():
@@ -55,6 +55,10 @@ class EncodeBatch:
     """Ray Data callable class: one encoder, loaded once per actor; appends ``emb_{name}`` to each batch."""
 
     def __init__(self, encoder: EncoderConfig, max_pixels: int):
+        import torch  # only encoder actors pay for torch and transformers
+
+        from coral.models import encoders
+
         torch.set_num_threads(max(1, int(encoder.num_cpus)))
         self.encoder = encoders.build(encoder)
         self.column = S.embedding_column(encoder.name)
@@ -62,7 +66,7 @@ class EncodeBatch:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.encoder.modality == "image":
-            items = [encoders.decode_image(b, self.max_pixels) for b in batch.column(S.IMAGE).to_pylist()]
+            items = [decode_image(b, self.max_pixels) for b in batch.column(S.IMAGE).to_pylist()]
         else:
             items = [c.strip() for c in batch.column(S.CAPTION).to_pylist()]
         emb = self.encoder.encode(items) if items else []
@@ -113,9 +117,11 @@ class EmbedStage:
         return config.embed
 
     def validate(self, config: Config) -> None:
+        from coral.models import loader
+
         for enc in config.embed.encoders:
             kind = loader.model_type(enc.model)  # a missing path fails here, before any stage runs
-            accepted = encoders.ENCODERS[enc.kind][1]
+            accepted = ENCODER_KINDS[enc.kind][1]
             if accepted is not None and kind not in accepted:
                 raise ConfigError(
                     f"embed.encoders[{enc.name}]: kind '{enc.kind}' needs a model of type {accepted}, "
@@ -143,7 +149,7 @@ class EmbedStage:
         cfg = ctx.config.embed
         out, rejected = ctx.data(self.name), ctx.rejected(self.name)
         ds, rows_in = self._source(ctx)
-        kinds = {encoders.modality(e.kind) for e in cfg.encoders}
+        kinds = {modality(e.kind) for e in cfg.encoders}
         # small inputs arrive as one block; batch-sized blocks let every actor in a pool get work
         ds = ds.repartition(target_num_rows_per_block=min(e.batch_size for e in cfg.encoders))
         ds = ds.map_batches(

@@ -12,8 +12,8 @@ from coral import storage
 from coral.catalog import draw
 from coral.config import EncoderConfig
 from coral.errors import ConfigError
+from coral.images import decode_image
 from coral.models import encoders, loader
-from coral.models.encoders import decode_image
 
 
 def images(n=3, px=64):
