@@ -17,7 +17,7 @@ from coral.config import IndexConfig
 from coral.mining import knn
 
 N, D, CENTRES, K, SAMPLE = 1_000_000, 256, 2_000, 11, 10_000
-INDEX = IndexConfig(kind="ivf_flat", nprobe=8, train_size=100_000)
+INDEX = IndexConfig(kind="ivf_flat", nprobe=4, train_size=100_000)
 
 
 def clustered(n: int, seed: int = 0) -> np.ndarray:
