@@ -189,6 +189,12 @@ class MineConfig:
         check(
             self.hard_negatives >= 0 and self.max_pairs_per_query >= 1, "hard_negatives >= 0, max_pairs >= 1"
         )
+        check(self.query_tasks >= 1, f"query_tasks must be >= 1, got {self.query_tasks}")
+        ix = self.index
+        check(
+            min(ix.nprobe, ix.list_size, ix.train_size, ix.hnsw_m, ix.ef_search) >= 1,
+            "index: sizes must be >= 1",
+        )
 
     def band_for(self, encoder: str) -> tuple[float, float]:
         return tuple(self.bands.get(encoder, self.band))

@@ -2,7 +2,8 @@
 queried in shards on Ray tasks.
 
 ``auto`` picks exact search (IndexFlatIP) up to ``flat_max`` vectors and IVF-Flat above; ``ivf_pq`` and
-``hnsw`` are there for memory-bound and low-latency pools. The GPU is used when faiss-gpu sees one.
+``hnsw`` are there for memory-bound and low-latency pools. The GPU is used when faiss-gpu sees one (for
+every kind but HNSW, which faiss-gpu does not have).
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from coral.config import IndexConfig
 log = logging.getLogger(__name__)
 
 
-def index_spec(cfg: IndexConfig, n: int, d: int) -> str:
+def index_spec(cfg: IndexConfig, n: int, d: int, gpu: bool = False) -> str:
     """The ``faiss.index_factory`` string for ``n`` vectors of dimension ``d``.
 
     IVF lists hold about ``list_size`` vectors, so a query scans ``nprobe * list_size`` vectors whatever
     the pool size; above 1,000 lists the coarse quantizer is an HNSW graph, so assigning a query to its
-    lists stays logarithmic too. Together they keep all-vs-all mining close to linear in ``n``."""
+    lists stays logarithmic too (on a GPU the quantizer stays flat: faiss-gpu cannot copy an HNSW one)."""
     kind = cfg.kind if cfg.kind != "auto" else ("flat" if n <= cfg.flat_max else "ivf_flat")
     nlist = cfg.nlist or max(1, n // cfg.list_size)
-    ivf = f"IVF{nlist}_HNSW32" if nlist > 1000 else f"IVF{nlist}"
+    ivf = f"IVF{nlist}_HNSW32" if nlist > 1000 and not gpu else f"IVF{nlist}"
     if kind == "flat":
         return "Flat"
     if kind == "ivf_flat":
@@ -44,10 +45,10 @@ def gpu_available(cfg: IndexConfig) -> bool:
     return cfg.use_gpu == "auto" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def build_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
+def build_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, gpu: bool = False) -> faiss.Index:
     """Build (and train, for IVF) an inner-product index over ``vectors`` (n, d) float32."""
     n, d = vectors.shape
-    spec = index_spec(cfg, n, d)
+    spec = index_spec(cfg, n, d, gpu)
     index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
@@ -87,12 +88,12 @@ def knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k neighbours of every row among all rows (itself included), queried in ``tasks`` Ray tasks."""
     n = len(vectors)
-    index = build_index(vectors, cfg, seed)
+    index = build_index(vectors, cfg, seed, gpu=gpu_available(cfg))
     k = min(k, n)
     if gpu_available(cfg) and not isinstance(index, faiss.IndexHNSW):
-        gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        return search(gpu, vectors, k)
+        return search(faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index), vectors, k)
     blob, vec_ref = ray.put(faiss.serialize_index(index)), ray.put(vectors)
+    del index  # the tasks deserialise their own copies
     bounds = np.linspace(0, n, min(tasks, n) + 1).astype(int)
     refs = [
         _search_shard.remote(blob, vec_ref, int(a), int(b), k, cfg, 1)

@@ -42,27 +42,28 @@ def hard_negatives(query: int, target: int, sims_row, rows_row, high: float, cou
     return out
 
 
-def mine_encoder(sims: np.ndarray, rows: np.ndarray, band: tuple[float, float], n_hard: int) -> list[Pair]:
-    """Every in-band pair that one encoder's neighbour lists give, with that encoder's hard negatives."""
+def mine_encoder(sims: np.ndarray, rows: np.ndarray, band: tuple[float, float]) -> list[Pair]:
+    """Every in-band (query, target) pair that one encoder's neighbour lists give, with its similarity.
+    Hard negatives are filled in later, only for the pairs that survive the cap."""
     mask = band_mask(sims, rows, band)
-    pairs = []
-    for q, j in zip(*np.nonzero(mask), strict=True):
-        t = int(rows[q, j])
-        hn = hard_negatives(int(q), t, sims[q], rows[q], band[1], n_hard)
-        pairs.append(Pair(int(q), t, [], [float(sims[q, j])], hn))
-    return pairs
+    q_idx, j_idx = np.nonzero(mask)
+    return [Pair(int(q), int(rows[q, j]), [], [float(sims[q, j])]) for q, j in zip(q_idx, j_idx, strict=True)]
 
 
-def union(per_encoder: dict[str, list[Pair]], max_per_query: int) -> list[Pair]:
+def union(
+    per_encoder: dict[str, list[Pair]],
+    max_per_query: int,
+    neighbours: dict[str, tuple[np.ndarray, np.ndarray, float]] | None = None,
+    n_hard: int = 0,
+) -> list[Pair]:
     """Merge the encoders' pairs: one Pair per (query, target) listing every encoder that found it and its
-    similarity; hard negatives come from the first encoder (config order) that found it. Then keep at most
-    ``max_per_query`` pairs per query: those found by more encoders first, then by highest similarity."""
+    similarity. Keep at most ``max_per_query`` pairs per query: those found by more encoders first, then by
+    highest similarity. Then give each kept pair ``n_hard`` hard negatives from the neighbour lists
+    (``neighbours[name] = (sims, rows, band_high)``) of the first encoder (config order) that found it."""
     merged: dict[tuple[int, int], Pair] = {}
-    for name, pairs in per_encoder.items():
-        for p in pairs:
-            m = merged.setdefault(
-                (p.query, p.target), Pair(p.query, p.target, hard_negatives=p.hard_negatives)
-            )
+    for name, found in per_encoder.items():
+        for p in found:
+            m = merged.setdefault((p.query, p.target), Pair(p.query, p.target))
             m.encoders.append(name)
             m.similarities.append(p.similarities[0])
     by_query: dict[int, list[Pair]] = defaultdict(list)
@@ -72,6 +73,9 @@ def union(per_encoder: dict[str, list[Pair]], max_per_query: int) -> list[Pair]:
     for q in sorted(by_query):
         ranked = sorted(by_query[q], key=lambda p: (-len(p.encoders), -max(p.similarities), p.target))
         kept.extend(ranked[:max_per_query])
+    for p in kept if neighbours else ():
+        sims, rows, high = neighbours[p.encoders[0]]
+        p.hard_negatives = hard_negatives(p.query, p.target, sims[p.query], rows[p.query], high, n_hard)
     return kept
 
 

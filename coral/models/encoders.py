@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from coral.config import EncoderConfig
+from coral.errors import ConfigError
 from coral.models import loader
 from coral.models.kinds import ENCODER_KINDS
 
@@ -37,7 +38,9 @@ class _Base:
 
     def _tokens(self, texts: list[str]) -> dict:
         tok = getattr(self.processor, "tokenizer", self.processor)
-        batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+        # SigLIP was trained on max-length padding and pools the last position: pad every text alike
+        padding = "max_length" if self.model.config.model_type == "siglip" else True
+        batch = tok(texts, padding=padding, truncation=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
 
@@ -98,15 +101,37 @@ class SentenceTransformer(_Base):
 
 
 def sentence_transformers_pooling(src: str) -> str:
-    """The pooling mode a sentence-transformers dir declares (mean when it declares none)."""
-    cfg_file = Path(src) / "1_Pooling" / "config.json"
-    if not cfg_file.exists():
+    """The pooling a sentence-transformers model declares in ``1_Pooling/config.json`` (a local dir, or a
+    hub id through the hub cache); mean when it has no pooling module. Modes this code does not implement
+    are a ConfigError rather than a silent fallback."""
+    local = Path(src) / "1_Pooling" / "config.json"
+    if local.exists():
+        cfg_file = local
+    elif Path(src).is_dir():
         return "mean"
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            cfg_file = Path(hf_hub_download(src, "1_Pooling/config.json"))
+        except EntryNotFoundError:
+            return "mean"
     cfg = json.loads(cfg_file.read_text())
-    for mode in ("cls", "max", "mean"):
-        if cfg.get(f"pooling_mode_{mode}_token" if mode == "cls" else f"pooling_mode_{mode}_tokens"):
-            return mode
-    return "mean"
+    modes = {
+        "cls": cfg.get("pooling_mode_cls_token"),
+        "mean": cfg.get("pooling_mode_mean_tokens"),
+        "max": cfg.get("pooling_mode_max_tokens"),
+        "mean_sqrt_len": cfg.get("pooling_mode_mean_sqrt_len_tokens"),
+        "weightedmean": cfg.get("pooling_mode_weightedmean_tokens"),
+        "lasttoken": cfg.get("pooling_mode_lasttoken"),
+    }
+    chosen = [m for m, on in modes.items() if on]
+    if len(chosen) != 1 or chosen[0] not in ("cls", "mean", "max"):
+        raise ConfigError(
+            f"model '{src}': sentence-transformers pooling {chosen or 'none'} is not supported (cls, mean or max)"
+        )
+    return chosen[0]
 
 
 ENCODERS: dict[str, type] = {

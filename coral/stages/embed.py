@@ -121,6 +121,10 @@ class EmbedStage:
 
         for enc in config.embed.encoders:
             kind = loader.model_type(enc.model)  # a missing path fails here, before any stage runs
+            if enc.kind == "sentence_transformers":
+                from coral.models.encoders import sentence_transformers_pooling
+
+                sentence_transformers_pooling(loader.resolve(enc.model))  # unsupported pooling: fail now
             accepted = ENCODER_KINDS[enc.kind][1]
             if accepted is not None and kind not in accepted:
                 raise ConfigError(
@@ -138,6 +142,12 @@ class EmbedStage:
         files = [p for p in storage.list_files(src) if p.rsplit(".", 1)[-1].lower() in cfg.images.extensions]
         if not files:
             raise ConfigError(f"embed.images.uri: no image files under {src.uri}")
+        ids: dict[str, str] = {}
+        for path in files:
+            rel = posixpath.relpath(path, src.path)
+            other = ids.setdefault(posixpath.splitext(rel)[0], rel)
+            if other != rel:
+                raise ConfigError(f"embed.images.uri: {other} and {rel} under {src.uri} would share one id")
         captions = load_captions(cfg.images.captions, ctx.config) if cfg.images.captions else {}
         ds = ray.data.read_binary_files(files, filesystem=src.fs, include_paths=True)
         ds = ds.map_batches(

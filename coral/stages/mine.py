@@ -1,8 +1,10 @@
 """mine: MegaPairs pair mining over the embed stage's table.
 
 Per encoder: a FAISS index over the rows of the configured splits, top-k for every row (queries spread
-over Ray tasks), pairs inside that encoder's similarity band. Then the union across encoders, hard
-negatives, and a cap per query. Queries left without any pair are recorded in ``rejected/``.
+over Ray tasks), pairs inside that encoder's similarity band. Then the union across encoders, a cap per
+query, and hard negatives for the kept pairs. Units in the manifest: ``rows_in`` counts query images
+(rows of the mined splits), ``rows_out`` counts pairs, ``rows_rejected`` counts query images left without
+any pair (recorded in ``rejected/``).
 Statistics (pairs per encoder, overlap, similarity histograms, also as PNG under ``stats/``) go to
 the manifest.
 """
@@ -32,6 +34,12 @@ def encoder_names(config: Config) -> list[str]:
     return list(config.mine.encoders) or embedded
 
 
+def as_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float32> column -> (n, d) float32 without a Python object per value."""
+    flat = column.combine_chunks()
+    return np.asarray(pc.list_flatten(flat), dtype=np.float32).reshape(len(flat), -1)
+
+
 class MineStage:
     name = "mine"
 
@@ -53,21 +61,25 @@ class MineStage:
         table = pq.read_table(
             src.path, filesystem=src.fs, columns=[S.ID, S.SPLIT, *map(S.embedding_column, names)]
         )
+        total = table.num_rows
         table = table.filter(pc.is_in(table.column(S.SPLIT), pa.array(list(cfg.splits)))).sort_by(S.ID)
         ids = table.column(S.ID).to_pylist()
         if len(ids) < 2:
             raise ConfigError(f"mine: {len(ids)} rows in splits {list(cfg.splits)}; at least 2 are needed")
 
-        per_encoder, stats = {}, {"rows": len(ids), "encoders": {}}
+        per_encoder, neighbours = {}, {}
+        stats = {"rows": len(ids), "rows_outside_splits": total - len(ids), "encoders": {}}
         for name in names:
-            vectors = np.asarray(table.column(S.embedding_column(name)).to_pylist(), dtype=np.float32)
+            vectors = as_matrix(table.column(S.embedding_column(name)))
             sims, rows = knn.knn(vectors, cfg.k + 1, cfg.index, cfg.query_tasks, cfg.seed)  # +1: itself
             band = cfg.band_for(name)
-            per_encoder[name] = pairs.mine_encoder(sims, rows, band, cfg.hard_negatives)
+            per_encoder[name] = pairs.mine_encoder(sims, rows, band)
+            neighbours[name] = (sims, rows, band[1])
             not_self = (rows >= 0) & (rows != np.arange(len(rows))[:, None])
             values = sims[not_self]
             lo = float(np.floor(values.min() * 20) / 20) if values.size else -1.0
-            counts, edges = plots.histogram(values, lo=min(lo, band[0] - 0.05), hi=1.0)
+            hi = max(1.0, float(values.max())) if values.size else 1.0  # float error can exceed 1
+            counts, edges = plots.histogram(values, lo=min(lo, band[0] - 0.05), hi=hi)
             storage.write_bytes(
                 ctx.stage_dir(self.name).child("stats", f"sims_{name}.png"),
                 plots.histogram_png(counts, edges, band, f"{name}: similarity of top-{cfg.k} neighbours"),
@@ -79,7 +91,7 @@ class MineStage:
                 "histogram": {"counts": counts, "edges": edges},
             }
 
-        kept = pairs.union(per_encoder, cfg.max_pairs_per_query)
+        kept = pairs.union(per_encoder, cfg.max_pairs_per_query, neighbours, cfg.hard_negatives)
         stats["pairs_by_encoders"] = pairs.overlap(kept)
         self._write(ctx, ids, kept)
         with_pairs = {p.query for p in kept}

@@ -54,13 +54,18 @@ def main(run_root: str, clip: str) -> int:
                         time.sleep(3)  # let it take a few batches
                         print("removing the node that runs the encoder actor", flush=True)
                         cluster.remove_node(doomed[0], allow_graceful=False)
+                        removed.set()
                         return
             time.sleep(0.3)
         print("the encoder actor never started on a worker node", flush=True)
 
+    removed = threading.Event()
     killer = threading.Thread(target=kill_when_embedding, daemon=True)
     killer.start()
     (row,) = graph.run_graph(cfg, start="embed")
+    if not removed.is_set():
+        print("the stage finished before the node was removed", flush=True)
+        return 1
     killer.join(timeout=5)
     ids = pq.read_table(f"{run_root}/embed/data").column("id").to_pylist()
     catalog = pq.read_table(f"{run_root}/catalog/data").column("id").to_pylist()

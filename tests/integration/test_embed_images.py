@@ -48,7 +48,10 @@ def test_folder_of_good_and_bad_images(tmp_path, tiny_models, ray_local):
     """Three encoders: CLIP image, DINOv2 (mean pooling) and a sentence-transformers dir on the captions."""
     expected = make_folder(tmp_path / "images")
     captions = tmp_path / "captions.jsonl"
-    captions.write_text("\n".join(json.dumps({"id": i, "caption": f"image {i}"}) for i in expected))
+    expected["sub/good"] = "empty caption"  # a good image whose caption is missing
+    captions.write_text(
+        "\n".join(json.dumps({"id": i, "caption": f"image {i}"}) for i in expected if i != "sub/good")
+    )
     cfg = load_config(
         None,
         [

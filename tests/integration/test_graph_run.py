@@ -53,13 +53,17 @@ def check_pairs(root, cfg, n) -> None:
     table = read(root.child("mine", "data"))
     m = manifest.read_complete(root.child("mine"))
     assert m["rows_in"] == n and m["rows_out"] == table.num_rows > 0
-    ids = set(read(root.child("embed", "data")).column(S.ID).to_pylist())
+    emb = read(root.child("embed", "data")).to_pylist()
+    vec = {(r[S.ID], enc): np.asarray(r[f"emb_{enc}"]) for r in emb for enc in ("clip_image", "caption")}
+    ids = {r[S.ID] for r in emb}
     per_query = {}
     for row in table.to_pylist():
-        assert row[S.QUERY_ID] != row[S.TARGET_ID] and {row[S.QUERY_ID], row[S.TARGET_ID]} <= ids
+        q, t = row[S.QUERY_ID], row[S.TARGET_ID]
+        assert q != t and {q, t} <= ids
         for enc, sim in zip(row[S.ENCODERS], row[S.SIMILARITIES], strict=True):
             lo, hi = cfg.mine.band_for(enc)
             assert lo < sim < hi
+            assert sim == pytest.approx(float(vec[(q, enc)] @ vec[(t, enc)]), abs=1e-4)  # the right rows
         hn = row[S.HARD_NEGATIVE_IDS]
         assert hn[0] == row[S.QUERY_ID] and row[S.TARGET_ID] not in hn and len(hn) <= cfg.mine.hard_negatives
         per_query[row[S.QUERY_ID]] = per_query.get(row[S.QUERY_ID], 0) + 1
@@ -126,3 +130,17 @@ def test_s3_run_root(s3_bucket, tiny_models, ray_local):
     for stage in ("catalog", "embed"):
         text = client.get_object(Bucket=bucket, Key=f"runs/ci/{stage}/manifest.json")["Body"].read().decode()
         assert SECRET not in text and "AKIATESTKEY" not in text
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_sharded_knn_matches_one_search(ray_local, tasks):
+    from coral.config import IndexConfig
+    from coral.mining import knn
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1001, 16)).astype(np.float32)  # 1001: shards of unequal size
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims, rows = knn.knn(x, 6, IndexConfig(kind="flat"), tasks=tasks)
+    ref_sims, ref_rows = knn.search(knn.build_index(x, IndexConfig(kind="flat")), x, 6)
+    assert (rows == ref_rows).all()
+    np.testing.assert_allclose(sims, ref_sims, rtol=1e-6)

@@ -115,6 +115,10 @@ def test_sentence_transformers_pooling_is_read_from_the_model_dir(tiny_models, t
     cfg.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
     (d / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
     assert encoders.sentence_transformers_pooling(str(d)) == "cls"
+    cfg.update(pooling_mode_cls_token=False, pooling_mode_lasttoken=True)
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="lasttoken"):
+        encoders.sentence_transformers_pooling(str(d))
 
 
 def test_qwen2_vl_processor_and_last_token_embedding(tiny_models):
