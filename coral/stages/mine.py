@@ -86,7 +86,7 @@ class MineStage:
             )
             stats["encoders"][name] = {
                 "band": list(band),
-                "index": knn.index_spec(cfg.index, len(ids), vectors.shape[1]),
+                "index": knn.index_spec(cfg.index, len(ids), vectors.shape[1], knn.gpu_available(cfg.index)),
                 "pairs_in_band": len(per_encoder[name]),
                 "histogram": {"counts": counts, "edges": edges},
             }
