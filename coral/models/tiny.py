@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("clip", "dinov2", "qwen2_vl", "qwen2_5_vl", "sentence_transformers")
+TINY_MODELS = ("clip", "siglip", "dinov2", "qwen2_vl", "qwen2_5_vl", "sentence_transformers")
 MARKER = ".tiny-complete"
 
 QWEN_SPECIAL = [
@@ -83,6 +83,55 @@ def build_clip(out: Path, image_size: int = 64, hidden: int = 64, layers: int = 
     )
     model.save_pretrained(out)
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(out)
+
+
+def build_siglip(out: Path) -> None:
+    """Tiny SigLIP with a character-level SentencePiece tokenizer trained locally on a few lines."""
+    import string
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import SiglipConfig, SiglipModel, SiglipProcessor, SiglipTokenizer
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    corpus = [" ".join(string.ascii_lowercase), " ".join(string.digits + string.punctuation)] * 20
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus),
+            model_prefix=f"{tmp}/spm",
+            vocab_size=80,
+            model_type="char",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+            minloglevel=2,
+        )
+        tok = SiglipTokenizer(vocab_file=f"{tmp}/spm.model", model_max_length=32)
+        torch.manual_seed(0)
+        text = dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+        )
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        )
+        SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out)
+        ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+        SiglipProcessor(image_processor=ip, tokenizer=tok).save_pretrained(out)
 
 
 def build_dinov2(out: Path) -> None:
@@ -235,6 +284,7 @@ def build_sentence_transformers(out: Path) -> None:
 
 BUILDERS = {
     "clip": build_clip,
+    "siglip": build_siglip,
     "dinov2": build_dinov2,
     "qwen2_vl": lambda out: _build_qwen(out, "2"),
     "qwen2_5_vl": lambda out: _build_qwen(out, "2.5"),

@@ -41,6 +41,7 @@ def test_resolve_paths_and_hub_ids(tiny_models, tmp_path):
     "name,kind",
     [
         ("clip", "clip"),
+        ("siglip", "siglip"),
         ("dinov2", "dinov2"),
         ("qwen2_vl", "qwen2_vl"),
         ("qwen2_5_vl", "qwen2_5_vl"),
@@ -68,7 +69,12 @@ def test_rebuild_is_seeded(tiny_models, tmp_path):
 
 @pytest.mark.parametrize(
     "kind,model,dim,pooling",
-    [("clip_image", "clip", 32, "cls"), ("dinov2", "dinov2", 64, "cls"), ("dinov2", "dinov2", 64, "mean")],
+    [
+        ("clip_image", "clip", 32, "cls"),
+        ("clip_image", "siglip", 32, "cls"),
+        ("dinov2", "dinov2", 64, "cls"),
+        ("dinov2", "dinov2", 64, "mean"),
+    ],
 )
 def test_image_encoders_return_unit_float32(tiny_models, kind, model, dim, pooling):
     enc = encoders.build(
@@ -92,7 +98,12 @@ def test_dinov2_pooling_modes_differ(tiny_models):
 
 
 @pytest.mark.parametrize(
-    "kind,model,dim", [("clip_text", "clip", 32), ("sentence_transformers", "sentence_transformers", 32)]
+    "kind,model,dim",
+    [
+        ("clip_text", "clip", 32),
+        ("clip_text", "siglip", 32),
+        ("sentence_transformers", "sentence_transformers", 32),
+    ],
 )
 def test_text_encoders_return_unit_float32(tiny_models, kind, model, dim):
     enc = encoders.build(EncoderConfig(kind=kind, model=str(tiny_models[model]), device="cpu"))
