@@ -1,6 +1,6 @@
 """Build frozen dataclasses from plain dicts, checking every key and type.
 
-Errors name the dotted key path (``embed.encoder.batch_size``) so a caller can add the file name.
+Errors name the dotted key path (``mine.index.nprobe``) so a caller can add the file name.
 """
 
 from __future__ import annotations
