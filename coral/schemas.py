@@ -41,12 +41,6 @@ def embedding_column(encoder_name: str) -> str:
     return f"emb_{encoder_name}"
 
 
-def embed_schema(encoder_names: list[str]) -> pa.Schema:
-    """Embeddings: float32, L2-normalised, one list per row and encoder."""
-    cols = [(ID, pa.string()), (SPLIT, pa.string())]
-    return pa.schema(cols + [(embedding_column(n), pa.list_(pa.float32())) for n in encoder_names])
-
-
 # rejected rows of any stage: the row's id, why, and the stage's own extra columns (if any)
 REJECTED = pa.schema([(ID, pa.string()), (REASON, pa.string())])
 

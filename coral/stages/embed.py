@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -69,17 +70,22 @@ class EncodeBatch:
             items = [decode_image(b, self.max_pixels) for b in batch.column(S.IMAGE).to_pylist()]
         else:
             items = [c.strip() for c in batch.column(S.CAPTION).to_pylist()]
-        emb = self.encoder.encode(items) if items else []
-        return batch.append_column(self.column, pa.array(list(emb), pa.list_(pa.float32())))
+        emb = self.encoder.encode(items) if items else np.zeros((0, 0), np.float32)  # (B, D)
+        offsets = pa.array(np.arange(len(emb) + 1, dtype=np.int32) * emb.shape[1])
+        return batch.append_column(self.column, pa.ListArray.from_arrays(offsets, pa.array(emb.ravel())))
+
+
+def image_id(path: str, root: str) -> str:
+    """A file's id: its path under the source root without the extension."""
+    return posixpath.splitext(posixpath.relpath(path, root))[0]
 
 
 def image_rows(batch: pa.Table, root: str, captions: dict[str, str]) -> pa.Table:
-    """read_binary_files rows -> embed input rows; the id is the path under the root without extension."""
+    """read_binary_files rows -> embed input rows (captions looked up by id, then by relative path)."""
     ids, caps = [], []
     for path in batch.column("path").to_pylist():
-        rel = posixpath.relpath(path, root)
-        ids.append(posixpath.splitext(rel)[0])
-        caps.append(captions.get(ids[-1], captions.get(rel, "")))
+        ids.append(image_id(path, root))
+        caps.append(captions.get(ids[-1], captions.get(posixpath.relpath(path, root), "")))
     return pa.table(
         {S.ID: ids, S.IMAGE: batch.column("bytes"), S.CAPTION: caps, S.SPLIT: ["train"] * len(ids)},
         schema=pa.schema([(c, S.CATALOG.field(c).type) for c in COLUMNS]),
@@ -145,7 +151,7 @@ class EmbedStage:
         ids: dict[str, str] = {}
         for path in files:
             rel = posixpath.relpath(path, src.path)
-            other = ids.setdefault(posixpath.splitext(rel)[0], rel)
+            other = ids.setdefault(image_id(path, src.path), rel)
             if other != rel:
                 raise ConfigError(f"embed.images.uri: {other} and {rel} under {src.uri} would share one id")
         captions = load_captions(cfg.images.captions, ctx.config) if cfg.images.captions else {}
