@@ -2,7 +2,9 @@
 Figure: images/s, ratio = stage / plain loop (decode + preprocess + forward in both).
 
 The model is a random-init CLIP built like the tiny one but compute-bound (224 px, 4 layers, width 256),
-so the figure shows what the actor pool costs or gains when the forward pass is the work, not start-up.
+so the figure shows what the actor pool costs or gains when the forward pass is the work. The stage's
+fixed start-up (actor processes importing Ray Data, torch and transformers, then loading the model) is
+measured apart on 30 images and reported with the steady-state rate.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from coral.images import decode_image
 from coral.models import encoders
 from coral.models.tiny import build_clip
 
-GROUPS, VARIANTS, BATCH = 1000, 3, 32
+GROUPS, VARIANTS, BATCH = 6000, 3, 32  # 18,000 images: about a minute of work for the plain loop
 SMALL_GROUPS = 10
 BENCH_CLIP = dict(image_size=224, hidden=256, layers=4, patch=32)
 
@@ -79,9 +81,9 @@ def main() -> dict:
             "value": round(n / base_s, 3),
         },
         goal={
-            "bar": 0.8,
+            "bar": 0.9,
             "direction": "higher",
-            "meaning": "Ray Data overhead (actor start included) costs at most 20%",
+            "meaning": "the whole stage (Ray Data, actor start-up, Parquet out) at >= 90% of the plain loop's rate",
         },
         images=n,
         model={"kind": "clip (random init)", **BENCH_CLIP},

@@ -1,9 +1,9 @@
 """embed: every configured encoder over every image, each encoder a Ray Data actor pool.
 
 Source: the catalog stage's table, or a folder / ``s3://`` prefix of images with an optional captions
-file. A validation step (plain tasks) decodes every image and checks every caption the encoders need;
-failures go to ``rejected/`` with a reason. Then one actor pool per encoder appends its column
-``emb_{name}`` (float32, L2-normalised); the model loads once per actor.
+file. One actor pool per encoder appends its column ``emb_{name}`` (float32, L2-normalised); the model loads
+once per actor. Each encoder reads what it needs (decodes the image or takes the caption); a row it
+cannot read goes to ``rejected/`` with the reason and on to no later encoder.
 """
 
 from __future__ import annotations
@@ -22,40 +22,21 @@ from coral.config import Config, EmbedConfig, EncoderConfig
 from coral.errors import ConfigError
 from coral.images import decode_image
 from coral.manifest import StageResult
-from coral.models.kinds import ENCODER_KINDS, modality
+from coral.models.kinds import ENCODER_KINDS
 from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
 from coral.storage import Location
 
 COLUMNS = [S.ID, S.IMAGE, S.CAPTION, S.SPLIT]
 
 
-def validate_batch(
-    batch: pa.Table, need_image: bool, need_caption: bool, max_pixels: int, rejected: Location
-):
-    """Keep rows every encoder can read; write the others to ``rejected`` with the first reason found."""
-    keep, bad = [], []
-    images, captions = batch.column(S.IMAGE).to_pylist(), batch.column(S.CAPTION).to_pylist()
-    for i, row_id in enumerate(batch.column(S.ID).to_pylist()):
-        reason = None
-        if need_image:
-            try:
-                decode_image(images[i], max_pixels)
-            except ValueError as e:
-                reason = str(e)
-        if reason is None and need_caption and not (captions[i] or "").strip():
-            reason = "empty caption"
-        if reason is None:
-            keep.append(i)
-        else:
-            bad.append({S.ID: row_id, S.REASON: reason})
-    write_rejected(rejected, bad)
-    return batch.take(pa.array(keep, pa.int64()))
-
-
 class EncodeBatch:
-    """Ray Data callable class: one encoder, loaded once per actor; appends ``emb_{name}`` to each batch."""
+    """Ray Data callable class: one encoder, loaded once per actor; appends ``emb_{name}`` to each batch.
 
-    def __init__(self, encoder: EncoderConfig, max_pixels: int):
+    It reads what its encoder needs (decodes the image, or takes the caption) and drops the rows it cannot
+    read, writing them to ``rejected`` with the reason, so later encoders never see them and each image
+    is decoded once per image encoder, with no separate validation pass."""
+
+    def __init__(self, encoder: EncoderConfig, max_pixels: int, rejected: Location):
         import torch  # only encoder actors pay for torch and transformers
 
         from coral.models import encoders
@@ -63,13 +44,32 @@ class EncodeBatch:
         torch.set_num_threads(max(1, int(encoder.num_cpus)))
         self.encoder = encoders.build(encoder)
         self.column = S.embedding_column(encoder.name)
-        self.max_pixels = max_pixels
+        self.max_pixels, self.rejected = max_pixels, rejected
+
+    def _read(self, batch: pa.Table) -> tuple[list, list[int], list[dict]]:
+        items, keep, bad = [], [], []
+        ids = batch.column(S.ID).to_pylist()
+        if self.encoder.modality == "image":
+            for i, data in enumerate(batch.column(S.IMAGE).to_pylist()):
+                try:
+                    items.append(decode_image(data, self.max_pixels))
+                    keep.append(i)
+                except ValueError as e:
+                    bad.append({S.ID: ids[i], S.REASON: str(e)})
+        else:
+            for i, caption in enumerate(batch.column(S.CAPTION).to_pylist()):
+                if (caption or "").strip():
+                    items.append(caption.strip())
+                    keep.append(i)
+                else:
+                    bad.append({S.ID: ids[i], S.REASON: "empty caption"})
+        return items, keep, bad
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.encoder.modality == "image":
-            items = [decode_image(b, self.max_pixels) for b in batch.column(S.IMAGE).to_pylist()]
-        else:
-            items = [c.strip() for c in batch.column(S.CAPTION).to_pylist()]
+        items, keep, bad = self._read(batch)
+        if bad:
+            write_rejected(self.rejected, bad)
+            batch = batch.take(pa.array(keep, pa.int64()))
         emb = self.encoder.encode(items) if items else np.zeros((0, 0), np.float32)  # (B, D)
         offsets = pa.array(np.arange(len(emb) + 1, dtype=np.int32) * emb.shape[1])
         return batch.append_column(self.column, pa.ListArray.from_arrays(offsets, pa.array(emb.ravel())))
@@ -165,23 +165,20 @@ class EmbedStage:
         cfg = ctx.config.embed
         out, rejected = ctx.data(self.name), ctx.rejected(self.name)
         ds, rows_in = self._source(ctx)
-        kinds = {modality(e.kind) for e in cfg.encoders}
-        # small inputs arrive as one block; batch-sized blocks let every actor in a pool get work
-        ds = ds.repartition(target_num_rows_per_block=min(e.batch_size for e in cfg.encoders))
-        ds = ds.map_batches(
-            validate_batch,
-            fn_kwargs={
-                "need_image": "image" in kinds,
-                "need_caption": "text" in kinds,
-                "max_pixels": cfg.max_image_pixels,
-                "rejected": rejected,
-            },
-            batch_format="pyarrow",
-        )
+        # small inputs arrive as one block: split them so that every actor of a pool gets a few blocks,
+        # each one to eight batches long
+        actors = max(e.num_actors for e in cfg.encoders)
+        batch = min(e.batch_size for e in cfg.encoders)
+        per_block = min(max(batch, -(-rows_in // (4 * actors))), 8 * batch)
+        ds = ds.repartition(target_num_rows_per_block=per_block)
         for enc in cfg.encoders:
             ds = ds.map_batches(
                 EncodeBatch,
-                fn_constructor_kwargs={"encoder": enc, "max_pixels": cfg.max_image_pixels},
+                fn_constructor_kwargs={
+                    "encoder": enc,
+                    "max_pixels": cfg.max_image_pixels,
+                    "rejected": rejected,
+                },
                 compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
                 batch_size=enc.batch_size,
                 batch_format="pyarrow",

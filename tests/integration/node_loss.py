@@ -1,7 +1,10 @@
 """Run by test_node_loss.py in its own process: a simulated 2-node cluster (plus a spare node) loses the
 node running the embed actors mid-stage; the stage must still finish with exactly one row per image.
 
-    python tests/integration/node_loss.py RUN_ROOT CLIP_DIR
+    python tests/integration/node_loss.py RUN_ROOT
+
+The encoder is a random-init CLIP at 224 px, slow enough on one thread (seconds for 600 images) that the
+node is removed while batches are still being encoded.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
@@ -16,9 +20,12 @@ from ray.cluster_utils import Cluster
 
 from coral import graph
 from coral.config import load_config
+from coral.models.tiny import build_clip
 
 
-def main(run_root: str, clip: str) -> int:
+def main(run_root: str) -> int:
+    clip = f"{run_root}-clip"
+    build_clip(Path(clip), image_size=224, hidden=128, layers=4, patch=16)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -51,7 +58,7 @@ def main(run_root: str, clip: str) -> int:
                 if "MapWorker" in info["ActorClassName"] and info["State"] == "ALIVE":
                     doomed = [w for w in workers if w.node_id == info["Address"]["NodeID"]]
                     if doomed:
-                        time.sleep(3)  # let it take a few batches
+                        time.sleep(1)  # let it take a few batches
                         print("removing the node that runs the encoder actor", flush=True)
                         cluster.remove_node(doomed[0], allow_graceful=False)
                         removed.set()
@@ -80,4 +87,4 @@ def main(run_root: str, clip: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1]))

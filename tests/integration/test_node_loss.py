@@ -10,7 +10,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_embed_survives_losing_a_worker_node(tmp_path, tiny_models):
+def test_embed_survives_losing_a_worker_node(tmp_path):
     # an outer timeout with escalation: a cluster that cannot place work again may never return
     r = subprocess.run(
         [
@@ -23,7 +23,6 @@ def test_embed_survives_losing_a_worker_node(tmp_path, tiny_models):
             sys.executable,
             str(HERE / "node_loss.py"),
             str(tmp_path / "run"),
-            str(tiny_models["clip"]),
         ],
         cwd=HERE.parents[1],
         capture_output=True,

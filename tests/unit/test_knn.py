@@ -1,5 +1,6 @@
 """FAISS index choice and approximate-index recall against exact search on clustered data."""
 
+import faiss
 import numpy as np
 import pytest
 
@@ -54,3 +55,20 @@ def test_approximate_recall_against_exact(cfg, bar):
     _, exact = knn.search(knn.build_index(x, IndexConfig(kind="flat")), queries, 10)
     _, approx = knn.search(knn.build_index(x, cfg), queries, 10)
     assert recall_at(10, exact, approx) >= bar
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat"])
+def test_search_rows_in_chunks_matches_one_search(kind):
+    x = clustered(n=600, d=16, centres=12)
+    cfg = IndexConfig(kind=kind, nlist=8, nprobe=3)
+    index = knn.build_index(x, cfg)
+    rows = np.random.default_rng(0).permutation(len(x))[:500]
+    ref = knn.search(index, x[rows], 5)
+    probes = None
+    if kind == "ivf_flat":
+        ivf = faiss.extract_index_ivf(index)
+        probes = ivf.quantizer.search(x, ivf.nprobe)
+    for chunk in (7, 500, 10_000):
+        sims, found = knn.search_rows(index, x, rows, 5, probes, chunk=chunk)
+        assert (found == ref[1]).all()
+        np.testing.assert_allclose(sims, ref[0], rtol=1e-6)

@@ -187,8 +187,8 @@ def test_decode_image_rejects_oversized_images_before_decoding():
         decode_image(big, max_pixels=1_000_000)
 
 
-def test_validate_then_encode_batches(tiny_models, tmp_path):
-    from coral.stages.embed import EncodeBatch, validate_batch
+def test_encoders_reject_what_they_cannot_read(tiny_models, tmp_path):
+    from coral.stages.embed import EncodeBatch
 
     rejected = storage.resolve(str(tmp_path / "rejected"))
     good = [draw.png_bytes(im) for im in images(2)]
@@ -196,28 +196,28 @@ def test_validate_then_encode_batches(tiny_models, tmp_path):
         {
             S.ID: ["a", "bad", "b", "nocap"],
             S.IMAGE: [good[0], b"\x89PNG broken", good[1], good[0]],
-            S.CAPTION: ["red mug", "x", "hat", "  "],
+            S.CAPTION: ["red mug", "", "hat", "  "],
             S.SPLIT: ["train"] * 4,
         }
     )
-    kept = validate_batch(batch, need_image=True, need_caption=True, max_pixels=10**6, rejected=rejected)
-    assert kept.column(S.ID).to_pylist() == ["a", "b"]
-    files = storage.list_files(rejected, ".parquet")
-    assert len(files) == 1
-    assert sorted(pq.read_table(files[0]).to_pylist(), key=lambda r: r[S.ID]) == [
-        {S.ID: "bad", S.REASON: "undecodable image: UnidentifiedImageError"},
-        {S.ID: "nocap", S.REASON: "empty caption"},
-    ]
-    validate_batch(batch, need_image=True, need_caption=True, max_pixels=10**6, rejected=rejected)
-    assert len(storage.list_files(rejected, ".parquet")) == 1  # a retried batch overwrites its own file
-
-    img = EncodeBatch(EncoderConfig(name="v", model=str(tiny_models["clip"]), device="cpu"), 10**6)
-    txt = EncodeBatch(
-        EncoderConfig(name="t", kind="clip_text", model=str(tiny_models["clip"]), device="cpu"), 10**6
-    )
-    out = txt(img(kept))
+    clip = str(tiny_models["clip"])
+    img = EncodeBatch(EncoderConfig(name="v", model=clip, device="cpu"), 10**6, rejected)
+    txt = EncodeBatch(EncoderConfig(name="t", kind="clip_text", model=clip, device="cpu"), 10**6, rejected)
+    out = txt(img(batch))
+    assert out.column(S.ID).to_pylist() == ["a", "b"]
     assert out.column_names == [S.ID, S.IMAGE, S.CAPTION, S.SPLIT, "emb_v", "emb_t"]
     assert len(out.column("emb_v")[0].as_py()) == 32 and len(out.column("emb_t")[0].as_py()) == 32
+    files = storage.list_files(rejected, ".parquet")
+    assert len(files) == 2  # one per encoder that dropped rows; "bad" reached only the first
+    assert sorted((r for f in files for r in pq.read_table(f).to_pylist()), key=str) == sorted(
+        [
+            {S.ID: "bad", S.REASON: "undecodable image: UnidentifiedImageError"},
+            {S.ID: "nocap", S.REASON: "empty caption"},
+        ],
+        key=str,
+    )
+    txt(img(batch))
+    assert len(storage.list_files(rejected, ".parquet")) == 2  # a retried batch overwrites its own file
 
 
 @pytest.mark.gpu
