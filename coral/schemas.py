@@ -61,3 +61,45 @@ PAIRS = pa.schema(
         (HARD_NEGATIVE_IDS, pa.list_(pa.string())),  # the query image first
     ]
 )
+
+# annotate: one row per training triplet, for both modes (MegaPairs and MERIT)
+# The query is interleaved: ``query_text`` holds one ``<image>`` slot per entry of ``query_image_ids``, in
+# order (MegaPairs: "<image>\n{instruction}" with the query image; MERIT: the multi-condition text with
+# ``<Product i> <image>\n{title} </Product i>`` parts). Images are referenced by their ids in the
+# embed/catalog source, never copied.
+IMAGE_SLOT = "<image>"
+(
+    QUERY_TEXT,
+    QUERY_IMAGE_IDS,
+    POSITIVE_IDS,
+    SOURCE,
+    NUM_CONDITIONS,
+    CONDITION_KEYS,
+    RAW,
+) = (
+    "query_text",
+    "query_image_ids",
+    "positive_ids",
+    "source",
+    "num_conditions",
+    "condition_keys",
+    "raw",
+)
+TRIPLETS = pa.schema(
+    [
+        (QUERY_ID, pa.string()),  # unique per row
+        (QUERY_TEXT, pa.string()),
+        (QUERY_IMAGE_IDS, pa.list_(pa.string())),
+        (POSITIVE_IDS, pa.list_(pa.string())),  # MegaPairs: [target]; MERIT: the positives kept
+        (HARD_NEGATIVE_IDS, pa.list_(pa.string())),
+        (SOURCE, pa.string()),  # megapairs | merit | merit_cold | import
+        (SPLIT, pa.string()),  # train | test | ood_language_th | ...
+        (LANGUAGE, pa.string()),
+        (CLASS, pa.string()),  # MERIT: the product class; MegaPairs: ""
+        (NUM_CONDITIONS, pa.int32()),  # MERIT: 2..4; MegaPairs: 1
+        (CONDITION_KEYS, pa.list_(pa.string())),  # MERIT: the attribute of each condition
+    ]
+)
+
+# rejected annotation rows keep the model's raw text next to the reason
+REJECTED_RAW = pa.schema([(ID, pa.string()), (REASON, pa.string()), (RAW, pa.string())])

@@ -42,8 +42,17 @@ def _byte_alphabet() -> list[str]:
     return sorted(ByteLevel.alphabet())
 
 
-def build_clip(out: Path, image_size: int = 64, hidden: int = 64, layers: int = 2, patch: int = 16) -> None:
-    """Tiny CLIP by default; benchmarks pass larger sizes to get a compute-bound model of the same kind."""
+def build_clip(
+    out: Path,
+    image_size: int = 64,
+    hidden: int = 64,
+    layers: int = 2,
+    patch: int = 16,
+    intermediate: int | None = None,
+    projection: int = 32,
+) -> None:
+    """Tiny CLIP by default; benchmarks pass larger sizes to get a compute-bound model of the same kind
+    (ViT-L/14: image_size=224, hidden=1024, layers=24, patch=14, intermediate=4096, projection=768)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -68,13 +77,13 @@ def build_clip(out: Path, image_size: int = 64, hidden: int = 64, layers: int = 
         ),
         vision_config=dict(
             hidden_size=hidden,
-            intermediate_size=2 * hidden,
+            intermediate_size=intermediate or 2 * hidden,
             num_hidden_layers=layers,
             num_attention_heads=max(2, hidden // 64),
             image_size=image_size,
             patch_size=patch,
         ),
-        projection_dim=32,
+        projection_dim=projection,
     )
     torch.manual_seed(0)
     model = CLIPModel(cfg)
