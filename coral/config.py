@@ -201,6 +201,69 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """A text generator for one annotation step.
+
+    ``hf``: transformers ``generate`` in a Ray Data actor pool (any chat-template VLM or LLM, hub id or dir);
+    ``vllm``: ``ray.data.llm`` with a vLLM engine (``pip install .[vllm]``, GPU); ``openai``: any
+    OpenAI-compatible chat endpoint, the key read from the environment variable ``api_key_env``."""
+
+    kind: Literal["hf", "vllm", "openai"] = "hf"
+    model: str = "models/tiny/qwen2_vl"  # hf/vllm: dir or hub id; openai: the served model's name
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    base_url: str = ""  # openai: e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = field(default=60.0, metadata={"rerun": False})
+    max_retries: int = field(default=4, metadata={"rerun": False})
+    backoff_s: float = field(default=1.0, metadata={"rerun": False})  # doubled per retry, with jitter
+    requests_per_s: float = field(default=0.0, metadata={"rerun": False})  # per actor; 0: no limit
+    concurrency: int = field(default=8, metadata={"rerun": False})  # openai: requests in flight per actor
+    vllm: dict[str, Any] = field(default_factory=dict)  # extra vLLM engine kwargs (max_model_len, ...)
+    batch_size: int = field(default=8, metadata={"rerun": False})
+    num_actors: int = field(default=1, metadata={"rerun": False})
+    num_cpus: float = field(default=1.0, metadata={"rerun": False})
+    num_gpus: float = field(default=0.0, metadata={"rerun": False})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"rerun": False})
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(self.batch_size >= 1 and self.num_actors >= 1, "batch_size and num_actors must be >= 1")
+        check(self.max_retries >= 0 and self.concurrency >= 1, "max_retries >= 0 and concurrency >= 1")
+        check(self.kind != "openai" or bool(self.base_url), "kind 'openai' needs base_url")
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """MegaPairs annotation of mined pairs: a VLM describes each pair (``describe``), an LLM writes
+    retrieval instructions from the description (``instruct``); outputs are validated, failures rejected
+    with the raw text. Bounds are in words."""
+
+    describe: EngineConfig = field(default_factory=EngineConfig)
+    instruct: EngineConfig = field(default_factory=EngineConfig)
+    word_num: tuple[int, int] = (60, 100)  # the description length asked for, drawn per request
+    demonstrations: int = 5  # drawn per request from the pool in coral/annotate/data
+    min_instructions: int = 3  # fewer valid ones: the pair is rejected
+    max_instructions: int = 5
+    description_words: tuple[int, int] = (20, 200)
+    instruction_words: tuple[int, int] = (3, 40)
+    english_only: bool = True  # reject text that is not mostly Latin-script words
+    max_pairs: int = 0  # 0: every mined pair
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("word_num", "description_words", "instruction_words"):
+            lo, hi = getattr(self, name)
+            check(1 <= lo <= hi, f"{name}: needs 1 <= low <= high, got ({lo}, {hi})")
+        check(
+            1 <= self.min_instructions <= self.max_instructions,
+            "needs 1 <= min_instructions <= max_instructions",
+        )
+        check(self.demonstrations >= 0 and self.max_pairs >= 0, "demonstrations and max_pairs must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -208,6 +271,7 @@ class Config:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     mine: MineConfig = field(default_factory=MineConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -105,3 +105,8 @@ def encoders_override(tiny_models, kinds=("clip_image", "caption")) -> str:
         "dinov2": f"{{name: dinov2, kind: dinov2, model: {tiny_models['dinov2']}, batch_size: 8}}",
     }
     return "embed.encoders=[" + ", ".join(specs[k] for k in kinds) + "]"
+
+
+def annotate_override(tiny_models) -> list[str]:
+    """Point both annotation steps at this session's tiny Qwen2-VL."""
+    return [f"annotate.{step}.model={tiny_models['qwen2_vl']}" for step in ("describe", "instruct")]

@@ -92,6 +92,16 @@ def load_model(
     return model.to(pick_device(device)).eval()
 
 
+def load_causal_lm(ref: str, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """Any text generation model (an instruct LLM for annotation) through AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(resolve(ref), dtype=DTYPES[dtype])
+    return model.to(pick_device(device)).eval()
+
+
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 

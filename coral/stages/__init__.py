@@ -1,10 +1,11 @@
 """The stage registry: the one place a stage is added. Order of execution comes from ``run.stages``."""
 
+from coral.stages.annotate import AnnotateStage
 from coral.stages.base import Stage, StageContext
 from coral.stages.catalog import CatalogStage
 from coral.stages.embed import EmbedStage
 from coral.stages.mine import MineStage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (CatalogStage(), EmbedStage(), MineStage())}
+STAGES: dict[str, Stage] = {s.name: s for s in (CatalogStage(), EmbedStage(), MineStage(), AnnotateStage())}
 
 __all__ = ["STAGES", "Stage", "StageContext"]

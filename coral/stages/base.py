@@ -79,13 +79,13 @@ def count_rejected(loc: Location) -> dict[str, int]:
     return dict(counts)
 
 
-def write_rejected(loc: Location, rows: list[dict]) -> None:
-    """Write rejected rows ({id, reason}) as one Parquet file named after their ids, so a retried batch
-    overwrites its own file instead of adding a second copy."""
+def write_rejected(loc: Location, rows: list[dict], schema: pa.Schema = schemas.REJECTED) -> None:
+    """Write rejected rows ({id, reason}, or ``schema``'s columns) as one Parquet file named after their
+    ids, so a retried batch overwrites its own file instead of adding a second copy."""
     if not rows:
         return
     name = hashlib.sha256("\n".join(r[schemas.ID] for r in rows).encode()).hexdigest()[:16]
     if not loc.is_s3:
         loc.fs.create_dir(loc.path, recursive=True)
-    table = pa.Table.from_pylist(rows, schema=schemas.REJECTED)
+    table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, posixpath.join(loc.path, f"part-{name}.parquet"), filesystem=loc.fs)

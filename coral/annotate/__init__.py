@@ -1,0 +1,1 @@
+"""Annotation: prompts, engines (hf, vllm, openai) and output validation for the MegaPairs steps."""

@@ -1,0 +1,282 @@
+"""annotate: MegaPairs annotation of the mined pairs (REFERENCE.md section 2).
+
+Step 1 (describe): a VLM sees the query and the target image and describes what they share and how they
+differ (WORD_NUM words, drawn per pair). Step 2 (instruct): an LLM turns the description into several
+retrieval instructions, its prompt carrying demonstrations drawn from the repo's pool. Each step runs
+on the configured engine: ``hf`` or ``openai`` in a Ray Data actor pool, ``vllm`` through
+``ray.data.llm``. Every output is validated; a pair whose description or instructions fail goes to
+``rejected/`` with the reason and the raw text. Output: one triplet per instruction (schema TRIPLETS).
+
+Units: ``rows_in`` counts pairs, ``rows_out`` pairs annotated, ``rows_rejected`` pairs rejected;
+``details.triplets`` counts the rows written. Requests and retries per step are in ``details``.
+
+Images come from the embed stage's source: the catalog table (the rows the pairs reference, read once
+and shared through the object store) or the images folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+
+from coral import schemas as S
+from coral import storage
+from coral.annotate import parse, prompts
+from coral.annotate.engines import Generation, make_engine
+from coral.config import AnnotateConfig, Config, EngineConfig
+from coral.errors import ConfigError
+from coral.manifest import StageResult
+from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
+from coral.storage import Location
+
+PAIR_ID, DESCRIPTION, QUERY_IMAGE, TARGET_IMAGE = "pair_id", "description", "query_image", "target_image"
+DESCRIBED = pa.schema(
+    [
+        (PAIR_ID, pa.string()),
+        (S.QUERY_ID, pa.string()),
+        (S.TARGET_ID, pa.string()),
+        (S.HARD_NEGATIVE_IDS, pa.list_(pa.string())),
+        (DESCRIPTION, pa.string()),
+    ]
+)
+
+
+class Describe:
+    """Step 1: the pair's two images -> a description of WORD_NUM words."""
+
+    name = "describe"
+    out_schema = DESCRIBED
+
+    def __init__(self, cfg: AnnotateConfig, images: ray.ObjectRef | pa.Table):
+        self.cfg = cfg
+        table = ray.get(images) if isinstance(images, ray.ObjectRef) else images
+        self.images = dict(
+            zip(table.column(S.ID).to_pylist(), table.column(S.IMAGE).to_pylist(), strict=True)
+        )
+
+    def prompt(self, row: dict) -> list[dict]:
+        word_num = prompts.draw_word_num(prompts.rng_for(self.cfg.seed, row[PAIR_ID]), self.cfg.word_num)
+        return prompts.describe_prompt(self.images[row[S.QUERY_ID]], self.images[row[S.TARGET_ID]], word_num)
+
+    def parse(self, row: dict, text: str) -> tuple[list[dict], str | None]:
+        reason = parse.check_description(text, self.cfg.description_words, self.cfg.english_only)
+        if reason:
+            return [], reason
+        keep = {k: row[k] for k in (PAIR_ID, S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS)}
+        return [{**keep, DESCRIPTION: text.strip()}], None
+
+
+class Instruct:
+    """Step 2: a description -> at least ``min_instructions`` instructions, one triplet each."""
+
+    name = "instruct"
+    out_schema = S.TRIPLETS
+
+    def __init__(self, cfg: AnnotateConfig):
+        self.cfg = cfg
+
+    def prompt(self, row: dict) -> list[dict]:
+        rng = prompts.rng_for(self.cfg.seed + 1, row[PAIR_ID])
+        demos = prompts.draw_demonstrations(rng, self.cfg.demonstrations)
+        return prompts.instruct_prompt(
+            row[DESCRIPTION], demos, self.cfg.min_instructions, self.cfg.instruction_words[1]
+        )
+
+    def parse(self, row: dict, text: str) -> tuple[list[dict], str | None]:
+        kept, reason = parse.parse_instructions(
+            text,
+            row[DESCRIPTION],
+            self.cfg.instruction_words,
+            self.cfg.english_only,
+            self.cfg.min_instructions,
+            self.cfg.max_instructions,
+        )
+        return [triplet(row, i, inst) for i, inst in enumerate(kept)], reason
+
+
+def triplet(row: dict, i: int, instruction: str) -> dict:
+    return {
+        S.QUERY_ID: f"{row[PAIR_ID]}#{i}",
+        S.QUERY_TEXT: f"{S.IMAGE_SLOT}\n{instruction}",
+        S.QUERY_IMAGE_IDS: [row[S.QUERY_ID]],
+        S.POSITIVE_IDS: [row[S.TARGET_ID]],
+        S.HARD_NEGATIVE_IDS: list(row[S.HARD_NEGATIVE_IDS]),
+        S.SOURCE: "megapairs",
+        S.SPLIT: "train",
+        S.LANGUAGE: "en",
+        S.CLASS: "",
+        S.NUM_CONDITIONS: 1,
+        S.CONDITION_KEYS: [],
+    }
+
+
+def finish(step, rows: list[dict], gens: list[Generation], rejected: Location, stats: Location) -> pa.Table:
+    """Parse each generation; write the failures (with the raw text) and the batch's request counts."""
+    out, bad = [], []
+    for row, gen in zip(rows, gens, strict=True):
+        if gen.error is not None:
+            bad.append({S.ID: row[PAIR_ID], S.REASON: f"{step.name}: {gen.error}", S.RAW: ""})
+            continue
+        parsed, reason = step.parse(row, gen.text or "")
+        if reason is not None:
+            bad.append({S.ID: row[PAIR_ID], S.REASON: f"{step.name}: {reason}", S.RAW: gen.text})
+        out.extend(parsed)
+    write_rejected(rejected, bad, S.REJECTED_RAW)
+    write_stats(stats, step.name, [r[PAIR_ID] for r in rows], gens)
+    return pa.Table.from_pylist(out, schema=step.out_schema)
+
+
+def write_stats(loc: Location, step: str, keys: list[str], gens: list[Generation]) -> None:
+    """One small JSON per batch, named after its rows so that a retried batch overwrites its own."""
+    if not keys:
+        return
+    name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    errors = Counter(g.error.split(" after ")[0] for g in gens if g.error)
+    body = {"requests": len(gens), "attempts": sum(g.attempts for g in gens), "errors": dict(errors)}
+    storage.write_json(loc.child(f"{step}-{name}.json"), body)
+
+
+class StepActor:
+    """Ray Data callable class: one step on an ``hf`` or ``openai`` engine, loaded once per actor."""
+
+    def __init__(self, step, engine: EngineConfig, rejected: Location, stats: Location):
+        self.step, self.engine, self.rejected, self.stats = step, make_engine(engine), rejected, stats
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        gens = self.engine.generate([self.step.prompt(r) for r in rows])
+        return finish(self.step, rows, gens, self.rejected, self.stats)
+
+
+def run_step(ds: ray.data.Dataset, step, engine: EngineConfig, rejected: Location, stats: Location):
+    if engine.kind == "vllm":
+        from coral.annotate import vllm
+
+        return vllm.run_step(ds, step, engine, rejected, stats)
+    return ds.map_batches(
+        StepActor,
+        fn_constructor_kwargs={"step": step, "engine": engine, "rejected": rejected, "stats": stats},
+        compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
+        batch_size=engine.batch_size,
+        batch_format="pyarrow",
+        num_cpus=engine.num_cpus,
+        num_gpus=engine.num_gpus,
+    )
+
+
+def image_table(ctx: StageContext, ids: set[str]) -> pa.Table:
+    """(id, image bytes) of the images the pairs reference, from the embed stage's source."""
+    cfg = ctx.config.embed
+    if cfg.source == "catalog":
+        src = ctx.data("catalog")
+        dataset = pads.dataset(src.path, filesystem=src.fs, format="parquet")
+        table = dataset.to_table(columns=[S.ID, S.IMAGE], filter=pads.field(S.ID).isin(sorted(ids)))
+    else:
+        from coral.stages.embed import image_id
+
+        src = storage.resolve(cfg.images.uri, ctx.config.storage)
+        paths = {image_id(p, src.path): p for p in storage.list_files(src)}
+        found = sorted(i for i in ids if i in paths)
+        data = [_read(src, paths[i]) for i in found]
+        table = pa.table({S.ID: found, S.IMAGE: pa.array(data, pa.binary())})
+    missing = ids - set(table.column(S.ID).to_pylist())
+    if missing:
+        raise ConfigError(
+            f"annotate: {len(missing)} paired images are not in the source, e.g. {min(missing)}"
+        )
+    return table
+
+
+def step_stats(stats: Location) -> dict:
+    out: dict[str, dict] = {}
+    for path in storage.list_files(stats, ".json"):
+        step = posixpath.basename(path).split("-", 1)[0]
+        body = json.loads(_read(stats, path))
+        agg = out.setdefault(step, {"requests": 0, "attempts": 0, "errors": Counter()})
+        agg["requests"] += body["requests"]
+        agg["attempts"] += body["attempts"]
+        agg["errors"].update(body["errors"])
+    for agg in out.values():
+        agg["retries"] = agg["attempts"] - agg["requests"]
+        agg["errors"] = dict(agg["errors"])
+    return out
+
+
+class AnnotateStage:
+    name = "annotate"
+
+    def inputs(self, config: Config) -> tuple[str, ...]:
+        return ("mine", "catalog") if config.embed.source == "catalog" else ("mine",)
+
+    def section(self, config: Config) -> AnnotateConfig:
+        return config.annotate
+
+    def validate(self, config: Config) -> None:
+        from coral.models import loader
+
+        cfg = config.annotate
+        pool = len(prompts.demonstrations())
+        if cfg.demonstrations > pool:
+            raise ConfigError(f"annotate.demonstrations={cfg.demonstrations}, but the pool holds {pool}")
+        for step in ("describe", "instruct"):
+            engine = getattr(cfg, step)
+            if engine.kind in ("hf", "vllm"):
+                loader.model_type(engine.model)  # a missing path fails now, before any stage runs
+            if engine.kind == "vllm":
+                try:
+                    import vllm  # noqa: F401
+                except ImportError:
+                    raise ConfigError(f"annotate.{step}.kind=vllm needs vLLM: pip install .[vllm]") from None
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.config.annotate
+        out, rejected, stats = (
+            ctx.data(self.name),
+            ctx.rejected(self.name),
+            ctx.stage_dir(self.name).child("stats"),
+        )
+        src = ctx.data("mine")
+        pairs = pq.read_table(
+            src.path, filesystem=src.fs, columns=[S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS]
+        )
+        if cfg.max_pairs:
+            pairs = pairs.slice(0, cfg.max_pairs)
+        keys = [
+            f"{q}>{t}"
+            for q, t in zip(pairs[S.QUERY_ID].to_pylist(), pairs[S.TARGET_ID].to_pylist(), strict=True)
+        ]
+        pairs = pairs.add_column(0, PAIR_ID, pa.array(keys, pa.string()))
+        ids = set(pairs[S.QUERY_ID].to_pylist()) | set(pairs[S.TARGET_ID].to_pylist())
+        images = ray.put(image_table(ctx, ids))
+        storage.delete_tree(stats)
+        batch = min(cfg.describe.batch_size, cfg.instruct.batch_size)
+        ds = ray.data.from_arrow(pairs).repartition(target_num_rows_per_block=batch)
+        ds = run_step(ds, Describe(cfg, images), cfg.describe, rejected, stats)
+        ds = run_step(ds, Instruct(cfg), cfg.instruct, rejected, stats)
+        ds.write_parquet(out.path, filesystem=out.fs)
+        triplets = count_rows(out)
+        annotated = len({q.rsplit("#", 1)[0] for q in _query_ids(out)}) if triplets else 0
+        reasons = count_rejected(rejected)
+        if annotated + sum(reasons.values()) != len(pairs):
+            raise RuntimeError(
+                f"annotate: {len(pairs)} pairs in but {annotated} annotated + {sum(reasons.values())} rejected"
+            )
+        return StageResult(
+            len(pairs), annotated, reasons, details={"triplets": triplets, **step_stats(stats)}
+        )
+
+
+def _query_ids(loc: Location) -> list[str]:
+    return pq.read_table(loc.path, filesystem=loc.fs, columns=[S.QUERY_ID]).column(S.QUERY_ID).to_pylist()
+
+
+def _read(loc: Location, path: str) -> bytes:
+    with loc.fs.open_input_stream(path) as f:
+        return f.read()
