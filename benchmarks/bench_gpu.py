@@ -56,7 +56,7 @@ def embed(tmp: str) -> dict:
     dtype = "bfloat16" if DEVICE == "cuda" else "float32"
     enc = (
         f"{{name: clip_image, kind: clip_image, model: {model}, batch_size: {BATCH}, num_actors: 1,"
-        f" num_cpus: 4, num_gpus: {1 if DEVICE == 'cuda' else 0}, device: {DEVICE}, dtype: {dtype}}}"
+        f" num_cpus: 2, num_gpus: {1 if DEVICE == 'cuda' else 0}, device: {DEVICE}, dtype: {dtype}}}"
     )
     cfg = load_config(
         None,
