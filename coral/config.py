@@ -264,6 +264,29 @@ class AnnotateConfig:
 
 
 @dataclass(frozen=True)
+class MeritConfig:
+    """MERIT product queries composed from the catalog's attributes (REFERENCE.md section 4): 2-4
+    conditions, exact positives, 0 < positive rate < ``max_rate``; per split, over that split's products."""
+
+    queries: dict[str, int] = field(default_factory=lambda: {"train": 2000, "test": 500})
+    cold_start: bool = True  # also one query per near-duplicate pair (one differing attribute)
+    max_rate: float = 0.05
+    max_positives: int = 3
+    hard_negatives: int = 5
+    ood_languages: tuple[str, ...] = ("th", "ms", "id")
+    ood_attributes: tuple[str, ...] = ("brand", "pattern")
+    ood_classes: tuple[str, ...] = ("table", "phone")
+    export: bool = False  # also MERIT's JSON (queries, candidates, images) under merit/export/
+    num_tasks: int = field(default=4, metadata={"rerun": False})
+    seed: int = 0
+
+    def __post_init__(self):
+        check(0 < self.max_rate <= 1, f"max_rate must be in (0, 1], got {self.max_rate}")
+        check(self.max_positives >= 1 and self.hard_negatives >= 0, "max_positives >= 1, hard_negatives >= 0")
+        check(all(n >= 0 for n in self.queries.values()), "queries: counts must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -272,6 +295,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    merit: MeritConfig = field(default_factory=MeritConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

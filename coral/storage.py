@@ -132,6 +132,16 @@ def read_json(loc: Location) -> Any:
     return json.loads(read_bytes(loc))
 
 
+def write_parquet(loc: Location, table: Any) -> None:
+    """One Parquet file at ``loc`` (its directory created on local storage)."""
+    import pyarrow.parquet as pq
+
+    parent = posixpath.dirname(loc.path)
+    if parent and not loc.is_s3:
+        loc.fs.create_dir(parent, recursive=True)
+    pq.write_table(table, loc.path, filesystem=loc.fs)
+
+
 def write_json(loc: Location, obj: Any) -> None:
     write_bytes(loc, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 

@@ -194,11 +194,13 @@ def read_json(path: str | Path) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def write_json(path: str | Path, items: Iterable, lines: bool = False) -> None:
-    """A JSON list (MERIT), or JSON lines with ``lines=True`` (MegaPairs); UTF-8, non-ASCII kept."""
+def dumps(items: Iterable, lines: bool = False) -> str:
+    """A JSON list (MERIT), or JSON lines with ``lines=True`` (MegaPairs); non-ASCII kept."""
     items = list(items)
     if lines:
-        body = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items)
-    else:
-        body = json.dumps(items, ensure_ascii=False, indent=1)
-    Path(path).write_text(body, encoding="utf-8")
+        return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items)
+    return json.dumps(items, ensure_ascii=False, indent=1)
+
+
+def write_json(path: str | Path, items: Iterable, lines: bool = False) -> None:
+    Path(path).write_text(dumps(items, lines), encoding="utf-8")

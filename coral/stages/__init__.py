@@ -4,8 +4,11 @@ from coral.stages.annotate import AnnotateStage
 from coral.stages.base import Stage, StageContext
 from coral.stages.catalog import CatalogStage
 from coral.stages.embed import EmbedStage
+from coral.stages.merit import MeritStage
 from coral.stages.mine import MineStage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (CatalogStage(), EmbedStage(), MineStage(), AnnotateStage())}
+STAGES: dict[str, Stage] = {
+    s.name: s for s in (CatalogStage(), EmbedStage(), MineStage(), AnnotateStage(), MeritStage())
+}
 
 __all__ = ["STAGES", "Stage", "StageContext"]
