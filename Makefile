@@ -33,7 +33,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 models: $(MODELS)/.built
 
-$(MODELS)/.built: $(VENV)/.installed coral/models/tiny.py
+$(MODELS)/.built: $(VENV)/.installed coral/models/tiny.py coral/annotate/prompts.py coral/annotate/data/demonstrations.jsonl
 	$(PY) -m ray_jobs.build_tiny_models --out $(MODELS) --force
 	touch $@
 

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODELS = ("clip", "siglip", "dinov2", "qwen2_vl", "qwen2_5_vl", "sentence_transformers")
 MARKER = ".tiny-complete"
+VERSION = "2"  # bumped when a builder changes: older builds are rebuilt
 
 QWEN_SPECIAL = [
     "<|im_start|>",
@@ -164,29 +165,64 @@ def build_dinov2(out: Path) -> None:
     )
 
 
+def _bpe_corpus() -> list[str]:
+    """Text a tiny chat model's tokenizer is trained on: the project's prompts, demonstrations and
+    catalog words (so prompts tokenize to about as many tokens as with a real BPE vocabulary)."""
+    from coral.annotate import prompts
+    from coral.catalog import vocab
+
+    lines = [prompts.DESCRIBE, prompts.INSTRUCT_HEAD, "Description: Instructions:"]
+    for demo in prompts.demonstrations():
+        lines += [demo["description"], *demo["instructions"]]
+    for table in (vocab.CLASSES, vocab.PATTERNS, vocab.MATERIALS):
+        lines += [" ".join(names) for names in table.values()]
+    lines += [" ".join(names) for _, names in vocab.COLOURS.values()]
+    lines += [" ".join(vocab.BRANDS), "Find a product of that have the same with <Product 1> </Product 1>"]
+    return lines
+
+
 def _qwen_tokenizer():
+    """A byte-level BPE tokenizer (1,024 tokens) trained here on ``_bpe_corpus``, Qwen's special tokens."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    vocab = {"<|endoftext|>": 0}
-    for c in _byte_alphabet():
-        vocab[c] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=_byte_alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_bpe_corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
     tok.pad_token = "<|endoftext|>"
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
 
 
-def _qwen_text_config(tok) -> dict:
+def _qwen_text_config(tok, hidden: int = 64, layers: int = 2) -> dict:
+    heads = max(4, hidden // 64)
+    scale = hidden // heads // 16  # head_dim / 16
     return dict(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        # M-RoPE sections (time, height, width) split half the head dimension 2:3:3
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": [s * scale for s in (2, 3, 3)],
+        },
         bos_token_id=0,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=0,
@@ -203,7 +239,8 @@ def _qwen_token_ids(tok) -> dict:
     )
 
 
-def _build_qwen(out: Path, version: str) -> None:
+def build_qwen(out: Path, version: str = "2", hidden: int = 64, layers: int = 2) -> None:
+    """Tiny Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"); benchmarks pass a wider, deeper text model."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from coral.models import processors
@@ -216,7 +253,7 @@ def _build_qwen(out: Path, version: str) -> None:
         vision = dict(
             depth=2,
             embed_dim=32,
-            hidden_size=64,
+            hidden_size=hidden,  # the merger's output: the text model's width
             num_heads=2,
             mlp_ratio=2,
             patch_size=14,
@@ -233,7 +270,7 @@ def _build_qwen(out: Path, version: str) -> None:
             hidden_size=32,
             intermediate_size=64,
             num_heads=2,
-            out_hidden_size=64,
+            out_hidden_size=hidden,
             window_size=112,
             fullatt_block_indexes=[1],
             patch_size=14,
@@ -241,7 +278,9 @@ def _build_qwen(out: Path, version: str) -> None:
             temporal_patch_size=2,
         )
         proc_cls = processors.Qwen2_5_VLImageOnlyProcessor
-    cfg = Cfg(text_config=_qwen_text_config(tok), vision_config=vision, **_qwen_token_ids(tok))
+    cfg = Cfg(
+        text_config=_qwen_text_config(tok, hidden, layers), vision_config=vision, **_qwen_token_ids(tok)
+    )
     torch.manual_seed(0)
     model = Model(cfg)
     model.save_pretrained(out)
@@ -295,8 +334,8 @@ BUILDERS = {
     "clip": build_clip,
     "siglip": build_siglip,
     "dinov2": build_dinov2,
-    "qwen2_vl": lambda out: _build_qwen(out, "2"),
-    "qwen2_5_vl": lambda out: _build_qwen(out, "2.5"),
+    "qwen2_vl": lambda out: build_qwen(out, "2"),
+    "qwen2_5_vl": lambda out: build_qwen(out, "2.5"),
     "sentence_transformers": build_sentence_transformers,
 }
 
@@ -307,10 +346,10 @@ def build_all(root: str | Path, names: tuple[str, ...] = TINY_MODELS, force: boo
     out = {}
     for name in names:
         d = root / name
-        if force or not (d / MARKER).exists():
+        if force or not (d / MARKER).exists() or (d / MARKER).read_text().strip() != VERSION:
             log.info("building tiny %s in %s", name, d)
             d.mkdir(parents=True, exist_ok=True)
             BUILDERS[name](d)
-            (d / MARKER).write_text("ok\n")
+            (d / MARKER).write_text(VERSION + "\n")
         out[name] = d
     return out

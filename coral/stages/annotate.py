@@ -147,6 +147,10 @@ class StepActor:
     """Ray Data callable class: one step on an ``hf`` or ``openai`` engine, loaded once per actor."""
 
     def __init__(self, step, engine: EngineConfig, rejected: Location, stats: Location):
+        if engine.kind == "hf":
+            import torch
+
+            torch.set_num_threads(max(1, int(engine.num_cpus)))  # the actor's share, not every core
         self.step, self.engine, self.rejected, self.stats = step, make_engine(engine), rejected, stats
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -74,3 +74,38 @@ def test_default_validation_rejects_a_random_models_text(ray_local, tiny_models,
     assert m["rows_in"] == 4 and m["rows_out"] == 0 and m["rows_rejected"] == 4
     rejected = pq.read_table(tmp_path / "run" / "annotate" / "rejected").to_pylist()
     assert all(r[S.REASON].startswith("describe: ") and r[S.RAW] for r in rejected)
+
+
+@pytest.mark.timeout(240)
+def test_openai_engine_survives_a_misbehaving_server(ray_local, tiny_models, tmp_path):
+    """HTTP 500s, 429s, timeouts, malformed and empty bodies: the stage finishes, every pair is annotated
+    or rejected with a reason, and the retries are counted in the manifest."""
+    import httpx
+
+    from tests.servers.openai_server import start_server, stop_server
+
+    url, proc = start_server(tiny_models["qwen2_vl"], faults="500:2,429:5,timeout:7,malformed:11,empty:13")
+    try:
+        engine = (
+            f"{{kind: openai, base_url: '{url}', model: qwen2_vl, max_new_tokens: 24, timeout_s: 2,"
+            " max_retries: 2, backoff_s: 0.05, concurrency: 4, batch_size: 4}"
+        )
+        cfg = config(
+            tmp_path / "run", tiny_models, f"annotate.describe={engine}", f"annotate.instruct={engine}"
+        )
+        graph.run_graph(cfg)
+        stats = httpx.get(f"{url}/stats", timeout=5).json()
+    finally:
+        stop_server(proc)
+    m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("annotate"))
+    assert m["rows_in"] == 12 and m["rows_out"] + m["rows_rejected"] == 12
+    d = m["details"]
+    assert d["describe"]["requests"] == 12 and d["describe"]["retries"] > 0
+    requests = d["describe"]["attempts"] + d.get("instruct", {}).get("attempts", 0)
+    assert requests == stats["requests"]  # every attempt the client counted reached the server
+    for outcome in ("500", "429", "timeout", "malformed", "empty"):
+        assert stats["outcomes"].get(outcome, 0) > 0, stats["outcomes"]
+    rejected = (
+        pq.read_table(tmp_path / "run" / "annotate" / "rejected").to_pylist() if m["rows_rejected"] else []
+    )
+    assert all(r[S.REASON] for r in rejected)

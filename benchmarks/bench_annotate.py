@@ -1,0 +1,201 @@
+"""Annotation benchmarks.
+
+- annotate stage (MegaPairs describe + instruct, hf engine, one actor): pairs/s at the configured batch
+  size vs batch size 1, same actor, model and pairs, with a random Qwen2-VL whose text model is 512 wide
+  and 4 deep (so the matrix products, not Python, are the work). A random model rarely stops early, so
+  every request writes its step's ``max_new_tokens`` (128 for a 60-100 word description, 64 for three
+  short instructions) and both runs do the same generation work. Per step too, in one process: the
+  describe prompt is short (two images and a sentence), the instruct prompt long (five demonstrations,
+  about 1,100 tokens), and batching speeds up decoding, not the prompt's prefill.
+- MERIT query composition over 100,000 products: queries/s of ``compose_table`` (products indexed by
+  (class, key, value), positives by set intersection) vs the plain way, a scan of the class's products
+  per query, on a sample of the same queries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import PeakRSS, timed, write_result
+from coral import graph
+from coral import schemas as S
+from coral.catalog import vocab
+from coral.config import load_config
+from coral.merit import compose
+from coral.models.tiny import build_all, build_qwen
+
+PAIRS, BATCH, NEW_TOKENS = 64, 8, {"describe": 128, "instruct": 64}
+BENCH_QWEN = dict(hidden=512, layers=4)
+PRODUCTS, QUERIES, SCAN_SAMPLE = 100_000, 20_000, 1_000
+
+
+def annotate_config(tmp: str, tiny: dict, batch: int):
+    """ci_small's graph up to annotate, both steps on the benchmark model at ``batch``."""
+
+    def engine(step: str) -> str:
+        return f"{{kind: hf, model: {tiny['qwen_bench']}, max_new_tokens: {NEW_TOKENS[step]}, batch_size: {batch}}}"
+
+    return load_config(
+        Path(__file__).resolve().parents[1] / "workflows" / "ci_small.yaml",
+        [
+            f"run.run_root={tmp}/run",
+            "run.stages=[catalog, embed, mine, annotate]",
+            "catalog.num_groups=100",
+            f"embed.encoders=[{{name: clip_image, kind: clip_image, model: {tiny['clip']}, batch_size: 32}}]",
+            f"annotate.describe={engine('describe')}",
+            f"annotate.instruct={engine('instruct')}",
+            f"annotate.max_pairs={PAIRS}",
+        ],
+    )
+
+
+def run_batches(engine, ps: list, size: int) -> int:
+    return sum(len(engine.generate(ps[i : i + size])) for i in range(0, len(ps), size))
+
+
+def per_step(model: str) -> dict:
+    """Seconds for 2 * BATCH prompts of each step, one at a time vs in batches, in this process."""
+    import torch
+    from PIL import Image
+
+    from coral.annotate import engines, prompts
+    from coral.catalog import draw
+    from coral.config import EngineConfig
+
+    torch.set_num_threads(1)  # as in a one-CPU actor
+    img = draw.png_bytes(Image.new("RGB", (64, 64), (200, 30, 40)))
+    demos = [prompts.draw_demonstrations(prompts.rng_for(0, str(i)), 5) for i in range(2 * BATCH)]
+    steps = {
+        "describe": [prompts.describe_prompt(img, img, 60 + i) for i in range(2 * BATCH)],
+        "instruct": [prompts.instruct_prompt("A red mug on a table. " * 5, d, 3, 40) for d in demos],
+    }
+    out = {}
+    for step, ps in steps.items():
+        engine = engines.HFEngine(EngineConfig(model=model, max_new_tokens=NEW_TOKENS[step], device="cpu"))
+        engine.generate(ps[:1])  # warm-up
+        one_s, _ = timed(run_batches, engine, ps, 1)
+        batched_s, _ = timed(run_batches, engine, ps, BATCH)
+        tokens = len(engine.tokenizer(engine._template(ps[0]))["input_ids"])
+        out[step] = {
+            "prompt_tokens": tokens,
+            "batch_1_s": round(one_s, 3),
+            "batched_s": round(batched_s, 3),
+            "ratio": round(one_s / batched_s, 2),
+        }
+    return out
+
+
+def annotate_bench() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = build_all(f"{tmp}/tiny", ("clip",))
+        tiny["qwen_bench"] = Path(tmp) / "qwen_bench"
+        build_qwen(tiny["qwen_bench"], "2", **BENCH_QWEN)
+        steps = per_step(str(tiny["qwen_bench"]))
+        graph.run_graph(annotate_config(tmp, tiny, BATCH), until="mine")
+        one_s, _ = timed(graph.run_graph, annotate_config(tmp, tiny, 1), "annotate")
+        with PeakRSS() as mem:
+            batched_s, rows = timed(graph.run_graph, annotate_config(tmp, tiny, BATCH), "annotate")
+        assert rows[-1].rows_in == PAIRS
+    return write_result(
+        "annotate_hf_batching",
+        value=PAIRS / batched_s,
+        unit="pairs/s (describe + instruct, hf engine, 1 actor, random Qwen2-VL 512x4 on CPU)",
+        baseline={"what": "the same stage at batch size 1", "value": round(PAIRS / one_s, 3)},
+        goal={"bar": 3.0, "direction": "higher", "meaning": f"batch size {BATCH} >= 3x batch size 1"},
+        pairs=PAIRS,
+        batch_size=BATCH,
+        new_tokens=NEW_TOKENS,
+        model={"kind": "qwen2_vl (random init)", **BENCH_QWEN},
+        per_step=steps,
+        seconds={"batched": round(batched_s, 3), "batch_1": round(one_s, 3)},
+        peak_rss_gib=mem.peak_gib,
+    )
+
+
+def products(n: int, seed: int = 0) -> list[dict]:
+    """Catalog-like products (groups of 3 variants differing in one attribute), without images."""
+    rng = np.random.default_rng(seed)
+    classes, out = list(vocab.CLASSES), []
+    for g in range(n // 3):
+        cls = classes[rng.integers(len(classes))]
+        base = {k: str(rng.choice(vocab.ATTRIBUTE_VALUES[k])) for k in S.ATTRIBUTE_KEYS}
+        key = S.ATTRIBUTE_KEYS[rng.integers(len(S.ATTRIBUTE_KEYS))]
+        values = rng.permutation(vocab.ATTRIBUTE_VALUES[key])
+        for v in range(3):
+            attrs = dict(base, **{key: str(values[v % len(values)])})
+            out.append(
+                {
+                    S.ID: f"p{g:06d}-{v}",
+                    S.GROUP_ID: f"g{g:06d}",
+                    S.CLASS: cls,
+                    S.ATTRIBUTES: attrs,
+                    S.TITLE: vocab.title("en", cls, attrs),
+                    S.LANGUAGE: "en",
+                    S.SPLIT: "train",
+                }
+            )
+    return out
+
+
+def scan_positives(pool: list[dict], row: dict, by_id: dict) -> list[str]:
+    """The plain way: every product of the class, every condition checked."""
+    conditions = [
+        (by_id[q][S.ATTRIBUTES], k)
+        for q, k in zip(row[S.QUERY_IMAGE_IDS], row[S.CONDITION_KEYS], strict=True)
+    ]
+    return [
+        p[S.ID]
+        for p in pool
+        if p[S.CLASS] == row[S.CLASS]
+        and p[S.ID] not in row[S.QUERY_IMAGE_IDS]
+        and all(p[S.ATTRIBUTES][k] == a[k] for a, k in conditions)
+    ]
+
+
+def compose_bench() -> dict:
+    pool = products(PRODUCTS)
+    by_id = {p[S.ID]: p for p in pool}
+    with PeakRSS() as mem:
+        index_s, index = timed(compose.ProductIndex, pool)
+        compose_s, (rows, rejected) = timed(
+            compose.compose_table, index, compose.ComposeParams(num_queries=QUERIES)
+        )
+    sample = rows[:SCAN_SAMPLE]
+    t = time.perf_counter()
+    for row in sample:
+        positives = scan_positives(pool, row, by_id)
+        assert set(row[S.POSITIVE_IDS]) <= set(positives)  # the index found real positives
+    scan_per_query = (time.perf_counter() - t) / len(sample)
+    total_s = index_s + compose_s
+    return write_result(
+        "merit_compose_100k",
+        value=QUERIES / total_s,
+        unit="query draws/s over 100k products (index build included)",
+        baseline={
+            "what": "positives by scanning the class's products per query, on 1,000 of the same queries",
+            "value": round(1 / scan_per_query, 3),
+        },
+        goal={"bar": 1.0, "direction": "higher", "meaning": "faster than a scan per query"},
+        products=PRODUCTS,
+        draws=QUERIES,
+        kept=len(rows),
+        rejected=len(rejected),
+        seconds={"index": round(index_s, 3), "compose": round(compose_s, 3)},
+        peak_rss_gib=mem.peak_gib,
+    )
+
+
+def main() -> None:
+    compose_bench()
+    annotate_bench()
+
+
+if __name__ == "__main__":
+    from benchmarks.run_all import start_ray
+
+    start_ray()
+    main()
