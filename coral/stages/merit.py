@@ -28,8 +28,9 @@ from coral import storage
 from coral.config import Config, MeritConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult
-from coral.merit import compose, formats, ood
-from coral.stages.base import StageContext, write_rejected
+from coral.merit import compose, formats, llm, ood
+from coral.stages.annotate import step_stats
+from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
 
 PRODUCT_COLUMNS = [S.ID, S.GROUP_ID, S.CLASS, S.ATTRIBUTES, S.TITLE, S.LANGUAGE, S.SPLIT]
 OOD = pa.schema([(S.QUERY_ID, pa.string()), (S.SPLIT, pa.string())])
@@ -117,9 +118,11 @@ class MeritStage:
                 "queries": len(r),
                 "cold_start": sum(x[S.SOURCE] == "merit_cold" for x in r),
             }
+        write_rejected(ctx.rejected(self.name), rejected)
+        if cfg.rewrite is not None or cfg.judge is not None:
+            rows = llm_steps(ctx, rows)
         out = ctx.data(self.name)
         storage.write_parquet(out.child("part-00000.parquet"), pa.Table.from_pylist(rows, schema=S.TRIPLETS))
-        write_rejected(ctx.rejected(self.name), rejected)
         languages = {p[S.ID]: p[S.LANGUAGE] for p in products}
         ood_counts = {}
         for kind, labels in ood_labels(cfg, rows, languages).items():
@@ -131,14 +134,37 @@ class MeritStage:
             ood_counts[kind] = dict(Counter(k[S.SPLIT] for k in kept))
         if cfg.export:
             export(ctx, rows, products)
-        reasons = Counter(r[S.REASON] for r in rejected)
+        reasons = count_rejected(ctx.rejected(self.name))
+        if len(rows) + sum(reasons.values()) != draws:
+            raise RuntimeError(
+                f"merit: {draws} draws but {len(rows)} queries + {sum(reasons.values())} rejected"
+            )
         details = {
             "splits": per_split,
             "conditions": dict(Counter(str(r[S.NUM_CONDITIONS]) for r in rows)),
             "languages": dict(Counter(r[S.LANGUAGE] for r in rows)),
             "ood": ood_counts,
         }
-        return StageResult(draws, len(rows), dict(reasons), details=details)
+        if cfg.rewrite is not None or cfg.judge is not None:
+            details["llm"] = step_stats(ctx.stage_dir(self.name).child("stats"))
+            details["llm"]["rewrites_failed"] = count_rows(ctx.stage_dir(self.name).child("rewrites"))
+        return StageResult(draws, len(rows), reasons, details=details)
+
+
+def llm_steps(ctx: StageContext, rows: list[dict]) -> list[dict]:
+    """The optional rewrite and judge steps over the composed queries, on their engines."""
+    from coral.stages.annotate import run_step
+
+    cfg, stage = ctx.config.merit, ctx.stage_dir("merit")
+    rejected, stats = ctx.rejected("merit"), stage.child("stats")
+    steps = [(llm.Rewrite(stage.child("rewrites")), cfg.rewrite), (llm.Judge(), cfg.judge)]
+    steps = [(step, engine) for step, engine in steps if engine is not None]
+    batch = min(engine.batch_size for _, engine in steps)
+    table = pa.Table.from_pylist([llm.keyed(r) for r in rows], schema=llm.Rewrite.out_schema)
+    ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=batch)
+    for step, engine in steps:
+        ds = run_step(ds, step, engine, rejected, stats)
+    return sorted((llm.unkeyed(r) for r in ds.take_all()), key=lambda r: r[S.QUERY_ID])
 
 
 def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> None:

@@ -79,3 +79,26 @@ def test_merit_output_does_not_depend_on_sharding(ray_local, tmp_path):
         rows = pq.read_table(tmp_path / f"run{tasks}" / "merit" / "data").to_pylist()
         outputs.append(sorted(rows, key=lambda r: r[S.QUERY_ID]))
     assert outputs[0] == outputs[1]
+
+
+def test_rewrite_and_judge_run_on_an_engine(ray_local, tiny_models, tmp_path):
+    """With a random model: every rewrite that breaks a slot is refused (the template stays), every
+    non-answer from the judge drops its query, and the counts add up."""
+    engine = f"{{model: {tiny_models['qwen2_vl']}, max_new_tokens: 24, batch_size: 8}}"
+    cfg = config(
+        tmp_path / "run",
+        "merit.queries={train: 40, test: 10}",
+        "merit.cold_start=false",
+        "merit.export=false",
+        f"merit.rewrite={engine}",
+        f"merit.judge={engine}",
+    )
+    graph.run_graph(cfg)
+    m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("merit"))
+    assert m["rows_in"] == 50 and m["rows_out"] + m["rows_rejected"] == 50
+    composed = m["rows_in"] - sum(n for r, n in m["rejected_reasons"].items() if not r.startswith("judge:"))
+    llm = m["details"]["llm"]
+    assert llm["rewrite"]["requests"] == llm["judge"]["requests"] == composed > 0
+    assert 0 <= llm["rewrites_failed"] <= composed
+    for r in pq.read_table(tmp_path / "run" / "merit" / "data").to_pylist():
+        assert r[S.QUERY_TEXT].count(S.IMAGE_SLOT) == len(r[S.QUERY_IMAGE_IDS])
