@@ -293,6 +293,18 @@ class MeritConfig:
 
 
 @dataclass(frozen=True)
+class ImportConfig:
+    """Training triplets from released datasets: MERIT's conversation JSON (``merit``, with its candidates
+    file to map image paths to product ids), MERIT's released queries (``released``), or MegaPairs' JSON
+    lines (``megapairs``). Image ids are the paths as written, relative to the queries file's folder."""
+
+    format: Literal["merit", "released", "megapairs"] = "merit"
+    queries: str = ""  # a JSON list or JSON lines file, local or s3://
+    candidates: str | None = None  # merit: the candidates file (id, title, image path)
+    split: str = "train"
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -302,6 +314,7 @@ class Config:
     mine: MineConfig = field(default_factory=MineConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     merit: MeritConfig = field(default_factory=MeritConfig)
+    imports: ImportConfig = field(default_factory=ImportConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -4,11 +4,13 @@ from coral.stages.annotate import AnnotateStage
 from coral.stages.base import Stage, StageContext
 from coral.stages.catalog import CatalogStage
 from coral.stages.embed import EmbedStage
+from coral.stages.imports import ImportStage
 from coral.stages.merit import MeritStage
 from coral.stages.mine import MineStage
 
 STAGES: dict[str, Stage] = {
-    s.name: s for s in (CatalogStage(), EmbedStage(), MineStage(), AnnotateStage(), MeritStage())
+    s.name: s
+    for s in (CatalogStage(), EmbedStage(), MineStage(), AnnotateStage(), MeritStage(), ImportStage())
 }
 
 __all__ = ["STAGES", "Stage", "StageContext"]

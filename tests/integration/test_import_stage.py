@@ -1,0 +1,66 @@
+"""import_triplets: MERIT's exported JSON comes back as the same triplets; bad items are rejected."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from coral import graph, manifest, storage
+from coral import schemas as S
+from coral.config import load_config
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def test_merit_export_imports_back_and_bad_items_are_rejected(ray_local, tmp_path):
+    base = [f"run.run_root={tmp_path / 'run'}", "catalog.num_groups=300"]
+    merit = load_config(
+        REPO / "workflows" / "ci_small.yaml",
+        [*base, "run.stages=[catalog, merit]", "merit.queries={train: 100, test: 100}", "merit.export=true"],
+    )
+    graph.run_graph(merit)
+    export = tmp_path / "run" / "merit" / "export"
+    items = json.loads((export / "queries-test.json").read_text())
+    broken = [{"id": "no-conversations"}, {**items[0], "id": "no-positives", "pos_cand_list": []}]
+    (export / "with-bad.json").write_text(json.dumps(items + broken, ensure_ascii=False))
+    cfg = load_config(
+        REPO / "workflows" / "ci_small.yaml",
+        [
+            *base,
+            "run.stages=[import_triplets]",
+            "imports.format=merit",
+            f"imports.queries={export / 'with-bad.json'}",
+            f"imports.candidates={export / 'candidates-test.json'}",
+            "imports.split=test",
+        ],
+    )
+    graph.run_graph(cfg)
+    m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("import_triplets"))
+    assert m["rows_in"] == len(items) + 2 and m["rows_out"] == len(items) and m["rows_rejected"] == 2
+    rejected = {
+        r[S.ID]: r[S.REASON]
+        for r in pq.read_table(tmp_path / "run" / "import_triplets" / "rejected").to_pylist()
+    }
+    assert rejected[f"item {len(items)}"].startswith("unreadable: KeyError")
+    assert rejected[f"item {len(items) + 1}"] == "no positives"
+    imported = {
+        r[S.QUERY_ID]: r for r in pq.read_table(tmp_path / "run" / "import_triplets" / "data").to_pylist()
+    }
+    original = {
+        r[S.QUERY_ID]: r
+        for r in pq.read_table(tmp_path / "run" / "merit" / "data").to_pylist()
+        if r[S.SPLIT] == "test"
+    }
+    assert imported.keys() == original.keys()
+    for qid, row in imported.items():
+        cols = [S.QUERY_TEXT, S.QUERY_IMAGE_IDS, S.POSITIVE_IDS, S.CLASS]
+        if original[qid][S.SOURCE] == "merit":  # a cold-start text names "product style", not the key
+            cols += [S.NUM_CONDITIONS, S.CONDITION_KEYS]
+        for col in cols:
+            assert row[col] == original[qid][col], (qid, col)
+    candidates = pq.read_table(tmp_path / "run" / "import_triplets" / "candidates").to_pylist()
+    assert len(candidates) == m["details"]["candidates"] > 0
+    assert m["details"]["image_root"].endswith("export")
