@@ -277,12 +277,11 @@ class MeritConfig:
     ood_attributes: tuple[str, ...] = ("brand", "pattern")
     ood_classes: tuple[str, ...] = ("table", "phone")
     export: bool = False  # also MERIT's JSON (queries, candidates, images) under merit/export/
-    rewrite: EngineConfig | None = (
-        None  # an LLM rewrites each template query; kept only if every slot survives
-    )
-    judge: EngineConfig | None = (
-        None  # an LLM answers yes/no on completeness and accuracy; "no" drops the query
-    )
+    # optional model steps, each on its own engine (None: skipped)
+    label: EngineConfig | None = None  # a VLM labels products from their class's attribute card
+    label_products: Literal["missing", "all"] = "missing"  # which products it labels
+    rewrite: EngineConfig | None = None  # a rewrite is kept only if every tag and slot survives
+    judge: EngineConfig | None = None  # yes/no on completeness and accuracy; "no" drops the query
     num_tasks: int = field(default=4, metadata={"rerun": False})
     seed: int = 0
 

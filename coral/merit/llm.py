@@ -5,6 +5,8 @@ steps for any engine (``coral.stages.annotate.run_step``).
   ``<Product i>`` / ``</Product i>`` tag and every ``<image>`` slot survives in order
   (``compose.validate_slots``); otherwise the query keeps its template text and the failed rewrite is
   recorded in ``rewrites/`` with the reason and the raw text. A query is never lost to a bad rewrite.
+- ``Label``: a VLM labels a product's attributes from its image, title and its class's attribute card
+  (MERIT step 2); the answer is parsed against the card, anything outside it is dropped.
 - ``Judge``: the LLM answers yes or no to "is this query complete and are its conditions accurate";
   "no" or an answer that is neither drops the query (``rejected/``, reason ``judge: ...``).
 """
@@ -17,6 +19,7 @@ import pyarrow as pa
 
 from coral import schemas as S
 from coral.annotate.prompts import text
+from coral.merit.cards import format_card, parse_labels
 from coral.merit.compose import validate_slots
 from coral.stages.base import write_rejected
 from coral.storage import Location
@@ -84,3 +87,31 @@ class Judge:
         if m is None:
             return [], "answer is neither yes nor no"
         return ([row], None) if m.group(1).lower() == "yes" else ([], "no")
+
+
+LABEL = (
+    "This is a product image of class {cls}. Using only the attribute card below, give the value of "
+    "each attribute you can determine from the image and the title; skip what you cannot determine. "
+    "Answer with one 'key: value' line per attribute.\n\nTitle: {title}\nAttribute card:\n{card}\nAnswer:"
+)
+
+
+class Label:
+    """A VLM labels one product's attributes from its image, its title and its class's attribute card;
+    an answer that yields no label from the card rejects the product (``label_rejected/``)."""
+
+    name = "label"
+
+    def __init__(self, cards: dict, images: dict[str, bytes], schema: pa.Schema):
+        self.cards, self.images, self.out_schema = cards, images, schema
+
+    def prompt(self, row: dict) -> list[dict]:
+        card = self.cards.get(row[S.CLASS], {})
+        body = LABEL.format(cls=row[S.CLASS], title=row[S.TITLE], card=format_card(card))
+        return [{"role": "user", "content": [{"type": "image", "image": self.images[row[S.ID]]}, text(body)]}]
+
+    def parse(self, row: dict, raw: str) -> tuple[list[dict], str | None]:
+        labels, reason = parse_labels(raw, self.cards.get(row[S.CLASS], {}))
+        if reason is not None:
+            return [], reason
+        return [{**row, S.ATTRIBUTES: {k: labels.get(k) for k in S.ATTRIBUTE_KEYS}}], None

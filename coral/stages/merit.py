@@ -102,6 +102,9 @@ class MeritStage:
         cfg = ctx.config.merit
         src = ctx.data("catalog")
         products = pq.read_table(src.path, filesystem=src.fs, columns=PRODUCT_COLUMNS).to_pylist()
+        label_details = {}
+        if cfg.label is not None:
+            products, label_details = label(ctx, products)
         by_split: dict[str, list[dict]] = {}
         for p in products:
             by_split.setdefault(p[S.SPLIT], []).append(p)
@@ -145,10 +148,48 @@ class MeritStage:
             "languages": dict(Counter(r[S.LANGUAGE] for r in rows)),
             "ood": ood_counts,
         }
+        if label_details:
+            details["label"] = label_details
         if cfg.rewrite is not None or cfg.judge is not None:
             details["llm"] = step_stats(ctx.stage_dir(self.name).child("stats"))
             details["llm"]["rewrites_failed"] = count_rows(ctx.stage_dir(self.name).child("rewrites"))
         return StageResult(draws, len(rows), reasons, details=details)
+
+
+def label(ctx: StageContext, products: list[dict]) -> tuple[list[dict], dict]:
+    """MERIT step 2: a VLM labels the products that lack a label (or all), from attribute cards built
+    on the labelled ones; then the label filters (missing values, values seen once, keys with fewer than
+    two values, per class). Products the VLM cannot label keep no attributes (still candidates)."""
+    from coral.merit import cards as card_lib
+    from coral.stages.annotate import run_step
+
+    cfg, stage = ctx.config.merit, ctx.stage_dir("merit")
+    complete = [p for p in products if all(not card_lib.is_missing(v) for v in p[S.ATTRIBUTES].values())]
+    todo = products if cfg.label_products == "all" else [p for p in products if p not in complete]
+    if not todo:
+        return products, {"requests": 0}
+    cards = card_lib.build_cards(complete or products)
+    src = ctx.data("catalog")
+    ids = [p[S.ID] for p in todo]
+    table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.IMAGE], filters=[(S.ID, "in", ids)])
+    images = dict(zip(table.column(S.ID).to_pylist(), table.column(S.IMAGE).to_pylist(), strict=True))
+    schema = pa.schema([S.CATALOG.field(c) for c in PRODUCT_COLUMNS]).append(
+        pa.field(llm.PAIR_ID, pa.string())
+    )
+    rows = pa.Table.from_pylist([{**p, llm.PAIR_ID: p[S.ID]} for p in todo], schema=schema)
+    ds = ray.data.from_arrow(rows).repartition(target_num_rows_per_block=cfg.label.batch_size)
+    ds = run_step(
+        ds, llm.Label(cards, images, schema), cfg.label, stage.child("label_rejected"), stage.child("stats")
+    )
+    labelled = {r[S.ID]: {k: v for k, v in r.items() if k != llm.PAIR_ID} for r in ds.take_all()}
+    unlabelled = dict.fromkeys(S.ATTRIBUTE_KEYS)
+    todo_ids = set(ids)
+    out = [
+        labelled.get(p[S.ID]) or ({**p, S.ATTRIBUTES: unlabelled} if p[S.ID] in todo_ids else p)
+        for p in products
+    ]
+    details = {"requests": len(todo), "labelled": len(labelled), "failed": len(todo) - len(labelled)}
+    return card_lib.filter_labels(out), details
 
 
 def llm_steps(ctx: StageContext, rows: list[dict]) -> list[dict]:

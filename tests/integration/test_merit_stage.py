@@ -102,3 +102,29 @@ def test_rewrite_and_judge_run_on_an_engine(ray_local, tiny_models, tmp_path):
     assert 0 <= llm["rewrites_failed"] <= composed
     for r in pq.read_table(tmp_path / "run" / "merit" / "data").to_pylist():
         assert r[S.QUERY_TEXT].count(S.IMAGE_SLOT) == len(r[S.QUERY_IMAGE_IDS])
+
+
+def test_label_step_asks_for_every_product_and_accounts_for_each(ray_local, tiny_models, tmp_path):
+    engine = f"{{model: {tiny_models['qwen2_vl']}, max_new_tokens: 24, batch_size: 8}}"
+    cfg = config(
+        tmp_path / "run",
+        "catalog.num_groups=40",
+        "merit.queries={train: 20, test: 5}",
+        "merit.cold_start=false",
+        "merit.export=false",
+        "merit.label_products=all",
+        f"merit.label={engine}",
+    )
+    graph.run_graph(cfg)
+    m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("merit"))
+    label = m["details"]["label"]
+    assert label["requests"] == 120 and label["labelled"] + label["failed"] == 120
+    assert m["rows_out"] + m["rows_rejected"] == m["rows_in"] == 25
+    failed_dir = tmp_path / "run" / "merit" / "label_rejected"
+    failed = pq.read_table(failed_dir).to_pylist() if failed_dir.exists() else []
+    assert len(failed) == label["failed"] and all(r[S.REASON].startswith("label: ") for r in failed)
+    # "missing" (the default) on a fully labelled catalog asks nothing
+    cfg = config(tmp_path / "run2", "merit.export=false", f"merit.label={engine}")
+    graph.run_graph(cfg)
+    m = manifest.read_complete(storage.resolve(str(tmp_path / "run2")).child("merit"))
+    assert m["details"]["label"] == {"requests": 0}

@@ -46,3 +46,18 @@ def test_judge_keeps_yes_and_drops_no_or_anything_else():
     assert step.parse(ROW, "No, the brand is missing") == ([], "no")
     for answer in ("", "maybe", "yesterday", "\x0b garbage"):
         assert step.parse(ROW, answer) == ([], "answer is neither yes nor no")
+
+
+def test_label_parses_answers_against_the_card():
+    card = {"colour": ["red", "blue"], "pattern": ["solid", "striped"], "brand": ["Kova", "Brisk"]}
+    product = {S.ID: "p1", S.CLASS: "mug", S.TITLE: "Kova cotton mug", S.ATTRIBUTES: {}}
+    step = llm.Label({"mug": card}, {"p1": b"PNG"}, None)
+    prompt = step.prompt(product)[0]["content"]
+    assert prompt[0] == {"type": "image", "image": b"PNG"} and "colour: red, blue" in prompt[1]["text"]
+    (row,), reason = step.parse(product, "colour: Red\npattern: plaid\nbrand: skip\nsize: large")
+    assert reason is None
+    assert row[S.ATTRIBUTES]["colour"] == "red"  # the card's spelling
+    assert row[S.ATTRIBUTES]["pattern"] is None and row[S.ATTRIBUTES]["brand"] is None  # not on the card
+    assert set(row[S.ATTRIBUTES]) == set(S.ATTRIBUTE_KEYS)
+    assert step.parse(product, "\x0b ^^ garbage")[0] == []
+    assert step.parse(product, "\x0b ^^ garbage")[1]
