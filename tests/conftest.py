@@ -108,5 +108,8 @@ def encoders_override(tiny_models, kinds=("clip_image", "caption")) -> str:
 
 
 def annotate_override(tiny_models) -> list[str]:
-    """Point both annotation steps at this session's tiny Qwen2-VL."""
-    return [f"annotate.{step}.model={tiny_models['qwen2_vl']}" for step in ("describe", "instruct")]
+    """Point the annotation steps at this session's tiny models: Qwen2-VL describes, a Qwen2 LLM instructs."""
+    return [
+        f"annotate.describe.model={tiny_models['qwen2_vl']}",
+        f"annotate.instruct.model={tiny_models['qwen2']}",
+    ]

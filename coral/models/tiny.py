@@ -15,7 +15,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("clip", "siglip", "dinov2", "qwen2_vl", "qwen2_5_vl", "sentence_transformers")
+TINY_MODELS = ("clip", "siglip", "dinov2", "qwen2_vl", "qwen2_5_vl", "qwen2", "sentence_transformers")
 MARKER = ".tiny-complete"
 VERSION = "2"  # bumped when a builder changes: older builds are rebuilt
 
@@ -288,6 +288,18 @@ def build_qwen(out: Path, version: str = "2", hidden: int = 64, layers: int = 2)
     proc_cls(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(out)
 
 
+def build_qwen2_text(out: Path) -> None:
+    """A tiny text-only chat LLM (Qwen2 architecture) with the same tokenizer, for text-only steps."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = _qwen_tokenizer()
+    text = _qwen_text_config(tok)
+    text.pop("rope_parameters")  # plain RoPE, no multimodal sections
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**text)).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def build_sentence_transformers(out: Path) -> None:
     """A tiny BERT saved in the sentence-transformers layout (modules.json, 1_Pooling/), mean pooling."""
     import json
@@ -336,6 +348,7 @@ BUILDERS = {
     "dinov2": build_dinov2,
     "qwen2_vl": lambda out: build_qwen(out, "2"),
     "qwen2_5_vl": lambda out: build_qwen(out, "2.5"),
+    "qwen2": build_qwen2_text,
     "sentence_transformers": build_sentence_transformers,
 }
 

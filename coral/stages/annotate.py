@@ -29,7 +29,7 @@ import ray
 from coral import schemas as S
 from coral import storage
 from coral.annotate import parse, prompts
-from coral.annotate.engines import Generation, make_engine
+from coral.annotate.engines import VLM_TYPES, Generation, make_engine
 from coral.config import AnnotateConfig, Config, EngineConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult
@@ -232,7 +232,12 @@ class AnnotateStage:
         for step in ("describe", "instruct"):
             engine = getattr(cfg, step)
             if engine.kind in ("hf", "vllm"):
-                loader.model_type(engine.model)  # a missing path fails now, before any stage runs
+                kind = loader.model_type(engine.model)  # a missing path fails now, before any stage runs
+                if step == "describe" and engine.kind == "hf" and kind not in VLM_TYPES:
+                    raise ConfigError(
+                        f"annotate.describe.model: '{engine.model}' is a '{kind}' model; describing image "
+                        f"pairs needs a vision-language model ({', '.join(VLM_TYPES)})"
+                    )
             if engine.kind == "vllm":
                 try:
                     import vllm  # noqa: F401

@@ -109,3 +109,71 @@ def test_instruction_cap_and_description_checks():
     gibberish = "\x0b\x18^-]Y7 " * 30
     assert parse.check_description(gibberish, (1, 1000), True) is not None
     assert parse.check_description(gibberish, (1, 1000), False) is None
+
+
+def test_rate_limiter_spaces_request_starts():
+    import time
+
+    from coral.annotate.engines import RateLimiter
+
+    limiter = RateLimiter(per_s=20)
+    t = time.monotonic()
+    for _ in range(5):
+        limiter.wait()
+    assert time.monotonic() - t >= 4 / 20 * 0.95  # 5 starts at 20/s take at least 0.2 s
+    t = time.monotonic()
+    for _ in range(100):
+        RateLimiter(0).wait()
+    assert time.monotonic() - t < 0.1  # 0: no limit
+
+
+def test_backoff_doubles_with_jitter_and_honours_retry_after():
+    from coral.annotate.engines import OpenAIEngine
+    from coral.config import EngineConfig
+
+    engine = OpenAIEngine(EngineConfig(kind="openai", base_url="http://127.0.0.1:9/v1", backoff_s=1.0))
+    for attempt in (1, 2, 3):
+        waits = [engine._backoff(attempt, None) for _ in range(200)]
+        assert 0.5 * 2 ** (attempt - 1) <= min(waits) and max(waits) <= 1.5 * 2 ** (attempt - 1)
+    assert engine._backoff(3, 0.0) == 0.0 and engine._backoff(1, 500.0) == 60.0  # Retry-After, capped
+
+
+def test_unreachable_endpoint_is_a_rejected_generation_not_an_exception():
+    from coral.annotate.engines import OpenAIEngine
+    from coral.config import EngineConfig
+    from tests.conftest import free_port
+
+    cfg = EngineConfig(
+        kind="openai",
+        base_url=f"http://127.0.0.1:{free_port()}/v1",
+        timeout_s=1,
+        max_retries=1,
+        backoff_s=0.01,
+    )
+    (gen,) = OpenAIEngine(cfg).generate([prompts.describe_prompt(b"\x89PNG", b"\x89PNG", 60)])
+    assert gen.text is None and gen.attempts == 2 and "after 2 attempts" in gen.error
+
+
+def test_config_checks_name_the_step(tiny_models):
+    from coral.config import load_config
+    from coral.errors import ConfigError
+    from coral.stages.annotate import AnnotateStage
+
+    text_llm = load_config(None, [f"annotate.describe.model={tiny_models['qwen2']}"])
+    with pytest.raises(ConfigError, match="annotate.describe.model: .* vision-language model"):
+        AnnotateStage().validate(text_llm)
+    vllm = load_config(
+        None,
+        [
+            f"annotate.instruct.model={tiny_models['qwen2']}",
+            "annotate.instruct.kind=vllm",
+            f"annotate.describe.model={tiny_models['qwen2_vl']}",
+        ],
+    )
+    try:
+        import vllm as _  # noqa: F401
+    except ImportError:
+        with pytest.raises(
+            ConfigError, match=r"annotate.instruct.kind=vllm needs vLLM: pip install .\[vllm\]"
+        ):
+            AnnotateStage().validate(vllm)
