@@ -1,0 +1,1 @@
+"""Training: losses, embedding heads and (next) the Ray Train + DeepSpeed loop."""
