@@ -1,0 +1,50 @@
+"""Interleaved queries and candidates become one left-padded processor batch with every image in its slot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coral import schemas as S
+from coral.models import loader
+from coral.train import collate
+from tests.unit.test_models import images
+
+QUERY = (
+    "Find a product of mug that have the same colour with <Product 1> <image>\nKova mug </Product 1> "
+    "and the same pattern with <Product 2> <image>\nBrisk mug </Product 2>"
+)
+
+
+def test_interleave_puts_one_image_part_per_slot_in_order():
+    parts = collate.interleave(QUERY)
+    kinds = [p["type"] for p in parts]
+    assert kinds == ["text", "image", "text", "image", "text"]
+    assert parts[2]["text"].startswith("Kova mug </Product 1>")
+    assert collate.interleave(f"{S.IMAGE_SLOT}\nshow it in red") == [
+        {"type": "image"},
+        {"type": "text", "text": "show it in red"},
+    ]
+    assert [p["type"] for p in collate.candidate_message("Kova mug")[0]["content"]] == [
+        "text",
+        "image",
+        "text",
+    ]
+    assert [p["type"] for p in collate.candidate_message(None)[0]["content"]] == ["text", "image"]
+
+
+def test_collate_fills_every_slot_and_pads_left(tiny_models):
+    proc = loader.load_processor(str(tiny_models["qwen2_vl"]))
+    msgs = [collate.query_message(QUERY), collate.candidate_message("Kova mug")]
+    batch = collate.collate(proc, msgs, [images(2), images(1)])
+    assert batch["image_grid_thw"].shape[0] == 3
+    image_token = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    per_row = (batch["input_ids"] == image_token).sum(dim=1)
+    per_image = int(batch["image_grid_thw"][0].prod() // 4)
+    assert per_row.tolist() == [2 * per_image, per_image]
+    assert bool(batch["attention_mask"][:, -1].all())  # left padding: every row ends at the last position
+    assert torch.equal(
+        batch["attention_mask"][1, : int((batch["attention_mask"][1] == 0).sum())].unique(), torch.tensor([0])
+    )
+    with pytest.raises(ValueError, match="2 image slots but 1 images"):
+        collate.collate(proc, msgs[:1], [images(1)])
