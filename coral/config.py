@@ -304,6 +304,49 @@ class ImportConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train + DeepSpeed training of a retriever on the triplets of ``data`` (their ``train`` rows).
+
+    ``model``: ``mmret_mllm`` (last-token embedding of a Qwen2-VL / Qwen2.5-VL) or ``coral`` (the same plus
+    vision reconstruction and masked language modelling on the query and its positive). DeepSpeed's
+    ZeRO stage and bf16 come from the JSON file ``deepspeed``; the optimizer is torch AdamW (no DeepSpeed
+    optimizer that JIT-compiles on CPU)."""
+
+    model: Literal["mmret_mllm", "coral"] = "coral"
+    base: str = "models/tiny/qwen2_vl"  # dir or hub id, through the one loader
+    data: tuple[str, ...] = ("merit",)  # stages whose TRIPLETS to train on
+    steps: int = 300
+    batch_size: int = 8  # queries per worker per step
+    hard_negatives: int = 3
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    temperature: float = 0.02
+    vision_recon_weight: float = 0.1
+    mlm_weight: float = 0.1
+    vision_mask_ratio: float = 0.5
+    text_mask_ratio: float = 0.15
+    deepspeed: str = "cluster/deepspeed/zero2.json"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    validation_queries: int = 200  # held-out (test split) queries scored at start and end
+    num_workers: int = field(default=2, metadata={"rerun": False})
+    cpus_per_worker: float = field(default=1.0, metadata={"rerun": False})
+    use_gpu: bool = field(default=False, metadata={"rerun": False})
+    max_failures: int = field(default=2, metadata={"rerun": False})
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1")
+        check(
+            self.hard_negatives >= 0 and self.checkpoint_every >= 1,
+            "hard_negatives >= 0, checkpoint_every >= 1",
+        )
+        check(
+            0 <= self.vision_mask_ratio < 1 and 0 <= self.text_mask_ratio < 1, "mask ratios must be in [0, 1)"
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -314,6 +357,7 @@ class Config:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     merit: MeritConfig = field(default_factory=MeritConfig)
     imports: ImportConfig = field(default_factory=ImportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -7,10 +7,19 @@ from coral.stages.embed import EmbedStage
 from coral.stages.imports import ImportStage
 from coral.stages.merit import MeritStage
 from coral.stages.mine import MineStage
+from coral.stages.train import TrainStage
 
 STAGES: dict[str, Stage] = {
     s.name: s
-    for s in (CatalogStage(), EmbedStage(), MineStage(), AnnotateStage(), MeritStage(), ImportStage())
+    for s in (
+        CatalogStage(),
+        EmbedStage(),
+        MineStage(),
+        AnnotateStage(),
+        MeritStage(),
+        ImportStage(),
+        TrainStage(),
+    )
 }
 
 __all__ = ["STAGES", "Stage", "StageContext"]
