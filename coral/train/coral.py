@@ -33,20 +33,61 @@ class Encoded:
     mlm_loss: torch.Tensor | None = None
 
 
+class Attention(nn.Module):
+    """Multi-head attention from plain Linear modules (each called through its forward, so ZeRO-3
+    gathers its partitioned weights; torch's MultiheadAttention reads its output projection directly)."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        n, lq, h = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n, -1, self.heads, h // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(context)), split(self.v(context)), attn_mask=mask
+        )
+        return self.o(out.transpose(1, 2).reshape(n, lq, h))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: self-attention over the visual sequence, cross-attention to the condition, feed-forward."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(3))
+        self.self_attn, self.cross_attn = Attention(hidden, heads), Attention(hidden, heads)
+        self.ff = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        y = self.norms[0](x)
+        x = x + self.self_attn(y, y, keep[:, None, None, :])
+        x = x + self.cross_attn(self.norms[1](x), memory)
+        return x + self.ff(self.norms[2](x))
+
+
 class CoralHeads(nn.Module):
     def __init__(self, hidden: int, layers: int = 1, heads: int = 4):
         super().__init__()
-        self.mask = nn.Parameter(torch.zeros(hidden))
-        layer = nn.TransformerDecoderLayer(
-            hidden, heads, dim_feedforward=2 * hidden, batch_first=True, dropout=0.0
-        )
-        self.decoder = nn.TransformerDecoder(layer, layers)
+        # modules, not bare parameters: ZeRO-3 gathers a partitioned weight only inside a module's forward
+        self.mask = nn.Embedding(1, hidden)
+        nn.init.zeros_(self.mask.weight)
+        self.layers = nn.ModuleList(DecoderLayer(hidden, heads) for _ in range(layers))
         self.out = nn.Linear(hidden, hidden)
 
     def reconstruct(self, masked: torch.Tensor, pad: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """masked: (N, L, H) visual sequences (masked rows replaced), pad: (N, L) True where padding,
         condition: (N, H) final-token embeddings -> (N, L, H) reconstructions."""
-        return self.out(self.decoder(masked, condition[:, None, :], tgt_key_padding_mask=pad))
+        x, memory = masked, condition[:, None, :]
+        for layer in self.layers:
+            x = layer(x, memory, ~pad)
+        return self.out(x)
 
 
 def _image_rows(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
@@ -74,6 +115,9 @@ def encode(
     inner = model.model
     embeds = inner.get_input_embeddings()(ids)
     images, kept_images, masks = [], [], []
+    mask_vector = (
+        heads.mask(torch.zeros(1, dtype=torch.long, device=ids.device))[0] if heads is not None else None
+    )
     if "pixel_values" in batch:
         images = _image_rows(model, batch["pixel_values"], batch["image_grid_thw"])
         for rows in images:
@@ -84,7 +128,7 @@ def encode(
             )
             masks.append(m)
             kept_images.append(
-                torch.where(m[:, None], heads.mask.to(rows.dtype) if heads is not None else rows, rows)
+                torch.where(m[:, None], mask_vector.to(rows.dtype) if heads is not None else rows, rows)
             )
         slots = ids == model.config.image_token_id
         embeds = embeds.masked_scatter(slots[..., None], torch.cat(kept_images).to(embeds.dtype))
@@ -93,7 +137,8 @@ def encode(
         special = torch.tensor(sorted(special_ids or set()), dtype=ids.dtype)
         text = attention.bool() & ~torch.isin(ids, special)
         mlm_positions = text & (torch.rand(ids.shape, generator=generator) < text_mask_ratio)
-        pad = inner.get_input_embeddings().weight[model.config.text_config.pad_token_id or 0]
+        pad_id = torch.tensor([model.config.text_config.pad_token_id or 0], device=ids.device)
+        pad = inner.get_input_embeddings()(pad_id)[0]
         embeds = torch.where(mlm_positions[..., None], pad.to(embeds.dtype), embeds)
     kwargs = {k: v for k, v in batch.items() if k in ("image_grid_thw", "mm_token_type_ids")}
     hidden = inner(input_ids=ids, inputs_embeds=embeds, attention_mask=attention, **kwargs).last_hidden_state
