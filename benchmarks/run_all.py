@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from benchmarks import bench_catalog, bench_embed, bench_knn
+from benchmarks import bench_annotate, bench_catalog, bench_embed, bench_gpu, bench_knn, bench_train
 
 
 def start_ray() -> None:
@@ -17,8 +17,8 @@ def start_ray() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     start_ray()
-    for bench in (bench_catalog, bench_embed, bench_knn):
-        bench.main()
+    for bench in (bench_catalog, bench_embed, bench_knn, bench_annotate, bench_train, bench_gpu):
+        bench.main()  # bench_gpu skips itself without CUDA
 
 
 if __name__ == "__main__":
