@@ -87,3 +87,30 @@ def test_zero3_export_holds_every_full_tensor(ray_local, tiny_models, tmp_path):
     for name, p in base.items():
         assert exported[name].shape == p.shape, name
     assert any(not torch.equal(exported[n], base[n]) for n in base)  # trained, not the initial weights
+
+
+def test_train_on_s3_checkpoints_and_exports_there(s3_bucket, ray_local, tiny_models):
+    """run_root on S3 (moto on 127.0.0.1): checkpoints and the exported model land in the bucket."""
+    storage_cfg, bucket = s3_bucket
+    cfg = load_config(
+        REPO / "workflows" / "ci_small.yaml",
+        [
+            f"run.run_root=s3://{bucket}/runs/t",
+            f"storage.endpoint_url={storage_cfg.endpoint_url}",
+            f"storage.access_key_id={storage_cfg.access_key_id}",
+            f"storage.secret_access_key={storage_cfg.secret_access_key}",
+            "run.stages=[catalog, merit, train]",
+            "catalog.num_groups=400",
+            "merit.queries={train: 300, test: 100}",
+            "merit.cold_start=false",
+            f"train.base={tiny_models['qwen2_vl']}",
+            "train.steps=4",
+            "train.checkpoint_every=2",
+            "train.batch_size=4",
+            "train.validation_queries=0",
+        ],
+    )
+    graph.run_graph(cfg)
+    keys = {o["Key"] for o in storage.boto3_client(cfg.storage).list_objects_v2(Bucket=bucket)["Contents"]}
+    assert "runs/t/train/_SUCCESS" in keys and "runs/t/train/model/model.safetensors" in keys
+    assert any(k.startswith("runs/t/_checkpoints/train/") and k.endswith("state.json") for k in keys)
