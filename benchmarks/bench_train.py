@@ -19,7 +19,7 @@ import torch
 from benchmarks.common import PeakRSS, timed, write_result
 from coral import graph
 from coral import schemas as S
-from coral.config import load_config
+from coral.config import TrainConfig, load_config
 from coral.models import loader
 from coral.models.tiny import build_all
 from coral.train import step
@@ -43,7 +43,7 @@ def plain_loop(root: Path, base: str) -> float:
 
     def one() -> None:
         out = step.losses(
-            model, processor, rng.sample(rows, GLOBAL_BATCH), products, K, step.Weights(), heads, special
+            model, processor, rng.sample(rows, GLOBAL_BATCH), products, K, TrainConfig(), heads, special
         )
         opt.zero_grad()
         out["loss"].backward()

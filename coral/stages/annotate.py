@@ -188,7 +188,7 @@ def image_table(ctx: StageContext, ids: set[str]) -> pa.Table:
         src = storage.resolve(cfg.images.uri, ctx.config.storage)
         paths = {image_id(p, src.path): p for p in storage.list_files(src)}
         found = sorted(i for i in ids if i in paths)
-        data = [_read(src, paths[i]) for i in found]
+        data = [storage.read_bytes(Location(src.uri, src.fs, paths[i])) for i in found]
         table = pa.table({S.ID: found, S.IMAGE: pa.array(data, pa.binary())})
     missing = ids - set(table.column(S.ID).to_pylist())
     if missing:
@@ -202,7 +202,7 @@ def step_stats(stats: Location) -> dict:
     out: dict[str, dict] = {}
     for path in storage.list_files(stats, ".json"):
         step = posixpath.basename(path).split("-", 1)[0]
-        body = json.loads(_read(stats, path))
+        body = json.loads(storage.read_bytes(Location(stats.uri, stats.fs, path)))
         agg = out.setdefault(step, {"requests": 0, "attempts": 0, "errors": Counter()})
         agg["requests"] += body["requests"]
         agg["attempts"] += body["attempts"]
@@ -264,7 +264,6 @@ class AnnotateStage:
         pairs = pairs.add_column(0, PAIR_ID, pa.array(keys, pa.string()))
         ids = set(pairs[S.QUERY_ID].to_pylist()) | set(pairs[S.TARGET_ID].to_pylist())
         images = ray.put(image_table(ctx, ids))
-        storage.delete_tree(stats)
         batch = min(cfg.describe.batch_size, cfg.instruct.batch_size)
         ds = ray.data.from_arrow(pairs).repartition(target_num_rows_per_block=batch)
         ds = run_step(ds, Describe(cfg, images), cfg.describe, rejected, stats)
@@ -284,8 +283,3 @@ class AnnotateStage:
 
 def _query_ids(loc: Location) -> list[str]:
     return pq.read_table(loc.path, filesystem=loc.fs, columns=[S.QUERY_ID]).column(S.QUERY_ID).to_pylist()
-
-
-def _read(loc: Location, path: str) -> bytes:
-    with loc.fs.open_input_stream(path) as f:
-        return f.read()

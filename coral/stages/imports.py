@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections import Counter
 
 import pyarrow as pa
 
@@ -102,9 +103,7 @@ class ImportStage:
                 pa.Table.from_pylist(candidates, schema=CANDIDATES),
             )
         write_rejected(ctx.rejected(self.name), rejected)
-        reasons: dict[str, int] = {}
-        for r in rejected:
-            reasons[r[S.REASON]] = reasons.get(r[S.REASON], 0) + 1
+        reasons = dict(Counter(r[S.REASON] for r in rejected))
         root = storage.resolve(cfg.queries, ctx.config.storage).uri
         details = {
             "triplets": len(rows),

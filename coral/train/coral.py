@@ -93,11 +93,10 @@ class CoralHeads(nn.Module):
 def _image_rows(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
     """Per image, its visual token embeddings (n_i, H) as the language model receives them."""
     out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-    return (
-        list(out)
-        if isinstance(out, list | tuple)
-        else list(torch.split(out, image_grid_thw.prod(-1).div(4).long().tolist()))
-    )
+    if isinstance(out, list | tuple):
+        return list(out)
+    merge = model.config.vision_config.spatial_merge_size**2  # patches per visual token
+    return list(torch.split(out, (image_grid_thw.prod(-1) // merge).tolist()))
 
 
 def encode(

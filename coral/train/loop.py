@@ -97,9 +97,6 @@ def train_loop(config: dict) -> None:
                 state = json.load(f)
         state["resumed_from_step"] = state["step"]
     products = products_from(config["catalog"])
-    weights = step.Weights(
-        cfg.temperature, cfg.vision_recon_weight, cfg.mlm_weight, cfg.vision_mask_ratio, cfg.text_mask_ratio
-    )
     special = set(processor.tokenizer.all_special_ids)
     held_out, pool = config["validation_rows"], config["validation_pool"]
     if state["step"] == 0 and rank == 0 and held_out:
@@ -140,7 +137,7 @@ def train_loop(config: dict) -> None:
             next(rows),
             products,
             cfg.hard_negatives,
-            weights,
+            cfg,
             engine.module.heads,
             special,
             generator,

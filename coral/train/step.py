@@ -16,18 +16,10 @@ import torch
 
 from coral import metrics
 from coral import schemas as S
+from coral.config import TrainConfig
 from coral.train import collate
 from coral.train.coral import CoralHeads, encode
 from coral.train.loss import info_nce
-
-
-@dataclass(frozen=True)
-class Weights:
-    temperature: float = 0.02
-    vision_recon: float = 0.1
-    mlm: float = 0.1
-    vision_mask_ratio: float = 0.5
-    text_mask_ratio: float = 0.15
 
 
 @dataclass
@@ -64,7 +56,7 @@ def losses(
     rows: Sequence[dict],
     products: Products,
     k: int,
-    weights: Weights,
+    cfg: TrainConfig,
     heads: CoralHeads | None = None,
     special_ids: set[int] | None = None,
     generator: torch.Generator | None = None,
@@ -73,7 +65,7 @@ def losses(
     cands = candidates(rows, k)
     q = encode(model, query_batch(processor, rows, products)).embedding
     c = encode(model, candidate_batch(processor, cands, products)).embedding
-    out = {"contrastive_loss": info_nce(q, c, weights.temperature)}
+    out = {"contrastive_loss": info_nce(q, c, cfg.temperature)}
     total = out["contrastive_loss"]
     if heads is not None:
         positives = cands[:: k + 1]
@@ -86,8 +78,8 @@ def losses(
                 model,
                 batch,
                 heads,
-                weights.vision_mask_ratio,
-                weights.text_mask_ratio,
+                cfg.vision_mask_ratio,
+                cfg.text_mask_ratio,
                 special_ids,
                 generator,
             )
@@ -95,10 +87,10 @@ def losses(
             mlm += [enc.mlm_loss] if enc.mlm_loss is not None else []
         if vision:
             out["vision_recon_loss"] = torch.stack(vision).mean()
-            total = total + weights.vision_recon * out["vision_recon_loss"]
+            total = total + cfg.vision_recon_weight * out["vision_recon_loss"]
         if mlm:
             out["mlm_loss"] = torch.stack(mlm).mean()
-            total = total + weights.mlm * out["mlm_loss"]
+            total = total + cfg.mlm_weight * out["mlm_loss"]
     out["loss"] = total
     return out
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from coral import graph
 from coral import schemas as S
-from coral.config import load_config
+from coral.config import TrainConfig, load_config
 from coral.models import loader
 from coral.train import step
 from coral.train.coral import CoralHeads
@@ -56,7 +56,7 @@ def train(model, processor, rows, products, steps, heads=None, special=None, see
     history = []
     for _ in range(steps):
         out = step.losses(
-            model, processor, random.sample(rows, 8), products, 3, step.Weights(), heads, special
+            model, processor, random.sample(rows, 8), products, 3, TrainConfig(), heads, special
         )
         opt.zero_grad()
         out["loss"].backward()
