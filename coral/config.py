@@ -307,12 +307,17 @@ class ImportConfig:
 class TrainConfig:
     """Ray Train + DeepSpeed training of a retriever on the triplets of ``data`` (their ``train`` rows).
 
-    ``model``: ``mmret_mllm`` (last-token embedding of a Qwen2-VL / Qwen2.5-VL) or ``coral`` (the same plus
-    vision reconstruction and masked language modelling on the query and its positive). DeepSpeed's
-    ZeRO stage and bf16 come from the JSON file ``deepspeed``; the optimizer is torch AdamW (no DeepSpeed
-    optimizer that JIT-compiles on CPU)."""
+    ``model``: ``mmret_clip`` (CLIP / SigLIP score fusion), ``mmret_mllm`` (last-token embedding of a
+    Qwen2-VL / Qwen2.5-VL) or ``coral`` (the same plus vision reconstruction and masked language modelling
+    on the query and its positive). ``compare``: more models trained on the same data, steps and seed
+    after the first, each with its base (``{model: mmret_mllm}``); their held-out figures go in the
+    manifest beside the first's, the first is the one exported to ``train/model``. DeepSpeed's ZeRO stage
+    and bf16 come from the JSON file ``deepspeed``; the optimizer is torch AdamW (no DeepSpeed optimizer
+    that JIT-compiles on CPU). ``lora_rank`` > 0 trains LoRA adapters (peft) on ``lora_target_modules``
+    and exports the merged weights; 0 is full fine-tuning. ``steps`` counts optimizer steps, each of
+    ``gradient_accumulation`` micro-batches of ``batch_size`` queries per worker."""
 
-    model: Literal["mmret_mllm", "coral"] = "coral"
+    model: Literal["mmret_clip", "mmret_mllm", "coral"] = "coral"
     base: str = "models/tiny/qwen2_vl"  # dir or hub id, through the one loader
     data: tuple[str, ...] = ("merit",)  # stages whose TRIPLETS to train on
     steps: int = 300
@@ -326,11 +331,18 @@ class TrainConfig:
     vision_mask_ratio: float = 0.5
     text_mask_ratio: float = 0.15
     deepspeed: str = "cluster/deepspeed/zero2.json"
+    gradient_accumulation: int = 1
     gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: int = 32
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    compare: tuple[dict[str, str], ...] = ()
     checkpoint_every: int = 100
     validation_queries: int = 200  # held-out (test split) queries scored at start and end
     num_workers: int = field(default=2, metadata={"rerun": False})
     cpus_per_worker: float = field(default=1.0, metadata={"rerun": False})
+    resources: dict[str, float] = field(default_factory=dict, metadata={"rerun": False})  # custom, per worker
+    data_workers: int = field(default=1, metadata={"rerun": False})  # Ray Data actors running the processor
     use_gpu: bool = field(default=False, metadata={"rerun": False})
     max_failures: int = field(default=2, metadata={"rerun": False})
     seed: int = 0
@@ -344,6 +356,20 @@ class TrainConfig:
         check(
             0 <= self.vision_mask_ratio < 1 and 0 <= self.text_mask_ratio < 1, "mask ratios must be in [0, 1)"
         )
+        check(
+            self.gradient_accumulation >= 1 and self.data_workers >= 1,
+            "gradient_accumulation, data_workers >= 1",
+        )
+        check(self.lora_rank >= 0, "lora_rank must be >= 0 (0: full fine-tuning)")
+        for other in self.compare:
+            check(
+                isinstance(other, dict) and set(other) <= {"model", "base"} and "model" in other,
+                f"compare entries look like {{model: mmret_mllm, base: ...}}, got {other!r}",
+            )
+            check(
+                other["model"] in ("mmret_clip", "mmret_mllm", "coral"),
+                f"compare: unknown model {other['model']!r}",
+            )
 
 
 @dataclass(frozen=True)

@@ -72,31 +72,24 @@ class TrainStage:
         return config.train
 
     def validate(self, config: Config) -> None:
-        from coral.models import loader
-
         deepspeed_config(config.train)
-        kind = loader.model_type(config.train.base)
-        if kind not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ConfigError(
-                f"train.base: '{config.train.base}' is '{kind}'; {config.train.model} needs Qwen2-VL or Qwen2.5-VL"
-            )
+        for cfg in runs(config.train):
+            check_base(cfg)
+        if (
+            config.train.lora_rank
+            and deepspeed_config(config.train).get("zero_optimization", {}).get("stage") == 3
+        ):
+            raise ConfigError("train: LoRA (lora_rank > 0) with ZeRO-3 is not supported; use a ZeRO-2 config")
 
     def run(self, ctx: StageContext) -> StageResult:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        from coral.models import loader
-        from coral.train.loop import train_loop
-
-        cfg = dataclasses.replace(
-            ctx.config.train, base=loader.resolve(ctx.config.train.base)
-        )  # workers' cwd differs
-        tables = [pq.read_table(ctx.data(s).path, filesystem=ctx.data(s).fs) for s in cfg.data]
+        tables = [pq.read_table(ctx.data(s).path, filesystem=ctx.data(s).fs) for s in ctx.config.train.data]
         rows = pa.concat_tables(tables)
-        train = rows.filter(pc.equal(rows[S.SPLIT], "train"))
-        if train.num_rows < cfg.batch_size * cfg.num_workers:
+        train = rows.filter(pc.equal(rows[S.SPLIT], "train")).select(list(S.TRIPLETS.names))
+        cfg0 = ctx.config.train
+        if train.num_rows < cfg0.batch_size * cfg0.num_workers * cfg0.gradient_accumulation:
             raise ConfigError(f"train: {train.num_rows} training rows, fewer than one step needs")
         held = [r for r in rows.filter(pc.equal(rows[S.SPLIT], "test")).to_pylist() if r[S.SOURCE] == "merit"]
+        held = held[: cfg0.validation_queries]
         src = ctx.data("catalog")
         catalog = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE, S.SPLIT])
         pool = [
@@ -104,51 +97,113 @@ class TrainStage:
             for i, s in zip(catalog[S.ID].to_pylist(), catalog[S.SPLIT].to_pylist(), strict=True)
             if s == "test"
         ]
-        checkpoints = ctx.root.child("_checkpoints", "train")
-        if not checkpoints.is_s3:
-            checkpoints.fs.create_dir(checkpoints.path, recursive=True)
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "train": cfg,
-                "deepspeed": deepspeed_config(cfg),
-                "catalog": {k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)},
-                "validation_rows": held[: cfg.validation_queries],
-                "validation_pool": pool,
-                "resume_key": resume_key(cfg),
-                # Ray Train V2 hands a checkpoint to restarted workers only; a rerun passes its own
-                "resume_from": latest_checkpoint(checkpoints, resume_key(cfg)),
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name="train",
-                storage_path=checkpoints.path,
-                storage_filesystem=checkpoints.fs,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-            ),
-            datasets={"train": ray.data.from_arrow(train.select(list(S.TRIPLETS.names)))},
-        )
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as d:
-            state = json.loads((Path(d) / "state.json").read_text())
-            out = ctx.stage_dir(self.name).child("model")
-            if not out.is_s3:
-                out.fs.create_dir(out.path, recursive=True)
-            pafs.copy_files(str(Path(d) / "export"), out.path, destination_filesystem=out.fs)
-        history = state["history"]
-        first, last = history[: min(10, len(history))], history[-min(10, len(history)) :]
-        details = {
-            "model": cfg.model,
-            "resumed_from_step": state.get("resumed_from_step", 0),
-            "validation": state["validation"],
-            "samples_per_s": state.get("samples_per_s"),
-            "losses_first_10": {k: round(sum(h[k] for h in first) / len(first), 4) for k in first[0]},
-            "losses_last_10": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[0]},
-            "export": out.uri,
+        needed = set(pool) | {i for r in held for i in r[S.QUERY_IMAGE_IDS]}
+        held_catalog = catalog.filter(pa.array([i in needed for i in catalog[S.ID].to_pylist()]))
+        columns = (S.ID, S.TITLE, S.IMAGE)
+        shared = {
+            "catalog": {k: catalog[k].to_pylist() for k in columns},
+            "held_catalog": {k: held_catalog[k].to_pylist() for k in columns},
+            "held": held,
+            "pool": pool,
         }
-        storage.write_json(ctx.stage_dir(self.name).child("metrics.json"), {"history": history, **details})
-        return StageResult(train.num_rows, state["step"], {}, details=details)
+        results = []
+        for i, cfg in enumerate(runs(cfg0)):
+            out = ctx.stage_dir(self.name).child(*(("model",) if i == 0 else ("compare", cfg.model)))
+            results.append(fit(ctx, cfg, train, shared, out))
+        # the loss history and the export check's probe go to metrics.json only, not the manifest
+        extra = [{k: r.pop(k) for k in ("history", "probe")} for r in results]
+        first = results[0]
+        details = dict(first)
+        if len(results) > 1:
+            details["compare"] = results[1:]
+            details["side_by_side"] = {
+                r["model"]: {w: r["validation"].get(w) for w in ("start", "end")} for r in results
+            }
+        metrics = {**extra[0], **details}
+        if len(results) > 1:
+            metrics["compare"] = [{**r, **e} for r, e in zip(results[1:], extra[1:], strict=True)]
+        storage.write_json(ctx.stage_dir(self.name).child("metrics.json"), metrics)
+        return StageResult(train.num_rows, first["steps"], {}, details=details)
+
+
+def runs(cfg: TrainConfig) -> list[TrainConfig]:
+    """The configured model, then each ``compare`` entry: same data, steps and seed."""
+    others = [
+        dataclasses.replace(cfg, model=c["model"], base=c.get("base", cfg.base), compare=())
+        for c in cfg.compare
+    ]
+    return [dataclasses.replace(cfg, compare=()), *others]
+
+
+def check_base(cfg: TrainConfig) -> None:
+    from coral.models import loader
+    from coral.train.retrievers import BASES
+
+    kind = loader.model_type(cfg.base)
+    if kind not in BASES[cfg.model]:
+        raise ConfigError(
+            f"train.base: '{cfg.base}' is '{kind}'; {cfg.model} needs one of {', '.join(BASES[cfg.model])}"
+        )
+
+
+def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out) -> dict:
+    """Train one model with Ray Train; export it to ``out``; its figures."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from coral.models import loader
+    from coral.train import data
+    from coral.train.loop import train_loop
+
+    cfg = dataclasses.replace(cfg, base=loader.resolve(cfg.base))  # workers' cwd differs
+    key = resume_key(cfg)
+    checkpoints = ctx.root.child("_checkpoints", "train")
+    if not checkpoints.is_s3:
+        checkpoints.fs.create_dir(checkpoints.path, recursive=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "train": cfg,
+            "deepspeed": deepspeed_config(cfg),
+            "catalog": shared["held_catalog"],
+            "validation_rows": shared["held"],
+            "validation_pool": shared["pool"],
+            "resume_key": key,
+            # Ray Train V2 hands a checkpoint to restarted workers only; a rerun passes its own
+            "resume_from": latest_checkpoint(checkpoints, key),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources},
+        ),
+        run_config=RunConfig(
+            name=f"{cfg.model}-{key[:12]}",  # one folder per resumable run
+            storage_path=checkpoints.path,
+            storage_filesystem=checkpoints.fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": data.pipeline(train, shared["catalog"], cfg)},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        if not out.is_s3:
+            out.fs.create_dir(out.path, recursive=True)
+        pafs.copy_files(str(Path(d) / "export"), out.path, destination_filesystem=out.fs)
+    history = state["history"]
+    first, last = history[: min(10, len(history))], history[-min(10, len(history)) :]
+    return {
+        "model": cfg.model,
+        "base": cfg.base,
+        "steps": state["step"],
+        "optimizer_steps": state.get("optimizer_steps"),
+        "resumed_from_step": state.get("resumed_from_step", 0),
+        "validation": state["validation"],
+        "samples_per_s": state.get("samples_per_s"),
+        "losses_first_10": {k: round(sum(h[k] for h in first) / len(first), 4) for k in first[0]},
+        "losses_last_10": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[0]},
+        "export": out.uri,
+        "history": history,
+        "probe": state.get("probe"),
+    }

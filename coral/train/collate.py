@@ -1,11 +1,10 @@
-"""Training and evaluation inputs for the MLLM retrievers (MMRet-MLLM, Coral).
+"""The chat messages of the MLLM retrievers' inputs (MMRet-MLLM, Coral).
 
 A query is the TRIPLETS row's interleaved ``query_text``: each ``<image>`` slot is filled, in order, by an
 image of ``query_image_ids``; an instruction prefix tells the model the task (MMRet's
 ``<instruct> {task_inst} <query> ...``). A candidate is MERIT's ``Represent the given product: <image>\\n
-{title}`` (or ``Represent the given image: <image>`` when it has no title). Messages go through the
-processor's chat template without a generation prompt; rows are left padded, so the final token of every
-row is the last position.
+{title}`` (or ``Represent the given image: <image>`` when it has no title). ``retrievers.MLLMRetriever`` runs them
+through the processor's chat template without a generation prompt.
 """
 
 from __future__ import annotations
@@ -35,15 +34,3 @@ def query_message(query_text: str, instruction: str = QUERY_INSTRUCTION) -> list
 def candidate_message(title: str | None) -> list[dict]:
     text = PRODUCT.format(title=title) if title else IMAGE_ONLY
     return [{"role": "user", "content": interleave(text)}]
-
-
-def collate(processor, messages: list[list[dict]], images: list[list]) -> dict:
-    """A left-padded processor batch; ``images[i]`` fills the image parts of ``messages[i]`` in order."""
-    for msg, imgs in zip(messages, images, strict=True):
-        slots = sum(p["type"] == "image" for m in msg for p in m["content"])
-        if slots != len(imgs):
-            raise ValueError(f"a message has {slots} image slots but {len(imgs)} images")
-    processor.tokenizer.padding_side = "left"
-    texts = [processor.apply_chat_template(m, add_generation_prompt=False, tokenize=False) for m in messages]
-    flat = [img for imgs in images for img in imgs]
-    return dict(processor(text=texts, images=flat or None, return_tensors="pt", padding=True))

@@ -11,7 +11,6 @@ gathered on all ranks). A restarted worker resumes from the checkpoint Ray Train
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -22,7 +21,7 @@ from torch import nn
 
 from coral import schemas as S
 from coral.config import TrainConfig
-from coral.train import step
+from coral.train import data, retrievers, step
 from coral.train.coral import CoralHeads
 
 STATE = "state.json"
@@ -37,23 +36,8 @@ class Retriever(nn.Module):
         self.model, self.heads = model, heads
 
 
-def products_from(catalog: dict) -> step.Products:
-    """Titles and lazily decoded images of the catalog (a pyarrow table's columns as lists)."""
-    from PIL import Image
-
-    cache: dict[str, Image.Image] = {}
-    raw = dict(zip(catalog[S.ID], catalog[S.IMAGE], strict=True))
-
-    def image(pid: str):
-        if pid not in cache:
-            cache[pid] = Image.open(io.BytesIO(raw[pid])).convert("RGB")
-        return cache[pid]
-
-    return step.Products(dict(zip(catalog[S.ID], catalog[S.TITLE], strict=True)), image)
-
-
-def export(engine, processor, out: str, zero_stage: int, rank: int) -> None:
-    """A Hugging Face dir of the embedding model alone (the heads left out)."""
+def export(engine, processor, out: str, zero_stage: int, rank: int, lora=None) -> None:
+    """A Hugging Face dir of the embedding model alone (the heads left out; LoRA merged into the weights)."""
     if zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part; rank 0 gets it
         if rank == 0:
@@ -61,9 +45,55 @@ def export(engine, processor, out: str, zero_stage: int, rank: int) -> None:
             weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
             model.save_pretrained(out, state_dict=weights)
     elif rank == 0:
-        engine.module.model.save_pretrained(out)
+        (lora.merge_and_unload() if lora is not None else engine.module.model).save_pretrained(out)
     if rank == 0:
         processor.save_pretrained(out)
+
+
+@torch.no_grad()
+def probe(model, retriever, rows: list[dict], pool: list[str], products, n: int = 4) -> dict:
+    """Embeddings of a few held-out queries and candidates by the in-memory model, kept with the final
+    checkpoint so the export can be checked against them (the reloaded model must embed alike)."""
+    was_training = model.training
+    model.eval()
+    q = [step.query_features(retriever, r, products) for r in rows[:n]]
+    c = [step.candidate_features(retriever, i, products) for i in pool[:n]]
+    out = {
+        "query_ids": [r[S.QUERY_ID] for r in rows[:n]],
+        "candidate_ids": list(pool[:n]),
+        "queries": step.embed_all(model, retriever, q).float().tolist(),
+        "candidates": step.embed_all(model, retriever, c).float().tolist(),
+    }
+    model.train(was_training)
+    return out
+
+
+def scalars_to_buffers(model: nn.Module) -> list[str]:
+    """0-dim parameters (CLIP's logit_scale, SigLIP's logit_bias) become buffers of the same name: the
+    retrievers' loss has its own temperature, and DeepSpeed cannot broadcast a 0-dim tensor on CPU. The
+    state dict, so the export, keeps them unchanged."""
+    moved = []
+    for mod_name, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                del module._parameters[name]
+                module.register_buffer(name, p.detach().clone())
+                moved.append(f"{mod_name}.{name}".lstrip("."))
+    return moved
+
+
+def with_lora(model, cfg: TrainConfig):
+    """(the model to train, the peft wrapper or None): LoRA adapters on ``lora_target_modules`` when
+    ``lora_rank`` > 0, everything else frozen; the model keeps its own class, so encoding is unchanged."""
+    if cfg.lora_rank == 0:
+        return model, None
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(
+        model,
+        LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules)),
+    )
+    return wrapped.get_base_model(), wrapped
 
 
 def train_loop(config: dict) -> None:
@@ -79,12 +109,21 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     model = loader.load_model(cfg.base)
     processor = loader.load_processor(cfg.base)
+    retriever = retrievers.make(cfg.model, processor)
+    scalars_to_buffers(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model, lora = with_lora(model, cfg)
     heads = CoralHeads(model.config.text_config.hidden_size) if cfg.model == "coral" else None
     module = Retriever(model.train(), heads)
-    ds_config = dict(config["deepspeed"], train_micro_batch_size_per_gpu=cfg.batch_size)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ds_config = dict(
+        config["deepspeed"],
+        train_micro_batch_size_per_gpu=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+    )
+    ds_config.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x accumulation x workers
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     zero_stage = engine.zero_optimization_stage()
 
@@ -96,18 +135,24 @@ def train_loop(config: dict) -> None:
             with open(os.path.join(d, STATE)) as f:
                 state = json.load(f)
         state["resumed_from_step"] = state["step"]
-    products = products_from(config["catalog"])
+    products = step.products_from(config["catalog"])  # the held-out queries' and pool's products
     special = set(processor.tokenizer.all_special_ids)
     held_out, pool = config["validation_rows"], config["validation_pool"]
-    if state["step"] == 0 and rank == 0 and held_out:
-        state["validation"]["start"] = step.validate(engine.module.model, processor, held_out, pool, products)
+    # under ZeRO-3 a forward gathers partitioned weights collectively: every rank runs it, rank 0 records
+    evaluates = bool(held_out) and (rank == 0 or zero_stage == 3)
+
+    def validate() -> dict:
+        return step.validate(engine.module.model, retriever, held_out, pool, products)
+
+    if state["step"] == 0 and evaluates:
+        state["validation"]["start"] = validate()
 
     shard = ray.train.get_dataset_shard("train")
 
     def batches():
         while True:  # epochs until the step budget is spent; every worker takes the same number of steps
             for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True):
-                yield b.to_pylist()
+                yield data.examples(b)
 
     rows = batches()
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -116,38 +161,51 @@ def train_loop(config: dict) -> None:
     def save(last: bool) -> None:
         elapsed = time.perf_counter() - started
         state["samples_per_s"] = round(samples * ctx.get_world_size() / elapsed, 3) if samples else None
-        if last and rank == 0 and held_out:
-            state["validation"]["end"] = step.validate(
-                engine.module.model, processor, held_out, pool, products
-            )
+        if last and evaluates:
+            state["validation"]["end"] = validate()
+            state["probe"] = probe(engine.module.model, retriever, held_out, pool, products)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG)
             if last:
-                export(engine, processor, os.path.join(tmp, "export"), zero_stage, rank)
+                export(engine, processor, os.path.join(tmp, "export"), zero_stage, rank, lora)
             if rank == 0:
                 with open(os.path.join(tmp, STATE), "w") as f:
                     json.dump(state, f)
             metrics = {"step": state["step"], **(state["history"][-1] if state["history"] else {})}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    bar = None
+    if rank == 0:  # Ray's tqdm draws workers' bars on the driver's console
+        from ray.experimental.tqdm_ray import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="train", unit="step")
+        bar.update(first)
     for n in range(first, cfg.steps):
-        out = step.losses(
-            engine.module.model,
-            processor,
-            next(rows),
-            products,
-            cfg.hard_negatives,
-            cfg,
-            engine.module.heads,
-            special,
-            generator,
-        )
-        engine.backward(out["loss"])
-        engine.step()
-        samples += cfg.batch_size
+        terms: list[dict] = []
+        for _ in range(cfg.gradient_accumulation):  # DeepSpeed steps the optimizer on the last one
+            out = step.losses(
+                engine.module.model,
+                retriever,
+                next(rows),
+                cfg.hard_negatives,
+                cfg,
+                engine.module.heads,
+                special,
+                generator,
+            )
+            engine.backward(out["loss"])
+            engine.step()
+            terms.append({k: v.item() for k, v in out.items()})
+        samples += cfg.batch_size * cfg.gradient_accumulation
         state["step"] = n + 1
-        state["history"].append({k: round(v.item(), 5) for k, v in out.items()})
+        state["optimizer_steps"] = engine.global_steps
+        state["history"].append({k: round(sum(t[k] for t in terms) / len(terms), 5) for k in terms[0]})
+        if bar is not None:
+            bar.set_description(f"train (loss {state['history'][-1]['loss']:.3f})")
+            bar.update(1)
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
             save(last=state["step"] == cfg.steps)
+    if bar is not None:
+        bar.close()
     if first >= cfg.steps:  # resumed from a finished run: export again
         save(last=True)

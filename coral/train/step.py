@@ -1,7 +1,8 @@
-"""One training step and one validation pass for the MLLM retrievers (``mmret_mllm``, ``coral``).
+"""One training step and one validation pass for every retriever (``retrievers.RETRIEVERS``).
 
-A step takes B triplet rows; each query brings its positive and K hard negatives (MegaPairs' layout:
-the positive of query i at candidate i * (K + 1); a row with fewer than K negatives repeats them). The
+A step takes B triplet rows, already turned into features by ``featurize`` (in the Ray Data pipeline);
+each query brings its positive and K hard negatives (MegaPairs' layout: the positive of query i at
+candidate i * (K + 1); a row with fewer than K negatives repeats them). The
 contrastive term is InfoNCE over every candidate of every worker (``loss.info_nce``). For ``coral`` the
 query and its positive are encoded a second time with masked visual and text tokens, and their
 reconstruction and MLM terms are added with their weights. Every term is returned by name.
@@ -9,6 +10,8 @@ reconstruction and MLM terms are added with their weights. Every term is returne
 
 from __future__ import annotations
 
+import functools
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +20,6 @@ import torch
 from coral import metrics
 from coral import schemas as S
 from coral.config import TrainConfig
-from coral.train import collate
 from coral.train.coral import CoralHeads, encode
 from coral.train.loss import info_nce
 
@@ -30,6 +32,19 @@ class Products:
     images: Callable[[str], object]  # id -> PIL image
 
 
+def products_from(catalog: dict, cached: int = 4096) -> Products:
+    """Titles and lazily decoded images (the last ``cached`` kept) of a catalog given as columns."""
+    from PIL import Image
+
+    raw = dict(zip(catalog[S.ID], catalog[S.IMAGE], strict=True))
+
+    @functools.lru_cache(maxsize=cached)
+    def image(pid: str):
+        return Image.open(io.BytesIO(raw[pid])).convert("RGB")
+
+    return Products(dict(zip(catalog[S.ID], catalog[S.TITLE], strict=True)), image)
+
+
 def candidates(rows: Sequence[dict], k: int) -> list[str]:
     out = []
     for r in rows:
@@ -38,42 +53,45 @@ def candidates(rows: Sequence[dict], k: int) -> list[str]:
     return out
 
 
-def query_batch(processor, rows: Sequence[dict], products: Products) -> dict:
-    msgs = [collate.query_message(r[S.QUERY_TEXT]) for r in rows]
-    return collate.collate(
-        processor, msgs, [[products.images(i) for i in r[S.QUERY_IMAGE_IDS]] for r in rows]
-    )
+def query_features(retriever, row: dict, products: Products) -> dict:
+    return retriever.query(row[S.QUERY_TEXT], [products.images(i) for i in row[S.QUERY_IMAGE_IDS]])
 
 
-def candidate_batch(processor, ids: Sequence[str], products: Products) -> dict:
-    msgs = [collate.candidate_message(products.titles.get(i)) for i in ids]
-    return collate.collate(processor, msgs, [[products.images(i)] for i in ids])
+def candidate_features(retriever, pid: str, products: Products) -> dict:
+    return retriever.candidate(products.titles.get(pid), products.images(pid))
+
+
+def featurize(retriever, rows: Sequence[dict], products: Products, k: int) -> list[dict]:
+    """Per triplet row: {"query": features, "candidates": [positive, K hard negatives] features}."""
+    return [
+        {
+            "query": query_features(retriever, r, products),
+            "candidates": [candidate_features(retriever, c, products) for c in candidates([r], k)],
+        }
+        for r in rows
+    ]
 
 
 def losses(
     model,
-    processor,
-    rows: Sequence[dict],
-    products: Products,
+    retriever,
+    examples: Sequence[dict],
     k: int,
     cfg: TrainConfig,
     heads: CoralHeads | None = None,
     special_ids: set[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{"loss", "contrastive_loss"[, "vision_recon_loss", "mlm_loss"]} for one step's rows."""
-    cands = candidates(rows, k)
-    q = encode(model, query_batch(processor, rows, products)).embedding
-    c = encode(model, candidate_batch(processor, cands, products)).embedding
+    """{"loss", "contrastive_loss"[, "vision_recon_loss", "mlm_loss"]} for one step's ``featurize``d rows."""
+    cands = [c for e in examples for c in e["candidates"]]
+    queries = retriever.collate([e["query"] for e in examples])
+    q = retriever.embed(model, queries)
+    c = retriever.embed(model, retriever.collate(cands))
     out = {"contrastive_loss": info_nce(q, c, cfg.temperature)}
     total = out["contrastive_loss"]
     if heads is not None:
-        positives = cands[:: k + 1]
         vision, mlm = [], []
-        for batch in (
-            query_batch(processor, rows, products),
-            candidate_batch(processor, positives, products),
-        ):
+        for batch in (queries, retriever.collate(cands[:: k + 1])):  # the queries and their positives
             enc = encode(
                 model,
                 batch,
@@ -95,25 +113,24 @@ def losses(
     return out
 
 
+def embed_all(model, retriever, features: Sequence[dict], batch_size: int = 32) -> torch.Tensor:
+    return torch.cat(
+        [
+            retriever.embed(model, retriever.collate(list(features[i : i + batch_size])))
+            for i in range(0, len(features), batch_size)
+        ]
+    )
+
+
 @torch.no_grad()
 def validate(
-    model, processor, rows: Sequence[dict], pool: Sequence[str], products: Products, batch_size: int = 32
+    model, retriever, rows: Sequence[dict], pool: Sequence[str], products: Products, batch_size: int = 32
 ) -> dict[str, float]:
     """MERIT metrics of ``rows`` against the candidate ``pool`` (ids), with the evaluation's metric code."""
     was_training = model.training
     model.eval()
-    q = torch.cat(
-        [
-            encode(model, query_batch(processor, rows[i : i + batch_size], products)).embedding
-            for i in range(0, len(rows), batch_size)
-        ]
-    )
-    c = torch.cat(
-        [
-            encode(model, candidate_batch(processor, pool[i : i + batch_size], products)).embedding
-            for i in range(0, len(pool), batch_size)
-        ]
-    )
+    q = embed_all(model, retriever, [query_features(retriever, r, products) for r in rows], batch_size)
+    c = embed_all(model, retriever, [candidate_features(retriever, i, products) for i in pool], batch_size)
     model.train(was_training)
     ranked = metrics.rank_candidates(q.float().numpy(), c.float().numpy(), list(pool), k=10)
     ranks = [metrics.first_rank(r, set(row[S.POSITIVE_IDS])) for r, row in zip(ranked, rows, strict=True)]

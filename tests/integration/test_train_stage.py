@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from coral import graph, manifest, storage
+from coral import schemas as S
 from coral.config import load_config
 from coral.models import loader
+from coral.train import retrievers, step
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -35,6 +38,24 @@ def config(root, tiny_models, steps):
     )
 
 
+def assert_export_embeds_like_the_trained_model(root, metrics: dict, kind: str, export: str = "model"):
+    """The exported dir, reloaded through the one loader, embeds the probe inputs as the in-memory model
+    did at the end of training (the workers kept those embeddings with the final checkpoint)."""
+    probe = metrics["probe"]
+    assert probe and len(probe["queries"]) and len(probe["candidates"])
+    ref = str(root / "train" / export)
+    model, retriever = loader.load_model(ref).eval(), retrievers.make(kind, loader.load_processor(ref))
+    catalog = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.TITLE, S.IMAGE]).to_pydict()
+    products = step.products_from(catalog)
+    rows = {r[S.QUERY_ID]: r for r in pq.read_table(root / "merit" / "data").to_pylist()}
+    q = [step.query_features(retriever, rows[i], products) for i in probe["query_ids"]]
+    c = [step.candidate_features(retriever, i, products) for i in probe["candidate_ids"]]
+    with torch.no_grad():
+        got_q, got_c = step.embed_all(model, retriever, q), step.embed_all(model, retriever, c)
+    torch.testing.assert_close(got_q, torch.tensor(probe["queries"]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_c, torch.tensor(probe["candidates"]), atol=1e-4, rtol=1e-4)
+
+
 def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     root = tmp_path / "run"
     graph.run_graph(config(root, tiny_models, 20))
@@ -52,6 +73,7 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     changed = [n for n, p in base.named_parameters() if not torch.equal(p, trained[n])]
     assert changed  # the export holds the trained weights, every tensor present
     assert set(trained) == {n for n, _ in base.named_parameters()}
+    assert_export_embeds_like_the_trained_model(root, metrics, "coral")
     # a longer run continues from step 20 instead of starting over
     rows = graph.run_graph(config(root, tiny_models, 30), start="train")
     assert [r.status for r in rows if r.stage == "train"] == ["ran"]
@@ -77,7 +99,7 @@ def test_zero3_export_holds_every_full_tensor(ray_local, tiny_models, tmp_path):
             "train.steps=6",
             "train.checkpoint_every=6",
             "train.batch_size=4",
-            "train.validation_queries=0",
+            "train.validation_queries=4",  # every rank runs validation: ZeRO-3 gathers weights collectively
         ],
     )
     graph.run_graph(cfg)
@@ -87,6 +109,53 @@ def test_zero3_export_holds_every_full_tensor(ray_local, tiny_models, tmp_path):
     for name, p in base.items():
         assert exported[name].shape == p.shape, name
     assert any(not torch.equal(exported[n], base[n]) for n in base)  # trained, not the initial weights
+    metrics = json.loads((root / "train" / "metrics.json").read_text())
+    assert metrics["validation"]["end"]["queries"] == 4
+    assert_export_embeds_like_the_trained_model(root, metrics, "coral")
+
+
+def test_clip_with_lora_and_accumulation_beside_an_mllm(ray_local, tiny_models, tmp_path):
+    """mmret_clip with LoRA adapters (exported merged) and 2 micro-batches per optimizer step, and
+    mmret_mllm trained on the same data, steps and seed, reported side by side."""
+    root = tmp_path / "run"
+    cfg = load_config(
+        REPO / "workflows" / "ci_small.yaml",
+        [
+            f"run.run_root={root}",
+            "run.stages=[catalog, merit, train]",
+            "catalog.num_groups=400",
+            "merit.queries={train: 300, test: 100}",
+            "merit.cold_start=false",
+            "train.model=mmret_clip",
+            f"train.base={tiny_models['clip']}",
+            "train.lora_rank=4",
+            "train.lora_target_modules=[q_proj, v_proj]",
+            "train.gradient_accumulation=2",
+            "train.steps=4",
+            "train.checkpoint_every=4",
+            "train.batch_size=4",
+            "train.validation_queries=8",
+            f"train.compare=[{{model: mmret_mllm, base: {tiny_models['qwen2_vl']}}}]",
+        ],
+    )
+    graph.run_graph(cfg)
+    m = manifest.read_complete(storage.resolve(str(root)).child("train"))
+    d = m["details"]
+    assert d["model"] == "mmret_clip" and d["steps"] == 4 and d["optimizer_steps"] == 4
+    assert set(d["losses_first_10"]) == {"loss", "contrastive_loss"}
+    assert set(d["side_by_side"]) == {"mmret_clip", "mmret_mllm"}
+    for v in d["side_by_side"].values():
+        assert v["start"]["queries"] == v["end"]["queries"] == 8
+    metrics = json.loads((root / "train" / "metrics.json").read_text())
+    exported = dict(loader.load_model(str(root / "train" / "model")).named_parameters())
+    base = dict(loader.load_model(str(tiny_models["clip"])).named_parameters())
+    assert exported.keys() == base.keys()  # merged: no adapter weights left
+    changed = {n for n in base if not torch.equal(exported[n], base[n])}
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed), changed
+    assert_export_embeds_like_the_trained_model(root, metrics, "mmret_clip")
+    assert_export_embeds_like_the_trained_model(
+        root, metrics["compare"][0], "mmret_mllm", "compare/mmret_mllm"
+    )
 
 
 def test_train_on_s3_checkpoints_and_exports_there(s3_bucket, ray_local, tiny_models):

@@ -15,7 +15,7 @@ from coral import graph
 from coral import schemas as S
 from coral.config import TrainConfig, load_config
 from coral.models import loader
-from coral.train import step
+from coral.train import retrievers, step
 from coral.train.coral import CoralHeads
 from tests.conftest import REPO
 
@@ -49,15 +49,14 @@ def merit_run(ray_local, tmp_path_factory):
     )
 
 
-def train(model, processor, rows, products, steps, heads=None, special=None, seed=0):
+def train(model, retriever, rows, products, steps, heads=None, special=None, seed=0):
     random.seed(seed)
     params = [*model.parameters(), *(heads.parameters() if heads is not None else [])]
     opt = torch.optim.AdamW(params, lr=3e-4)
     history = []
     for _ in range(steps):
-        out = step.losses(
-            model, processor, random.sample(rows, 8), products, 3, TrainConfig(), heads, special
-        )
+        examples = step.featurize(retriever, random.sample(rows, 8), products, 3)
+        out = step.losses(model, retriever, examples, 3, TrainConfig(), heads, special)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -70,10 +69,13 @@ def test_contrastive_steps_lift_held_out_r_at_1(merit_run, tiny_models):
     torch.manual_seed(0)
     torch.set_num_threads(2)
     ref = str(tiny_models["qwen2_vl"])
-    model, processor = loader.load_model(ref).train(), loader.load_processor(ref)
-    start = step.validate(model, processor, test_rows, pool, products)
-    train(model, processor, train_rows, products, steps=150)
-    end = step.validate(model, processor, test_rows, pool, products)
+    model, retriever = (
+        loader.load_model(ref).train(),
+        retrievers.make("mmret_mllm", loader.load_processor(ref)),
+    )
+    start = step.validate(model, retriever, test_rows, pool, products)
+    train(model, retriever, train_rows, products, steps=150)
+    end = step.validate(model, retriever, test_rows, pool, products)
     chance = sum(len(r[S.POSITIVE_IDS]) for r in test_rows) / len(test_rows) / len(pool)
     assert end["queries"] == len(test_rows) and end["candidates"] == len(pool)
     # an untrained model sits near chance; 150 steps lift the mean reciprocal rank severalfold
@@ -87,7 +89,13 @@ def test_coral_terms_are_named_and_fall(merit_run, tiny_models):
     model, processor = loader.load_model(ref).train(), loader.load_processor(ref)
     heads = CoralHeads(model.config.text_config.hidden_size)
     history = train(
-        model, processor, train_rows, products, 40, heads, set(processor.tokenizer.all_special_ids)
+        model,
+        retrievers.make("coral", processor),
+        train_rows,
+        products,
+        40,
+        heads,
+        set(processor.tokenizer.all_special_ids),
     )
     assert set(history[0]) == {"loss", "contrastive_loss", "vision_recon_loss", "mlm_loss"}
     first = {k: sum(h[k] for h in history[:5]) / 5 for k in history[0]}

@@ -7,7 +7,7 @@ import torch
 
 from coral import schemas as S
 from coral.models import loader
-from coral.train import collate
+from coral.train import collate, retrievers
 from tests.unit.test_models import images
 
 QUERY = (
@@ -35,8 +35,8 @@ def test_interleave_puts_one_image_part_per_slot_in_order():
 
 def test_collate_fills_every_slot_and_pads_left(tiny_models):
     proc = loader.load_processor(str(tiny_models["qwen2_vl"]))
-    msgs = [collate.query_message(QUERY), collate.candidate_message("Kova mug")]
-    batch = collate.collate(proc, msgs, [images(2), images(1)])
+    r = retrievers.make("coral", proc)
+    batch = r.collate([r.query(QUERY, images(2)), r.candidate("Kova mug", images(1)[0])])
     assert batch["image_grid_thw"].shape[0] == 3
     image_token = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     per_row = (batch["input_ids"] == image_token).sum(dim=1)
@@ -47,4 +47,26 @@ def test_collate_fills_every_slot_and_pads_left(tiny_models):
         batch["attention_mask"][1, : int((batch["attention_mask"][1] == 0).sum())].unique(), torch.tensor([0])
     )
     with pytest.raises(ValueError, match="2 image slots but 1 images"):
-        collate.collate(proc, msgs[:1], [images(1)])
+        r.query(QUERY, images(1))
+
+
+def test_features_collated_equal_the_processor_on_the_whole_batch(tiny_models):
+    """Featurising one input at a time (the data pipeline) then collating gives the processor's own
+    left-padded batch, tensor for tensor."""
+    proc = loader.load_processor(str(tiny_models["qwen2_vl"]))
+    r = retrievers.make("mmret_mllm", proc)
+    msgs = [
+        collate.query_message(QUERY),
+        collate.candidate_message("Kova mug"),
+        collate.candidate_message(None),
+    ]
+    imgs = [images(2), images(1), images(3)[2:]]
+    texts = [proc.apply_chat_template(m, add_generation_prompt=False, tokenize=False) for m in msgs]
+    proc.tokenizer.padding_side = "left"
+    ref = proc(text=texts, images=[i for row in imgs for i in row], return_tensors="pt", padding=True)
+    got = r.collate(
+        [r.query(QUERY, imgs[0]), r.candidate("Kova mug", imgs[1][0]), r.candidate(None, imgs[2][0])]
+    )
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k

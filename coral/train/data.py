@@ -1,0 +1,56 @@
+"""The training data pipeline: triplet rows -> model features in Ray Data, before the training loop.
+
+``Featurize`` is a Ray Data actor class: it loads the retriever's processor once, decodes the images the
+rows name (from the catalog, shared through the object store) and runs the processor on each query and on
+its positive and K hard negatives (``step.featurize``). A row leaves as one ``example`` cell, the pickled
+features (numpy arrays, unpadded); the workers' ``get_dataset_shard`` streams them and the loop only pads
+and stacks (``retriever.collate``).
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow as pa
+import ray
+
+from coral.config import TrainConfig
+from coral.train import retrievers, step
+
+EXAMPLE = "example"
+
+
+class Featurize:
+    def __init__(self, kind: str, base: str, catalog: list, k: int):
+        from coral.models import loader
+
+        self.retriever = retrievers.make(kind, loader.load_processor(base))
+        self.products = step.products_from(ray.get(catalog[0]))  # [ref]: a bare ref would be resolved early
+        self.k = k
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        examples = step.featurize(self.retriever, batch.to_pylist(), self.products, self.k)
+        return pa.table(
+            {EXAMPLE: pa.array([pickle.dumps(e, protocol=5) for e in examples], pa.large_binary())}
+        )
+
+
+def examples(batch: pa.Table) -> list[dict]:
+    return [pickle.loads(b) for b in batch.column(EXAMPLE).to_pylist()]
+
+
+def pipeline(rows: pa.Table, catalog: dict, cfg: TrainConfig) -> ray.data.Dataset:
+    """The lazy featurised dataset of the training ``rows``; ``catalog`` holds id, title and image columns."""
+    return ray.data.from_arrow(rows).map_batches(
+        Featurize,
+        fn_constructor_kwargs={
+            "kind": cfg.model,
+            "base": cfg.base,
+            "catalog": [ray.put(catalog)],
+            "k": cfg.hard_negatives,
+        },
+        batch_format="pyarrow",
+        batch_size=max(1, 4 * cfg.batch_size),
+        concurrency=cfg.data_workers,
+        num_cpus=1,
+    )

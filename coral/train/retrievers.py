@@ -1,0 +1,157 @@
+"""The retrievers the train stage trains and the index and serve stages embed with (REFERENCE.md section 3).
+
+A retriever wraps a processor and does three things:
+
+- ``query(text, images)`` / ``candidate(title, image)``: one input -> its unpadded features (numpy arrays).
+  This is the processor's work; training runs it in the Ray Data pipeline, not in the training loop.
+- ``collate(features)``: a list of features -> one model batch (torch tensors, padded).
+- ``embed(model, batch)``: (B, D) L2-normalised embeddings.
+
+Kinds:
+
+- ``mmret_mllm`` and ``coral`` (the same embedding model; Coral adds training-only heads): Qwen2-VL /
+  Qwen2.5-VL through its chat template (``collate.query_message`` / ``candidate_message``), left padded,
+  embedding = the final token's last-layer state (``coral.encode``).
+- ``mmret_clip``: CLIP / SigLIP score fusion. The text is the query with its image slots removed (a
+  candidate's title), truncated to the text tower's length; the embedding is
+  normalize(text features + the sum of the image features) (``heads.fuse``); an input with only text or
+  only images is its own features normalised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from coral import schemas as S
+from coral.train import collate
+from coral.train.heads import fuse
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def _pad(rows: list[np.ndarray], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), value, dtype=np.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            if left:
+                out[i, width - len(r) :] = r
+            else:
+                out[i, : len(r)] = r
+    return torch.from_numpy(out)
+
+
+class MLLMRetriever:
+    """Qwen2-VL / Qwen2.5-VL, last-token embedding (MMRet-MLLM; Coral's embedding model)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        processor.tokenizer.padding_side = "left"
+        self.pad_id = processor.tokenizer.pad_token_id or 0
+
+    def _features(self, message: list[dict], images: list) -> dict[str, np.ndarray]:
+        slots = sum(p["type"] == "image" for m in message for p in m["content"])
+        if slots != len(images):
+            raise ValueError(f"a message has {slots} image slots but {len(images)} images")
+        text = self.processor.apply_chat_template(message, add_generation_prompt=False, tokenize=False)
+        out = self.processor(text=[text], images=images or None, return_tensors="np")
+        return {k: (v[0] if k in SEQUENCE_KEYS else v) for k, v in out.items()}
+
+    def query(self, text: str, images: list) -> dict[str, np.ndarray]:
+        return self._features(collate.query_message(text), images)
+
+    def candidate(self, title: str | None, image) -> dict[str, np.ndarray]:
+        return self._features(collate.candidate_message(title), [image])
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Left padded (the final token of every row at the last position); images concatenated in order."""
+        batch = {}
+        for k in SEQUENCE_KEYS:
+            if k in features[0]:
+                batch[k] = _pad([f[k] for f in features], self.pad_id if k == "input_ids" else 0, left=True)
+        for k in ("pixel_values", "image_grid_thw"):
+            parts = [f[k] for f in features if k in f]
+            if parts:
+                batch[k] = torch.from_numpy(np.concatenate(parts))
+        return batch
+
+    def embed(self, model, batch: dict) -> torch.Tensor:
+        from coral.train.coral import encode
+
+        return encode(model, batch).embedding
+
+
+class ClipRetriever:
+    """CLIP / SigLIP score fusion (MMRet-CLIP)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
+        # SigLIP was trained on max-length padding and pools the last position: pad every text alike
+        self.siglip = "siglip" in type(processor).__name__.lower()
+        self.empty = np.asarray(self.tokenizer("")["input_ids"], dtype=np.int64)
+
+    def _features(self, text: str, images: list) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if text.strip():
+            padding = "max_length" if self.siglip else False
+            out["input_ids"] = np.asarray(
+                self.tokenizer(text, truncation=True, padding=padding)["input_ids"], dtype=np.int64
+            )
+        if images:
+            out["pixel_values"] = self.image_processor(images=images, return_tensors="np")["pixel_values"]
+        if not out:
+            raise ValueError("an input needs text or an image")
+        return out
+
+    def query(self, text: str, images: list) -> dict[str, np.ndarray]:
+        if text.count(S.IMAGE_SLOT) != len(images):
+            raise ValueError(f"a query has {text.count(S.IMAGE_SLOT)} image slots but {len(images)} images")
+        words = " ".join(c.strip() for c in text.split(S.IMAGE_SLOT) if c.strip())
+        return self._features(words, images)
+
+    def candidate(self, title: str | None, image) -> dict[str, np.ndarray]:
+        return self._features(title or "", [image])
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """Texts right padded (a row without text gets the empty text, masked out of the fusion); the
+        images of all rows concatenated, with the row each belongs to."""
+        ids = [f.get("input_ids", self.empty) for f in features]
+        pad = self.tokenizer.pad_token_id or 0
+        batch = {
+            "input_ids": _pad(ids, pad, left=False),
+            "attention_mask": _pad([np.ones(len(i), dtype=np.int64) for i in ids], 0, left=False),
+            "has_text": torch.tensor(["input_ids" in f for f in features]),
+        }
+        counts = [len(f["pixel_values"]) if "pixel_values" in f else 0 for f in features]
+        if sum(counts):
+            batch["pixel_values"] = torch.from_numpy(
+                np.concatenate([f["pixel_values"] for f in features if "pixel_values" in f])
+            )
+            batch["image_owner"] = torch.repeat_interleave(torch.arange(len(features)), torch.tensor(counts))
+        batch["has_image"] = torch.tensor(counts) > 0
+        return batch
+
+    def embed(self, model, batch: dict) -> torch.Tensor:
+        kwargs = {} if self.siglip else {"attention_mask": batch["attention_mask"]}
+        text = model.get_text_features(input_ids=batch["input_ids"], **kwargs).pooler_output
+        image = None
+        if "pixel_values" in batch:
+            pixels = batch["pixel_values"].to(model.dtype)
+            per_image = model.get_image_features(pixel_values=pixels).pooler_output
+            image = torch.zeros(len(text), per_image.shape[1], dtype=per_image.dtype, device=per_image.device)
+            image = image.index_add(0, batch["image_owner"].to(per_image.device), per_image)
+        return fuse(text, image, batch["has_text"].to(text.device), batch["has_image"].to(text.device))
+
+
+RETRIEVERS = {"mmret_mllm": MLLMRetriever, "coral": MLLMRetriever, "mmret_clip": ClipRetriever}
+BASES = {
+    "mmret_mllm": ("qwen2_vl", "qwen2_5_vl"),
+    "coral": ("qwen2_vl", "qwen2_5_vl"),
+    "mmret_clip": ("clip", "siglip"),
+}
+
+
+def make(kind: str, processor) -> MLLMRetriever | ClipRetriever:
+    return RETRIEVERS[kind](processor)

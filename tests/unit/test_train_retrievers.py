@@ -1,0 +1,51 @@
+"""MMRet-CLIP's score fusion matches its formula: normalize(text features + image features), an input
+with one part normalised alone, and a padded mixed batch embeds each row as it would alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coral import schemas as S
+from coral.models import loader
+from coral.train import retrievers
+from tests.unit.test_models import images
+
+
+def test_clip_fusion_matches_its_formula(tiny_models):
+    ref = str(tiny_models["clip"])
+    model, proc = loader.load_model(ref).eval(), loader.load_processor(ref)
+    r = retrievers.make("mmret_clip", proc)
+    imgs = images(3)
+    query = f"same colour as {S.IMAGE_SLOT} but the shape of {S.IMAGE_SLOT}"
+    with torch.no_grad():
+        got = [
+            r.embed(model, r.collate([f]))[0]
+            for f in (r.query(query, imgs[:2]), r.query("just words", []), r.candidate(None, imgs[2]))
+        ]
+        tok = proc.tokenizer(
+            ["same colour as but the shape of", "just words"], padding=True, return_tensors="pt"
+        )
+        text = model.get_text_features(**tok).pooler_output
+        pix = proc.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
+        image = model.get_image_features(pixel_values=pix).pooler_output
+        want = [
+            F.normalize(text[0] + image[0] + image[1], dim=-1),  # summed, then normalised
+            F.normalize(text[1], dim=-1),
+            F.normalize(image[2], dim=-1),
+        ]
+        batched = r.embed(
+            model,
+            r.collate([r.query(query, imgs[:2]), r.query("just words", []), r.candidate(None, imgs[2])]),
+        )
+    for g, w, b in zip(got, want, batched, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, w, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want[0], F.normalize(text[0], dim=-1), atol=1e-3)  # the images count
+
+
+def test_clip_query_slots_must_match_images(tiny_models):
+    r = retrievers.make("mmret_clip", loader.load_processor(str(tiny_models["clip"])))
+    with pytest.raises(ValueError, match="1 image slots but 0 images"):
+        r.query(f"a {S.IMAGE_SLOT}", [])
