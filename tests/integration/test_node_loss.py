@@ -33,3 +33,31 @@ def test_embed_survives_losing_a_worker_node(tmp_path):
     assert "removing the node that runs the encoder actor" in r.stdout, out
     assert r.returncode == 0, out
     assert "rows_in=600 rows_out=600 unique=600 catalog=600" in r.stdout, out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_training_survives_losing_the_worker_node(tmp_path, tiny_models):
+    r = subprocess.run(
+        [
+            "timeout",
+            "-k",
+            "20",
+            "-s",
+            "INT",
+            "420",
+            sys.executable,
+            str(HERE / "train_node_loss.py"),
+            str(tmp_path / "run"),
+            str(tiny_models["qwen2_vl"]),
+        ],
+        cwd=HERE.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=470,
+    )
+    out = r.stdout[-3000:] + r.stderr[-4000:]
+    assert "removing the node that runs the train worker" in r.stdout, out
+    assert r.returncode == 0, out
+    assert "steps=40 history=40 resumed_from_step=" in r.stdout, out

@@ -104,3 +104,26 @@ def test_coral_terms_are_named_and_fall(merit_run, tiny_models):
         first,
         last,
     )
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(merit_run, tiny_models):
+    products, train_rows, _, _ = merit_run
+    ref = str(tiny_models["qwen2_vl"])
+    retriever = retrievers.make("mmret_mllm", loader.load_processor(ref))
+    examples = step.featurize(retriever, train_rows[:4], products, 3)
+    out = []
+    for checkpointing in (False, True):
+        model = loader.load_model(ref).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_activation_checkpointing
+        loss = step.losses(model, retriever, examples, 3, TrainConfig())["loss"]
+        loss.backward()
+        out.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss_a, grads_a), (loss_b, grads_b) = out
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4)
