@@ -112,7 +112,7 @@ def train_loop(config: dict) -> None:
     retriever = retrievers.make(cfg.model, processor)
     scalars_to_buffers(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model, lora = with_lora(model, cfg)
     heads = CoralHeads(model.config.text_config.hidden_size) if cfg.model == "coral" else None
     module = Retriever(model.train(), heads)

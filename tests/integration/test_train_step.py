@@ -115,7 +115,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(merit_run, tin
     for checkpointing in (False, True):
         model = loader.load_model(ref).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
             assert model.is_activation_checkpointing
         loss = step.losses(model, retriever, examples, 3, TrainConfig())["loss"]
         loss.backward()
