@@ -1,5 +1,6 @@
 """Training throughput: the train stage (Ray Train, 2 workers, DeepSpeed ZeRO-2, Coral on the tiny
-Qwen2-VL) vs a plain single-process PyTorch loop over the same model, global batch, steps and threads.
+Qwen2-VL, the processor in a Ray Data actor) vs a plain single-process PyTorch loop over the same model,
+global batch, steps and threads, which runs the processor itself between steps.
 
 Figure: steps/s once running (the stage's own timer, from its first step to its last checkpoint); Ray's
 fixed start-up (workers, DeepSpeed initialisation, the first validation-free checkpoint) reported apart.
@@ -22,9 +23,8 @@ from coral import schemas as S
 from coral.config import TrainConfig, load_config
 from coral.models import loader
 from coral.models.tiny import build_all
-from coral.train import step
+from coral.train import retrievers, step
 from coral.train.coral import CoralHeads
-from coral.train.loop import products_from
 
 STEPS, GLOBAL_BATCH, WORKERS, K = 60, 8, 2, 3
 
@@ -34,17 +34,17 @@ def plain_loop(root: Path, base: str) -> float:
     torch.manual_seed(0)
     torch.set_num_threads(WORKERS)
     catalog = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.TITLE, S.IMAGE])
-    products = products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
+    products = step.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
     rows = [r for r in pq.read_table(root / "merit" / "data").to_pylist() if r[S.SPLIT] == "train"]
     model, processor = loader.load_model(base).train(), loader.load_processor(base)
+    retriever = retrievers.make("coral", processor)
     heads = CoralHeads(model.config.text_config.hidden_size)
     opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=3e-4)
     special, rng = set(processor.tokenizer.all_special_ids), random.Random(0)
 
     def one() -> None:
-        out = step.losses(
-            model, processor, rng.sample(rows, GLOBAL_BATCH), products, K, TrainConfig(), heads, special
-        )
+        examples = step.featurize(retriever, rng.sample(rows, GLOBAL_BATCH), products, K)
+        out = step.losses(model, retriever, examples, K, TrainConfig(), heads, special)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

@@ -41,7 +41,11 @@ def examples(batch: pa.Table) -> list[dict]:
 
 def pipeline(rows: pa.Table, catalog: dict, cfg: TrainConfig) -> ray.data.Dataset:
     """The lazy featurised dataset of the training ``rows``; ``catalog`` holds id, title and image columns."""
-    return ray.data.from_arrow(rows).map_batches(
+    # one map batch per input block: a block leaves the actor whole, so small blocks keep the workers fed
+    # from the first seconds (one big block would arrive only once all of it is featurised)
+    per_block = max(1, 4 * cfg.batch_size)
+    blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)] or [rows]
+    return ray.data.from_arrow(blocks).map_batches(
         Featurize,
         fn_constructor_kwargs={
             "kind": cfg.model,
@@ -50,7 +54,7 @@ def pipeline(rows: pa.Table, catalog: dict, cfg: TrainConfig) -> ray.data.Datase
             "k": cfg.hard_negatives,
         },
         batch_format="pyarrow",
-        batch_size=max(1, 4 * cfg.batch_size),
+        batch_size=per_block,
         concurrency=cfg.data_workers,
         num_cpus=1,
     )

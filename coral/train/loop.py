@@ -196,7 +196,10 @@ def train_loop(config: dict) -> None:
             engine.backward(out["loss"])
             engine.step()
             terms.append({k: v.item() for k, v in out.items()})
-        samples += cfg.batch_size * cfg.gradient_accumulation
+        if n == first:  # the rate counts from the end of the first step: the pipeline's start-up is apart
+            started = time.perf_counter()
+        else:
+            samples += cfg.batch_size * cfg.gradient_accumulation
         state["step"] = n + 1
         state["optimizer_steps"] = engine.global_steps
         state["history"].append({k: round(sum(t[k] for t in terms) / len(terms), 5) for k in terms[0]})
