@@ -35,9 +35,20 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     path = Path(cfg.deepspeed)
     path = path if path.is_absolute() or path.exists() else REPO / path
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"train.deepspeed: cannot read {cfg.deepspeed}: {type(e).__name__}: {e}") from None
+    # the batch settings come from the train section; a JSON may say "auto" or repeat them, not differ
+    for key, ours in (
+        ("train_micro_batch_size_per_gpu", cfg.batch_size),
+        ("gradient_accumulation_steps", cfg.gradient_accumulation),
+    ):
+        if ds.get(key, "auto") not in ("auto", ours):
+            raise ConfigError(
+                f"train.deepspeed: {cfg.deepspeed} sets {key}={ds[key]} but the train section gives {ours}; "
+                'set it to "auto" in the JSON'
+            )
+    return ds
 
 
 def resume_key(cfg: TrainConfig) -> str:

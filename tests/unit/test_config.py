@@ -149,3 +149,30 @@ def test_cluster_yaml_has_head_and_gpu_workers():
     c = yaml.safe_load((REPO / "cluster.yaml").read_text())
     assert c["head_node_type"] in c["available_node_types"]
     assert {"cpu_worker", "gpu_worker"} <= set(c["available_node_types"])
+
+
+def test_train_section_errors_name_the_setting(tmp_path, tiny_models):
+    from coral.stages.train import TrainStage
+
+    with pytest.raises(ConfigError, match="compare entries look like"):
+        load_config(None, ["train.compare=[{kind: clip}]"])
+    with pytest.raises(ConfigError, match="unknown model 'bert'"):
+        load_config(None, ["train.compare=[{model: bert}]"])
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=4 but the train section gives 1"):
+        TrainStage().validate(load_config(None, [f"train.deepspeed={ds}"]))
+    qwen, clip = tiny_models["qwen2_vl"], tiny_models["clip"]
+    with pytest.raises(ConfigError, match="LoRA .* with ZeRO-3 is not supported"):
+        TrainStage().validate(
+            load_config(
+                None,
+                [f"train.base={qwen}", "train.lora_rank=4", "train.deepspeed=cluster/deepspeed/zero3.json"],
+            )
+        )
+    with pytest.raises(ConfigError, match="mmret_clip needs one of clip, siglip"):
+        TrainStage().validate(load_config(None, ["train.model=mmret_clip", f"train.base={qwen}"]))
+    with pytest.raises(ConfigError, match="mmret_mllm needs one of qwen2_vl"):
+        TrainStage().validate(
+            load_config(None, [f"train.base={qwen}", f"train.compare=[{{model: mmret_mllm, base: {clip}}}]"])
+        )
