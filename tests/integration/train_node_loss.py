@@ -1,5 +1,5 @@
 """Run by test_node_loss.py in its own process: a simulated cluster (head + 2 nodes that can each host the
-train worker) loses the node running the worker after its first checkpoint; Ray Train restarts the worker
+train worker) loses the node running the worker after its second checkpoint; Ray Train restarts the worker
 on the spare node from that checkpoint and the stage finishes every step.
 
     python tests/integration/train_node_loss.py RUN_ROOT TINY_QWEN2_VL
@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster
 from coral import graph, manifest, storage
 from coral.config import load_config
 
-STEPS, EVERY = 40, 5
+STEPS, EVERY = 60, 5
 
 
 def main(run_root: str, base: str) -> int:
@@ -59,7 +59,9 @@ def main(run_root: str, base: str) -> int:
     def kill_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline:
-            if any(checkpoints.rglob("state.json")):
+            # two checkpoints on storage: the controller has registered the first (a file alone may be
+            # an upload whose report the controller has not taken yet)
+            if len(list(checkpoints.rglob("state.json"))) >= 2:
                 for info in ray._private.state.actors().values():  # GCS view; needs no dashboard
                     if "RayTrainWorker" in info["ActorClassName"] and info["State"] == "ALIVE":
                         doomed = [n for n in nodes if n.node_id == info["Address"]["NodeID"]]
