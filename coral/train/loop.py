@@ -25,6 +25,7 @@ from coral.train import data, retrievers, step
 from coral.train.coral import CoralHeads
 
 STATE = "state.json"
+TIMED = ("data_wait", "forward", "backward", "optimizer")
 TAG = "ckpt"
 
 
@@ -157,10 +158,12 @@ def train_loop(config: dict) -> None:
     rows = batches()
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     started, samples, first = time.perf_counter(), 0, state["step"]
+    seconds = dict.fromkeys(TIMED, 0.0)
 
     def save(last: bool) -> None:
         elapsed = time.perf_counter() - started
         state["samples_per_s"] = round(samples * ctx.get_world_size() / elapsed, 3) if samples else None
+        state["worker_seconds"] = {k: round(v, 3) for k, v in seconds.items()}  # rank 0's
         if last and evaluates:
             state["validation"]["end"] = validate()
             state["probe"] = probe(engine.module.model, retriever, held_out, pool, products)
@@ -183,19 +186,27 @@ def train_loop(config: dict) -> None:
     for n in range(first, cfg.steps):
         terms: list[dict] = []
         for _ in range(cfg.gradient_accumulation):  # DeepSpeed steps the optimizer on the last one
+            t0 = time.perf_counter()
+            examples = next(rows)
+            t1 = time.perf_counter()
             out = step.losses(
                 engine.module.model,
                 retriever,
-                next(rows),
+                examples,
                 cfg.hard_negatives,
                 cfg,
                 engine.module.heads,
                 special,
                 generator,
             )
+            t2 = time.perf_counter()
             engine.backward(out["loss"])
+            t3 = time.perf_counter()
             engine.step()
             terms.append({k: v.item() for k, v in out.items()})
+            if n > first:  # where a worker's time goes, the first step (start-up) apart
+                for part, dt in zip(TIMED, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3), strict=True):
+                    seconds[part] += dt
         if n == first:  # the rate counts from the end of the first step: the pipeline's start-up is apart
             started = time.perf_counter()
         else:
