@@ -373,6 +373,53 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class IndexStageConfig:
+    """The candidate pool embedded with a checkpoint and a FAISS index bound to that checkpoint.
+
+    ``model``: ``train`` (the train stage's export, its retriever kind from the train section) or a dir,
+    ``s3://`` URI or hub id of a retriever of kind ``kind``. ``candidates``: the catalog's ``test``
+    products (the held-out pool), or ``all``. ``index``: the FAISS index kind (``auto``: exact up to
+    ``flat_max`` vectors, IVF above; GPU when faiss-gpu sees one)."""
+
+    model: str = "train"
+    kind: Literal["mmret_clip", "mmret_mllm", "coral"] = "coral"  # when model is not "train"
+    candidates: Literal["test", "all"] = "test"
+    index: IndexConfig = field(default_factory=IndexConfig)
+    batch_size: int = 32
+    num_actors: int = field(default=1, metadata={"rerun": False})
+    num_cpus: float = field(default=1.0, metadata={"rerun": False})
+    num_gpus: float = field(default=0.0, metadata={"rerun": False})
+    device: str = field(default="auto", metadata={"rerun": False})
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        check(self.batch_size >= 1 and self.num_actors >= 1, "index.batch_size and num_actors must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Held-out queries (``splits`` of the ``train.data`` stages' triplets) searched in the index; the
+    untrained base model (``train.base``) scored the same way as a baseline (``baseline``). ``gate``:
+    optional bars on the trained model's metrics (``{R@1: 0.3}``); below one, the graph stops with a
+    non-zero exit code. ``bootstrap``: resamples for the 95% intervals."""
+
+    splits: tuple[str, ...] = ("test",)
+    baseline: bool = True
+    max_queries: int = 0  # 0: every held-out query
+    gate: dict[str, float] = field(default_factory=dict)
+    bootstrap: int = 1000
+    top_k: int = 10
+
+    def __post_init__(self):
+        known = {"R@1", "R@5", "R@10", "MRR@10"}
+        check(
+            set(self.gate) <= known,
+            f"evaluate.gate: metrics must be among {sorted(known)}, got {sorted(self.gate)}",
+        )
+        check(self.top_k >= 10, "evaluate.top_k must be >= 10 (MERIT's metrics look at the top 10)")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -384,6 +431,8 @@ class Config:
     merit: MeritConfig = field(default_factory=MeritConfig)
     imports: ImportConfig = field(default_factory=ImportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexStageConfig = field(default_factory=IndexStageConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -4,7 +4,9 @@ from coral.stages.annotate import AnnotateStage
 from coral.stages.base import Stage, StageContext
 from coral.stages.catalog import CatalogStage
 from coral.stages.embed import EmbedStage
+from coral.stages.evaluate import EvaluateStage
 from coral.stages.imports import ImportStage
+from coral.stages.index import IndexStage
 from coral.stages.merit import MeritStage
 from coral.stages.mine import MineStage
 from coral.stages.train import TrainStage
@@ -19,6 +21,8 @@ STAGES: dict[str, Stage] = {
         MeritStage(),
         ImportStage(),
         TrainStage(),
+        IndexStage(),
+        EvaluateStage(),
     )
 }
 

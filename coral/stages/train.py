@@ -212,7 +212,9 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
         "resumed_from_step": state.get("resumed_from_step", 0),
         "validation": state["validation"],
         "samples_per_s": state.get("samples_per_s"),
-        "worker_seconds": state.get("worker_seconds"),  # rank 0, after its first step: data wait, forward, ...
+        "worker_seconds": state.get(
+            "worker_seconds"
+        ),  # rank 0, after its first step: data wait, forward, ...
         "losses_first_10": {k: round(sum(h[k] for h in first) / len(first), 4) for k in first[0]},
         "losses_last_10": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[0]},
         "export": out.uri,

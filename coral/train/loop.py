@@ -205,7 +205,9 @@ def train_loop(config: dict) -> None:
             engine.step()
             terms.append({k: v.item() for k, v in out.items()})
             if n > first:  # where a worker's time goes, the first step (start-up) apart
-                for part, dt in zip(TIMED, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3), strict=True):
+                for part, dt in zip(
+                    TIMED, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3), strict=True
+                ):
                     seconds[part] += dt
         if n == first:  # the rate counts from the end of the first step: the pipeline's start-up is apart
             started = time.perf_counter()

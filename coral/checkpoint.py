@@ -1,0 +1,122 @@
+"""Checkpoints as the index, evaluate and serve stages see them: where a retriever's model dir is, its
+content hash, its embedding size, and the index bound to it.
+
+A checkpoint is an exported Hugging Face dir (model + processor) on local disk or object storage, or a hub
+id. Its hash is the SHA-256 of its files' names and bytes (a hub id hashes to the id itself): two dirs with
+the same weights and processor have the same hash wherever they live. ``local_dir`` copies an ``s3://``
+dir once into a local cache, so every actor on every node can load it through the one loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+from coral import storage
+from coral.config import StorageConfig
+from coral.errors import ConfigError
+
+INDEX_META = "index.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    uri: str  # dir, s3:// URI or hub id
+    kind: str  # retriever kind (coral, mmret_mllm, mmret_clip)
+    hash: str
+    dim: int
+
+
+def _files(uri: str, cfg: StorageConfig | None) -> tuple[storage.Location, list[str]]:
+    loc = storage.resolve(uri, cfg)
+    files = sorted(storage.list_files(loc))
+    if not files:
+        raise ConfigError(f"checkpoint {uri}: no files there")
+    return loc, files
+
+
+def is_storage_path(uri: str) -> bool:
+    return uri.startswith("s3://") or os.path.isdir(uri)
+
+
+def content_hash(uri: str, cfg: StorageConfig | None = None) -> str:
+    if not is_storage_path(uri):
+        return "hub:" + uri
+    loc, files = _files(uri, cfg)
+    h = hashlib.sha256()
+    for path in files:
+        h.update(posixpath.relpath(path, loc.path).encode() + b"\0")
+        with loc.fs.open_input_stream(path) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def local_dir(uri: str, cfg: StorageConfig | None = None) -> str:
+    """A local dir (or hub id) the loader can read: ``s3://`` dirs are copied once into a cache."""
+    if not uri.startswith("s3://"):
+        return uri
+    cache = os.path.join(
+        tempfile.gettempdir(), "coral-checkpoints", hashlib.sha1(uri.encode()).hexdigest()[:16]
+    )
+    done = os.path.join(cache, ".complete")
+    if not os.path.exists(done):
+        loc, files = _files(uri, cfg)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(cache))
+        for path in files:
+            dest = os.path.join(tmp, posixpath.relpath(path, loc.path))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with loc.fs.open_input_stream(path) as f, open(dest, "wb") as out:
+                out.write(f.read())
+        open(os.path.join(tmp, ".complete"), "w").close()
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def embedding_dim(model_dir: str) -> int:
+    """The size of the retriever's embedding, from the model's config."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    if cfg.model_type in ("clip", "siglip"):
+        return int(getattr(cfg, "projection_dim", None) or cfg.text_config.hidden_size)
+    return int(getattr(cfg, "text_config", cfg).hidden_size)
+
+
+def describe(uri: str, kind: str, cfg: StorageConfig | None = None) -> Checkpoint:
+    return Checkpoint(uri, kind, content_hash(uri, cfg), embedding_dim(local_dir(uri, cfg)))
+
+
+class IndexMismatch(ConfigError):
+    pass
+
+
+def check_bound(index_meta: dict, model: Checkpoint, where: str) -> None:
+    """An index may only be searched with the checkpoint that built it."""
+    built = index_meta["checkpoint"]
+    if built["hash"] != model.hash or built["dim"] != model.dim:
+        raise IndexMismatch(
+            f"the index at {where} was built with checkpoint {built['uri']} (hash {built['hash']}, "
+            f"embedding size {built['dim']}), not with {model.uri} (hash {model.hash}, embedding size "
+            f"{model.dim}); rebuild the index with this checkpoint or load the one it was built with"
+        )
+
+
+def index_meta(checkpoint: Checkpoint, spec: str, count: int) -> dict:
+    return {"checkpoint": asdict(checkpoint), "spec": spec, "count": count, "dim": checkpoint.dim}
+
+
+def read_index_meta(index_dir: storage.Location) -> dict:
+    loc = index_dir.child(INDEX_META)
+    if not storage.exists(loc):
+        raise ConfigError(f"no index at {index_dir.uri} ({INDEX_META} is missing); run the index stage")
+    return json.loads(storage.read_bytes(loc))
