@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             print(f"\nrun '{config.run.name}' at {config.run.run_root} ({time.time() - started:.1f} s)")
             print(graph.format_summary(rows))
+            if any(r.stage == "evaluate" for r in rows):
+                from coral.stages.evaluate import summary_table
+
+                table = summary_table(config)
+                if table:
+                    print(f"\nheld-out retrieval ({config.run.run_root}/evaluate/metrics.json):\n{table}")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,18 @@ def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict) -
             "",
         ]
     storage.write_bytes(out.child("report.md"), "\n".join(lines).encode())
+
+
+def summary_table(config: Config) -> str | None:
+    """The evaluation's metrics as a text table (None when the run has none)."""
+    loc = storage.resolve(config.run.run_root, config.storage).child("evaluate", "metrics.json")
+    if not storage.exists(loc):
+        return None
+    models = storage.read_json(loc)["models"]
+    lines = [f"{'model':<10}" + "".join(f"{k:>9}" for k in NAMES) + f"{'queries':>9}  R@1 95% interval"]
+    for m, s in sorted(models.items(), key=lambda kv: kv[0] != "trained"):
+        lo, hi = s["intervals"]["R@1"]
+        lines.append(
+            f"{m:<10}" + "".join(f"{s[k]:>9.3f}" for k in NAMES) + f"{s['queries']:>9}  [{lo:.3f}, {hi:.3f}]"
+        )
+    return "\n".join(lines)
