@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from benchmarks import bench_annotate, bench_catalog, bench_embed, bench_gpu, bench_knn, bench_train
+from benchmarks import (
+    bench_annotate,
+    bench_catalog,
+    bench_embed,
+    bench_gpu,
+    bench_index,
+    bench_knn,
+    bench_train,
+)
 
 
 def start_ray() -> None:
@@ -17,7 +25,7 @@ def start_ray() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     start_ray()
-    for bench in (bench_catalog, bench_embed, bench_knn, bench_annotate, bench_train, bench_gpu):
+    for bench in (bench_catalog, bench_embed, bench_knn, bench_annotate, bench_train, bench_index, bench_gpu):
         bench.main()  # bench_gpu skips itself without CUDA
 
 

@@ -52,6 +52,8 @@ def train_index(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0, gpu: bool 
     n, d = vectors.shape
     spec = index_spec(cfg, n, d, gpu)
     index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efConstruction = cfg.ef_construction
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = vectors if n <= cfg.train_size else vectors[rng.choice(n, cfg.train_size, replace=False)]

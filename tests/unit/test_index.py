@@ -1,0 +1,73 @@
+"""The index stage's FAISS kinds agree with exact search on clustered data within their recall; checkpoint
+hashes follow content, not location; the gate names metric, value and bar."""
+
+from __future__ import annotations
+
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+
+from coral import checkpoint
+from coral.config import IndexConfig, IndexStageConfig
+from coral.stages import evaluate
+from coral.stages import index as index_stage
+
+
+def clustered(n: int, d: int = 64, centres: int = 100, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d), dtype=np.float32)
+    x = c[rng.integers(centres, size=n)] + 0.4 * rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "floor"),
+    [("flat", 1.0), ("ivf_flat", 0.9), ("hnsw", 0.9), ("ivf_pq", 0.5)],
+)
+def test_index_kinds_agree_with_exact_search_within_their_recall(kind, floor):
+    x = clustered(20_000)
+    queries = clustered(500, seed=1)
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    _, want = exact.search(queries, 10)
+    cfg = IndexStageConfig(index=IndexConfig(kind=kind, list_size=100, nprobe=16, pq_m=16, ef_search=128))
+    index = index_stage.build(x, cfg)
+    assert index.ntotal == len(x)
+    _, got = index.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)])
+    assert recall >= floor, (kind, recall)
+    # and it survives the round trip through the bytes the stage writes
+    again = faiss.deserialize_index(faiss.serialize_index(index))
+    assert np.array_equal(again.search(queries[:20], 10)[1], got[:20]) or kind == "hnsw"
+
+
+def test_checkpoint_hash_follows_content_not_location(tiny_models, tmp_path):
+    src = str(tiny_models["clip"])
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    assert checkpoint.content_hash(src) == checkpoint.content_hash(str(copy))
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", " }", 1))
+    assert checkpoint.content_hash(src) != checkpoint.content_hash(str(copy))
+    assert checkpoint.embedding_dim(src) == 32  # CLIP: the projection
+    assert checkpoint.embedding_dim(str(tiny_models["qwen2_vl"])) == 64  # MLLM: the text model's width
+
+
+def test_gate_names_metric_value_and_bar():
+    trained = {"R@1": 0.12, "R@5": 0.4, "R@10": 0.6, "MRR@10": 0.2}
+    assert evaluate.gate_failures({"R@1": 0.1}, trained) == []
+    assert evaluate.gate_failures({"R@1": 0.3, "R@10": 0.5}, trained) == [
+        "R@1 = 0.1200 is below the bar 0.3 (evaluate.gate)"
+    ]
+
+
+def test_scores_by_group_count_every_query():
+    rows = [
+        {"num_conditions": c, "language": lang, "class": "mug"}
+        for c, lang in [(2, "en"), (3, "th"), (2, "en")]
+    ]
+    s = evaluate.score([1, -1, 4], rows, resamples=100)
+    assert s["queries"] == 3 and s["R@1"] == pytest.approx(1 / 3)
+    assert s["by"]["conditions"]["2"] == {"R@1": 0.5, "R@5": 1.0, "R@10": 1.0, "MRR@10": 0.625, "queries": 2}
+    assert s["by"]["language"]["th"]["R@10"] == 0.0
