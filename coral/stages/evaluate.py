@@ -6,7 +6,8 @@ or out-of-distribution labels such as ``ood_language_th``). Candidates: the inde
 model searches the index stage's index (its checkpoint checked against ``index.json``); the baseline
 (``train.base``, untrained) embeds the same candidates and queries and searches an index of the same kind.
 Written under ``{run_root}/evaluate/``: ``metrics.json`` (per model: R@1, R@5, R@10, MRR@10 with 95%
-bootstrap intervals, counts, and the same figures by number of conditions, language and class),
+bootstrap intervals, counts, and the same figures by number of conditions, language and class, and by
+the merit stage's out-of-distribution labels when it wrote them),
 ``data/`` (every query's rank and top-10 ids per model), ``report.md`` and its PNG plots. With
 ``evaluate.gate`` set, a trained metric below its bar fails the stage (outputs kept) and stops the graph.
 """
@@ -48,8 +49,9 @@ def per_query(ranks: list[int]) -> dict[str, np.ndarray]:
     }
 
 
-def score(ranks: list[int], rows: list[dict], resamples: int) -> dict:
-    """MERIT metrics with bootstrap intervals, overall and by group."""
+def score(ranks: list[int], rows: list[dict], resamples: int, ood: dict[str, dict] | None = None) -> dict:
+    """MERIT metrics with bootstrap intervals, overall and by group; ``ood``: per kind, query id -> its
+    out-of-distribution label (the merit stage's ``ood/`` tables), scored per label."""
     out = {**metrics.merit_metrics(ranks), "queries": len(ranks)}
     values = per_query(ranks)
     out["intervals"] = {k: [round(x, 4) for x in metrics.bootstrap_ci(values[k], resamples)] for k in NAMES}
@@ -62,6 +64,28 @@ def score(ranks: list[int], rows: list[dict], resamples: int) -> dict:
             g: {**metrics.merit_metrics([ranks[i] for i in idx]), "queries": len(idx)}
             for g, idx in sorted(members.items())
         }
+    for kind, labels in (ood or {}).items():
+        members = defaultdict(list)
+        for i, r in enumerate(rows):
+            if labels.get(r[S.QUERY_ID], "").startswith("ood_"):
+                members[labels[r[S.QUERY_ID]]].append(i)
+        out.setdefault("ood", {})[kind] = {
+            g: {**metrics.merit_metrics([ranks[i] for i in idx]), "queries": len(idx)}
+            for g, idx in sorted(members.items())
+        }
+    return out
+
+
+def ood_labels(ctx: StageContext) -> dict[str, dict]:
+    """The merit stage's out-of-distribution labels, when it ran and wrote them."""
+    if "merit" not in ctx.config.train.data:
+        return {}
+    out = {}
+    for kind in ("language", "attribute", "class"):
+        loc = ctx.stage_dir("merit").child("ood", kind)
+        if storage.list_files(loc, ".parquet"):
+            t = pq.read_table(loc.path, filesystem=loc.fs)
+            out[kind] = dict(zip(t[S.QUERY_ID].to_pylist(), t[S.SPLIT].to_pylist(), strict=True))
     return out
 
 
@@ -141,7 +165,8 @@ class EvaluateStage:
             m: [metrics.first_rank(r, set(q[S.POSITIVE_IDS])) for r, q in zip(rr, rows, strict=True)]
             for m, rr in ranked.items()
         }
-        scores = {m: score(r, rows, cfg.bootstrap) for m, r in ranks.items()}
+        ood = ood_labels(ctx)
+        scores = {m: score(r, rows, cfg.bootstrap, ood) for m, r in ranks.items()}
         out = ctx.stage_dir(self.name)
         result = {
             "models": scores,
@@ -218,6 +243,20 @@ def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict) -
             ),
             "",
             f"![R@1 by {group}](r1_by_{group}.png)",
+            "",
+        ]
+    for kind, groups in scores["trained"].get("ood", {}).items():
+        labels = sorted(groups)
+        lines += [
+            f"## Out of distribution: {kind}",
+            "",
+            report.markdown_table(
+                ["label", "queries", *(f"{m} R@1" for m in models)],
+                [
+                    [g, groups[g]["queries"], *(scores[m]["ood"][kind][g]["R@1"] for m in models)]
+                    for g in labels
+                ],
+            ),
             "",
         ]
     storage.write_bytes(out.child("report.md"), "\n".join(lines).encode())

@@ -83,6 +83,9 @@ def test_evaluation_writes_trained_and_baseline_rows(run):
         assert lo <= s["R@1"] <= hi
         assert sum(g["queries"] for g in s["by"]["conditions"].values()) == len(held)
         assert set(s["by"]) == {"conditions", "language", "class"}
+        assert set(s["ood"]) == {"language", "attribute", "class"}  # the merit stage's OOD labels
+        assert all(label.startswith("ood_") for kind in s["ood"].values() for label in kind)
+        assert sum(g["queries"] for g in s["ood"]["language"].values()) > 0
     ranks = pq.read_table(root / "evaluate" / "data").to_pylist()
     assert len(ranks) == 2 * len(held)
     trained = [r["rank"] for r in ranks if r["model"] == "trained"]
