@@ -30,6 +30,7 @@ KINDS = {
 
 
 def index_kinds() -> dict:
+    from coral.mining import knn
     from coral.stages import index as index_stage
 
     x = clustered(N + QUERIES)
@@ -52,7 +53,7 @@ def index_kinds() -> dict:
             search_s, (_, got) = timed(index.search, queries, K)
             recall = float(np.mean([len(set(a) & set(e)) / K for a, e in zip(got, exact, strict=True)]))
             rows[name] = {
-                "spec": faiss.describe_index_type(index) if hasattr(faiss, "describe_index_type") else name,
+                "spec": knn.index_spec(cfg, N, base.shape[1]),
                 "build_s": round(build_s, 2),
                 "queries_per_s": round(QUERIES / search_s, 1),
                 "recall@10": round(recall, 4),
