@@ -155,7 +155,7 @@ class EvaluateStage:
         _, top = knn.search(index, embed_queries(uri), cfg.top_k)
         ranked["trained"] = [[pool[j] for j in row if j >= 0] for row in top]
         if cfg.baseline:
-            base = index_stage._local_or_hub(ctx.config.train.base)
+            base = index_stage.resolve_model(ctx.config.train.base)
             cand = ray.data.read_parquet(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE])
             cand = cand.map_batches(_in_pool, fn_kwargs={"pool": pool}, batch_format="pyarrow")
             ids, emb = index_stage.embed(cand, len(pool), kind, base, "candidate", icfg, ctx.config.storage)

@@ -124,10 +124,10 @@ def model_of(config: Config, root: storage.Location) -> tuple[str, str]:
     cfg = config.index
     if cfg.model == "train":
         return root.child("train", "model").uri, config.train.model
-    return (cfg.model if cfg.model.startswith("s3://") else _local_or_hub(cfg.model)), cfg.kind
+    return (cfg.model if cfg.model.startswith("s3://") else resolve_model(cfg.model)), cfg.kind
 
 
-def _local_or_hub(ref: str) -> str:
+def resolve_model(ref: str) -> str:
     from coral.models import loader
 
     return loader.resolve(ref)
@@ -162,7 +162,7 @@ class IndexStage:
 
     def validate(self, config: Config) -> None:
         if config.index.model != "train" and not config.index.model.startswith("s3://"):
-            _local_or_hub(config.index.model)
+            resolve_model(config.index.model)
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.index
