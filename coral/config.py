@@ -161,6 +161,9 @@ class IndexConfig:
     nprobe: int = 8
     pq_m: int = 32  # IVF-PQ sub-quantisers (must divide the dimension)
     pq_bits: int = 8  # bits per sub-quantiser code
+    refine: int = (
+        0  # IVF-PQ: re-rank the top k x refine codes with the exact vectors (0: off; keeps them in memory)
+    )
     hnsw_m: int = 32
     ef_construction: int = 200  # HNSW graph quality: faiss's default 40 loses recall on clustered data
     ef_search: int = 128

@@ -37,7 +37,7 @@ def index_spec(cfg: IndexConfig, n: int, d: int, gpu: bool = False) -> str:
     if kind == "ivf_pq":
         if d % cfg.pq_m:
             raise ValueError(f"mine.index.pq_m={cfg.pq_m} must divide the embedding dimension {d}")
-        return f"{ivf},PQ{cfg.pq_m}x{cfg.pq_bits}"
+        return f"{ivf},PQ{cfg.pq_m}x{cfg.pq_bits}" + (",RFlat" if cfg.refine else "")
     if kind == "hnsw":
         return f"HNSW{cfg.hnsw_m},Flat"
     raise ValueError(f"unknown index kind {kind!r}")
@@ -86,6 +86,8 @@ def set_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
         ivf.nprobe = min(cfg.nprobe, ivf.nlist)
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = cfg.ef_search
+    if isinstance(index, faiss.IndexRefine) and cfg.refine:
+        index.k_factor = float(cfg.refine)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

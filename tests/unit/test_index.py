@@ -23,16 +23,18 @@ def clustered(n: int, d: int = 64, centres: int = 100, seed: int = 0) -> np.ndar
 
 
 @pytest.mark.parametrize(
-    ("kind", "floor"),
-    [("flat", 1.0), ("ivf_flat", 0.9), ("hnsw", 0.9), ("ivf_pq", 0.5)],
+    ("kind", "floor", "refine"),
+    [("flat", 1.0, 0), ("ivf_flat", 0.9, 0), ("hnsw", 0.9, 0), ("ivf_pq", 0.5, 0), ("ivf_pq", 0.95, 4)],
 )
-def test_index_kinds_agree_with_exact_search_within_their_recall(kind, floor):
+def test_index_kinds_agree_with_exact_search_within_their_recall(kind, floor, refine):
     x = clustered(20_000)
     queries = clustered(500, seed=1)
     exact = faiss.IndexFlatIP(x.shape[1])
     exact.add(x)
     _, want = exact.search(queries, 10)
-    cfg = IndexStageConfig(index=IndexConfig(kind=kind, list_size=100, nprobe=16, pq_m=16, ef_search=128))
+    cfg = IndexStageConfig(
+        index=IndexConfig(kind=kind, list_size=100, nprobe=16, pq_m=16, ef_search=128, refine=refine)
+    )
     index = index_stage.build(x, cfg)
     assert index.ntotal == len(x)
     _, got = index.search(queries, 10)
