@@ -25,6 +25,7 @@ N, QUERIES, K = 1_000_000, 10_000, 10
 KINDS = {
     "ivf_flat": IndexConfig(kind="ivf_flat", nprobe=8),
     "ivf_pq": IndexConfig(kind="ivf_pq", nprobe=8, pq_m=32),
+    "ivf_pq_refine": IndexConfig(kind="ivf_pq", nprobe=8, pq_m=32, refine=4),
     "hnsw": IndexConfig(kind="hnsw", hnsw_m=32, ef_construction=100, ef_search=128),
 }
 
