@@ -23,21 +23,37 @@ from coral.config import load_config
 from coral.models.tiny import build_clip
 
 
-def main(run_root: str) -> int:
-    clip = f"{run_root}-clip"
-    build_clip(Path(clip), image_size=224, hidden=128, layers=4, patch=16)
+def start_cluster(head_cpus: int, node_cpus: int, slot: str) -> tuple[Cluster, list]:
+    """A head and two nodes that can each host the work (custom resource ``slot``): the one it lands on
+    is removed, the other is the spare. Connects this process to it."""
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": 2,
+            "num_cpus": head_cpus,
             "include_dashboard": False,
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
         },
     )
-    # two nodes can host the encoder actor: the one it lands on is removed, the other is the spare
-    workers = [cluster.add_node(num_cpus=2, resources={"encoder_slot": 1}) for _ in range(2)]
+    nodes = [cluster.add_node(num_cpus=node_cpus, resources={slot: 1}) for _ in range(2)]
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
+    return cluster, nodes
+
+
+def node_running(actor_class: str, nodes: list):
+    """The node of ``nodes`` where a live actor of that class runs, or None (GCS view; no dashboard)."""
+    for info in ray._private.state.actors().values():
+        if actor_class in info["ActorClassName"] and info["State"] == "ALIVE":
+            for n in nodes:
+                if n.node_id == info["Address"]["NodeID"]:
+                    return n
+    return None
+
+
+def main(run_root: str) -> int:
+    clip = f"{run_root}-clip"
+    build_clip(Path(clip), image_size=224, hidden=128, layers=4, patch=16)
+    cluster, workers = start_cluster(2, 2, "encoder_slot")
     cfg = load_config(
         None,
         [
@@ -54,15 +70,13 @@ def main(run_root: str) -> int:
     def kill_when_embedding():
         deadline = time.time() + 120
         while time.time() < deadline:
-            for info in ray._private.state.actors().values():  # GCS view; needs no dashboard
-                if "MapWorker" in info["ActorClassName"] and info["State"] == "ALIVE":
-                    doomed = [w for w in workers if w.node_id == info["Address"]["NodeID"]]
-                    if doomed:
-                        time.sleep(1)  # let it take a few batches
-                        print("removing the node that runs the encoder actor", flush=True)
-                        cluster.remove_node(doomed[0], allow_graceful=False)
-                        removed.set()
-                        return
+            doomed = node_running("MapWorker", workers)
+            if doomed is not None:
+                time.sleep(1)  # let it take a few batches
+                print("removing the node that runs the encoder actor", flush=True)
+                cluster.remove_node(doomed, allow_graceful=False)
+                removed.set()
+                return
             time.sleep(0.3)
         print("the encoder actor never started on a worker node", flush=True)
 

@@ -1,5 +1,5 @@
 """Run by test_node_loss.py in its own process: a simulated cluster (head + 2 nodes that can each host the
-train worker) loses the node running the worker after its second checkpoint; Ray Train restarts the worker
+train worker) loses the node running the worker after its third checkpoint; Ray Train restarts the worker
 on the spare node from that checkpoint and the stage finishes every step.
 
     python tests/integration/train_node_loss.py RUN_ROOT TINY_QWEN2_VL
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import ray
-from ray.cluster_utils import Cluster
+from node_loss import node_running, start_cluster  # the sibling script (its dir is on sys.path)
 
 from coral import graph, manifest, storage
 from coral.config import load_config
@@ -23,17 +23,7 @@ STEPS, EVERY = 60, 5
 
 
 def main(run_root: str, base: str) -> int:
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 4,
-            "include_dashboard": False,
-            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
-        },
-    )
-    nodes = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
+    cluster, nodes = start_cluster(4, 1, "train_slot")
     cfg = load_config(
         None,
         [
@@ -59,17 +49,14 @@ def main(run_root: str, base: str) -> int:
     def kill_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline:
-            # two checkpoints on storage: the controller has registered the first (a file alone may be
+            # three checkpoints on storage: the controller has registered the earlier ones (a file alone may be
             # an upload whose report the controller has not taken yet)
-            if len(list(checkpoints.rglob("state.json"))) >= 2:
-                for info in ray._private.state.actors().values():  # GCS view; needs no dashboard
-                    if "RayTrainWorker" in info["ActorClassName"] and info["State"] == "ALIVE":
-                        doomed = [n for n in nodes if n.node_id == info["Address"]["NodeID"]]
-                        if doomed:
-                            print("removing the node that runs the train worker", flush=True)
-                            cluster.remove_node(doomed[0], allow_graceful=False)
-                            removed.set()
-                            return
+            doomed = node_running("RayTrainWorker", nodes)
+            if len(list(checkpoints.rglob("state.json"))) >= 3 and doomed is not None:
+                print("removing the node that runs the train worker", flush=True)
+                cluster.remove_node(doomed, allow_graceful=False)
+                removed.set()
+                return
             time.sleep(0.2)
         print("no checkpoint, or no train worker on a worker node", flush=True)
 

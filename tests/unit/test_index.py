@@ -11,6 +11,7 @@ import pytest
 
 from coral import checkpoint
 from coral.config import IndexConfig, IndexStageConfig
+from coral.mining import knn
 from coral.stages import evaluate
 from coral.stages import index as index_stage
 
@@ -42,7 +43,8 @@ def test_index_kinds_agree_with_exact_search_within_their_recall(kind, floor, re
     assert recall >= floor, (kind, recall)
     # and it survives the round trip through the bytes the stage writes
     again = faiss.deserialize_index(faiss.serialize_index(index))
-    assert np.array_equal(again.search(queries[:20], 10)[1], got[:20]) or kind == "hnsw"
+    knn.set_search_params(again, cfg.index)  # search settings are the config's, not the file's
+    assert np.array_equal(again.search(queries[:20], 10)[1], got[:20])
 
 
 def test_checkpoint_hash_follows_content_not_location(tiny_models, tmp_path):
