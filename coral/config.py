@@ -225,6 +225,8 @@ class EngineConfig:
     concurrency: int = field(default=8, metadata={"rerun": False})  # openai: requests in flight per actor
     vllm: dict[str, Any] = field(default_factory=dict)  # extra vLLM engine kwargs (max_model_len, ...)
     batch_size: int = field(default=8, metadata={"rerun": False})
+    # hf: key/value states of this many shared prompt heads kept per actor (0: off); text LLMs only
+    prefix_cache: int = field(default=32, metadata={"rerun": False})
     num_actors: int = field(default=1, metadata={"rerun": False})
     num_cpus: float = field(default=1.0, metadata={"rerun": False})
     num_gpus: float = field(default=0.0, metadata={"rerun": False})
@@ -234,6 +236,7 @@ class EngineConfig:
     def __post_init__(self):
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check(self.batch_size >= 1 and self.num_actors >= 1, "batch_size and num_actors must be >= 1")
+        check(self.prefix_cache >= 0, f"prefix_cache must be >= 0, got {self.prefix_cache}")
         check(self.max_retries >= 0 and self.concurrency >= 1, "max_retries >= 0 and concurrency >= 1")
         check(self.kind != "openai" or bool(self.base_url), "kind 'openai' needs base_url")
 
@@ -247,7 +250,10 @@ class AnnotateConfig:
     describe: EngineConfig = field(default_factory=EngineConfig)
     instruct: EngineConfig = field(default_factory=EngineConfig)
     word_num: tuple[int, int] = (60, 100)  # the description length asked for, drawn per request
-    demonstrations: int = 5  # drawn per request from the pool in coral/annotate/data
+    demonstrations: int = 5  # per instruction prompt, drawn at random from the pool in coral/annotate/data
+    # 0: a fresh draw per pair; N: N fixed draws, one picked per pair, so that engines with a prefix cache
+    # compute each instruction prompt's head (about 1,000 tokens) once instead of per pair
+    demonstration_sets: int = 32
     min_instructions: int = 3  # fewer valid ones: the pair is rejected
     max_instructions: int = 5
     description_words: tuple[int, int] = (20, 200)
@@ -264,7 +270,10 @@ class AnnotateConfig:
             1 <= self.min_instructions <= self.max_instructions,
             "needs 1 <= min_instructions <= max_instructions",
         )
-        check(self.demonstrations >= 0 and self.max_pairs >= 0, "demonstrations and max_pairs must be >= 0")
+        check(
+            min(self.demonstrations, self.demonstration_sets, self.max_pairs) >= 0,
+            "demonstrations, demonstration_sets and max_pairs must be >= 0",
+        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Text generation engines behind one interface: ``generate(prompts) -> list[Generation]``.
 
 ``HFEngine`` runs transformers ``generate`` (batched, left padding, the model's chat template; a Qwen-VL
-model takes the images, a text model takes the text). ``OpenAIEngine`` calls any OpenAI-compatible
+model takes the images, a text model takes the text; on a text model, prompt heads marked as shared are
+computed once per actor, see ``coral.annotate.prefix``). ``OpenAIEngine`` calls any OpenAI-compatible
 ``/chat/completions`` endpoint with a request rate limit, timeouts, and retries with exponential backoff
 and jitter. vLLM runs through ``ray.data.llm`` instead (see ``coral.annotate.vllm``), since it owns its
 own batching. A failed request is a Generation with an ``error``, never an exception, so a stage can
@@ -21,6 +22,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from coral.annotate import prefix
 from coral.config import EngineConfig
 
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -84,6 +86,9 @@ class HFEngine:
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.prefixes = None
+        if cfg.prefix_cache and not self.vlm and prefix.supported(self.model):
+            self.prefixes = prefix.PrefixCache(self.model, cfg.prefix_cache)
 
     def _template(self, prompt: list[dict]) -> str:
         if self.vlm:
@@ -104,11 +109,49 @@ class HFEngine:
             ]
         return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
+    def _split(self, prompt: list[dict]) -> tuple[str, str] | None:
+        """The templated prompt cut after its last shared-head part (before the part's trailing white space,
+        which would tokenize with what follows), or None without one."""
+        heads = [p["text"] for m in prompt for p in m["content"] if p.get("prefix")]
+        if not heads:
+            return None
+        full = self._template(prompt)
+        start = full.find(heads[-1])
+        end = start + len(heads[-1].rstrip())
+        return None if start < 0 else (full[:end], full[end:])
+
+    def _generate(self, **inputs):
+        sample = self.cfg.temperature > 0
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=self.cfg.max_new_tokens,
+                do_sample=sample,
+                temperature=self.cfg.temperature if sample else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [Generation(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _generate_cached(self, splits: list[tuple[str, str]]) -> list[Generation]:
+        encode = self.tokenizer([t for s in splits for t in s], add_special_tokens=False)["input_ids"]
+        heads, tails = [tuple(h) for h in encode[0::2]], encode[1::2]
+        states = [self.prefixes.get(h) for h in heads]
+        pad = self.tokenizer.pad_token_id
+        ids, mask, cache = prefix.assemble(heads, tails, states, pad, self.cfg.max_new_tokens)
+        return self._generate(input_ids=ids, attention_mask=mask, past_key_values=cache)
+
     def generate(self, prompts: list[list[dict]]) -> list[Generation]:
         from coral.images import decode_image
 
         if not prompts:
             return []
+        if self.prefixes is not None:
+            splits = [self._split(p) for p in prompts]
+            if all(splits):
+                return self._generate_cached(splits)
         texts = [self._template(p) for p in prompts]
         kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
         if self.vlm:
@@ -118,20 +161,7 @@ class HFEngine:
         batch = (
             self.processor(**kwargs) if self.vlm else self.tokenizer(texts, return_tensors="pt", padding=True)
         )
-        batch = batch.to(self.device)
-        sample = self.cfg.temperature > 0
-        with self.torch.inference_mode():
-            out = self.model.generate(
-                **batch,
-                max_new_tokens=self.cfg.max_new_tokens,
-                do_sample=sample,
-                temperature=self.cfg.temperature if sample else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new = out[:, batch["input_ids"].shape[1] :]
-        return [Generation(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return self._generate(**batch.to(self.device))
 
 
 class RateLimiter:

@@ -2,12 +2,18 @@
 
 Step 1 (describe): a VLM sees the query image and the target image and writes WORD_NUM words on what they
 share and how the target differs; WORD_NUM is drawn per request from ``word_num``. Step 2 (instruct): an
-LLM turns the description into short retrieval instructions; the prompt carries demonstrations drawn per
-request from the pool in ``data/demonstrations.jsonl``. Every draw is seeded by (seed, pair id), so a
+LLM turns the description into short retrieval instructions; the prompt carries demonstrations drawn at
+random from the pool in ``data/demonstrations.jsonl``. Every draw is seeded by (seed, pair id), so a
 pair gets the same prompt however the work is sharded or retried.
 
+Demonstrations come either fresh per pair (``sets=0``) or from ``sets`` fixed draws, one picked per pair.
+With sets, the instruction prompt's long head (task and five demonstrations, about 1,000 tokens) is one
+of a few shared prefixes, which an engine computes once and reuses: the ``hf`` engine's prefix cache,
+vLLM's automatic prefix caching, or an OpenAI-compatible server's.
+
 A prompt is a list of chat messages whose content is a list of parts: ``{"type": "text", "text": ...}``
-or ``{"type": "image", "image": <encoded bytes>}``; each engine converts it to its own wire format.
+or ``{"type": "image", "image": <encoded bytes>}``; each engine converts it to its own wire format. A text
+part marked ``"prefix": True`` ends a prompt head that many prompts share.
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ def demonstrations(path: str = str(DEMONSTRATIONS)) -> tuple[dict, ...]:
     return tuple(rows)
 
 
-def text(value: str) -> dict:
-    return {"type": "text", "text": value}
+def text(value: str, prefix: bool = False) -> dict:
+    return {"type": "text", "text": value, "prefix": True} if prefix else {"type": "text", "text": value}
 
 
 def describe_prompt(query_image: bytes, target_image: bytes, word_num: int) -> list[dict]:
@@ -68,12 +74,13 @@ def describe_prompt(query_image: bytes, target_image: bytes, word_num: int) -> l
 
 
 def instruct_prompt(description: str, demos: list[dict], n: int, max_words: int) -> list[dict]:
-    parts = [INSTRUCT_HEAD.format(n=n, max_words=max_words), ""]
+    """The task and demonstrations (a shared prefix part), then the pair's description."""
+    head = [INSTRUCT_HEAD.format(n=n, max_words=max_words), ""]
     for demo in demos:
         lines = [f"{i}. {inst}" for i, inst in enumerate(demo["instructions"], 1)]
-        parts += [f"Description: {demo['description']}", "Instructions:", *lines, ""]
-    parts += [f"Description: {description}", "Instructions:"]
-    return [{"role": "user", "content": [text("\n".join(parts))]}]
+        head += [f"Description: {demo['description']}", "Instructions:", *lines, ""]
+    pair = f"Description: {description}\nInstructions:"
+    return [{"role": "user", "content": [text("\n".join(head), prefix=True), text(pair)]}]
 
 
 def draw_word_num(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
@@ -85,3 +92,11 @@ def draw_demonstrations(rng: np.random.Generator, k: int, pool: tuple[dict, ...]
     if k > len(pool):
         raise ValueError(f"{k} demonstrations asked for, but the pool holds {len(pool)}")
     return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
+
+
+def demonstrations_for(seed: int, key: str, k: int, sets: int = 0) -> list[dict]:
+    """The ``k`` demonstrations of row ``key``: a fresh draw (``sets=0``) or one of ``sets`` fixed draws."""
+    rng = rng_for(seed, key)
+    if sets:
+        rng = rng_for(seed, f"demonstration set {int(rng.integers(sets))}")
+    return draw_demonstrations(rng, k)

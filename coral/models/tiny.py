@@ -288,12 +288,12 @@ def build_qwen(out: Path, version: str = "2", hidden: int = 64, layers: int = 2)
     proc_cls(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(out)
 
 
-def build_qwen2_text(out: Path) -> None:
+def build_qwen2_text(out: Path, hidden: int = 64, layers: int = 2) -> None:
     """A tiny text-only chat LLM (Qwen2 architecture) with the same tokenizer, for text-only steps."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = _qwen_tokenizer()
-    text = _qwen_text_config(tok)
+    text = _qwen_text_config(tok, hidden, layers)
     text.pop("rope_parameters")  # plain RoPE, no multimodal sections
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(**text)).save_pretrained(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import time
 from collections import Counter
 
 import pyarrow as pa
@@ -83,8 +84,10 @@ class Instruct:
         self.cfg = cfg
 
     def prompt(self, row: dict) -> list[dict]:
-        rng = prompts.rng_for(self.cfg.seed + 1, row[PAIR_ID])
-        demos = prompts.draw_demonstrations(rng, self.cfg.demonstrations)
+        cfg = self.cfg
+        demos = prompts.demonstrations_for(
+            cfg.seed + 1, row[PAIR_ID], cfg.demonstrations, cfg.demonstration_sets
+        )
         return prompts.instruct_prompt(
             row[DESCRIPTION], demos, self.cfg.min_instructions, self.cfg.instruction_words[1]
         )
@@ -139,7 +142,12 @@ def write_stats(loc: Location, step: str, keys: list[str], gens: list[Generation
         return
     name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
     errors = Counter(g.error.split(" after ")[0] for g in gens if g.error)
-    body = {"requests": len(gens), "attempts": sum(g.attempts for g in gens), "errors": dict(errors)}
+    body = {
+        "requests": len(gens),
+        "attempts": sum(g.attempts for g in gens),
+        "errors": dict(errors),
+        "done_at": round(time.time(), 3),  # for the step's throughput after start-up
+    }
     storage.write_json(loc.child(f"{step}-{name}.json"), body)
 
 
@@ -199,7 +207,11 @@ def image_table(ctx: StageContext, ids: set[str]) -> pa.Table:
 
 
 def step_stats(stats: Location) -> dict:
+    """Per step: requests, attempts, retries and errors, and ``pairs_per_s_after_first_batch``: the pairs
+    of every batch but the first over the time from the first batch's end to the last's, that is the
+    step's rate once its actors are up (in a pipeline, the rate its input arrives at, if slower)."""
     out: dict[str, dict] = {}
+    done: dict[str, list[tuple[float, int]]] = {}
     for path in storage.list_files(stats, ".json"):
         step = posixpath.basename(path).split("-", 1)[0]
         body = json.loads(storage.read_bytes(Location(stats.uri, stats.fs, path)))
@@ -207,9 +219,14 @@ def step_stats(stats: Location) -> dict:
         agg["requests"] += body["requests"]
         agg["attempts"] += body["attempts"]
         agg["errors"].update(body["errors"])
-    for agg in out.values():
+        done.setdefault(step, []).append((body["done_at"], body["requests"]))
+    for step, agg in out.items():
         agg["retries"] = agg["attempts"] - agg["requests"]
         agg["errors"] = dict(agg["errors"])
+        times = sorted(done[step])
+        span = times[-1][0] - times[0][0]
+        if len(times) > 1 and span > 0:
+            agg["pairs_per_s_after_first_batch"] = round(sum(n for _, n in times[1:]) / span, 3)
     return out
 
 

@@ -44,10 +44,27 @@ def test_prompts_carry_images_word_num_and_demonstrations():
     assert parts[0]["image"] == b"Q" and parts[1]["image"] == b"T"
     assert "about 73 words" in parts[2]["text"]
     demos = prompts.draw_demonstrations(prompts.rng_for(0, "k"), 5)
-    text = prompts.instruct_prompt(DESCRIPTION, demos, 3, 40)[0]["content"][0]["text"]
-    assert text.count("Description:") == 6 and text.endswith(f"Description: {DESCRIPTION}\nInstructions:")
+    head, pair = prompts.instruct_prompt(DESCRIPTION, demos, 3, 40)[0]["content"]
+    assert head["prefix"] and "prefix" not in pair  # the task and demonstrations are the shared head
+    text = "\n".join([head["text"], pair["text"]])
+    assert text.count("Description:") == 6 and text.endswith(f"\n\nDescription: {DESCRIPTION}\nInstructions:")
+    assert DESCRIPTION not in head["text"]
     for d in demos:
-        assert d["description"] in text and d["instructions"][0] in text
+        assert d["description"] in head["text"] and d["instructions"][0] in head["text"]
+
+
+def test_demonstration_sets_are_fixed_draws_picked_per_pair():
+    def draws(seed, sets):
+        return [
+            tuple(d["description"] for d in prompts.demonstrations_for(seed, f"p{i}", 5, sets))
+            for i in range(400)
+        ]
+
+    fresh, four = draws(0, 0), draws(0, 4)
+    assert len(set(fresh)) > 350  # a new draw per pair
+    assert len(set(four)) == 4  # 400 pairs, 4 sets, each set used
+    assert four == draws(0, 4) and four != draws(1, 4)  # seeded
+    assert all(len(set(d)) == 5 for d in four)  # 5 distinct demonstrations in a set
 
 
 @pytest.mark.parametrize(
@@ -177,3 +194,31 @@ def test_config_checks_name_the_step(tiny_models):
             ConfigError, match=r"annotate.instruct.kind=vllm needs vLLM: pip install .\[vllm\]"
         ):
             AnnotateStage().validate(vllm)
+
+
+def test_step_stats_add_up_batches_and_give_the_rate_after_the_first(tmp_path, monkeypatch):
+    from coral import storage
+    from coral.annotate.engines import Generation
+    from coral.stages.annotate import step_stats, write_stats
+
+    loc = storage.resolve(str(tmp_path / "stats"))
+    clock = iter([100.0, 104.0, 106.0, 200.0])
+    monkeypatch.setattr("coral.stages.annotate.time.time", lambda: next(clock))
+    ok, retried, failed = (
+        Generation("x"),
+        Generation("y", attempts=3),
+        Generation(None, "HTTP 500 after 5 attempts", 5),
+    )
+    write_stats(loc, "describe", ["a", "b"], [ok, retried])  # done at 100: the first batch
+    write_stats(loc, "describe", ["c", "d", "e"], [ok, ok, failed])  # 104
+    write_stats(loc, "describe", ["f"], [ok])  # 106
+    write_stats(loc, "instruct", ["a"], [ok])  # a single batch: no rate
+    got = step_stats(loc)
+    assert got["describe"] == {
+        "requests": 6,
+        "attempts": 12,
+        "retries": 6,
+        "errors": {"HTTP 500": 1},
+        "pairs_per_s_after_first_batch": round(4 / 6, 3),  # 3 + 1 pairs in the 6 s after the first batch
+    }
+    assert "pairs_per_s_after_first_batch" not in got["instruct"]
