@@ -66,3 +66,20 @@ def test_cache_keeps_the_most_recent_heads(engines):
     assert list(small.states) == [a, c] and (small.hits, small.misses) == (1, 3)
     keys, values = small.get(c)[0]
     assert keys.shape[0] == 1 and keys.shape[2] == len(c) and values.shape == keys.shape
+
+
+def test_reserved_layer_writes_in_place_and_grows_past_its_capacity():
+    import torch
+
+    keys, values = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    layer = prefix.reserved_layer(keys, values, capacity=5)
+    buffer = layer.buffers[0].data_ptr()
+    new = [(torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5)) for _ in range(3)]
+    k, v = layer.update(*new[0])
+    assert layer.buffers[0].data_ptr() == buffer and k.shape[2] == 5  # within capacity: no copy
+    layer.update(*new[1])  # past it: reserved anew, twice the length
+    k, v = layer.update(*new[2])
+    assert layer.buffers[0].data_ptr() != buffer and layer.buffers[0].shape[2] >= 7
+    assert torch.equal(k, torch.cat([keys, *(n[0] for n in new)], dim=2))
+    assert torch.equal(v, torch.cat([values, *(n[1] for n in new)], dim=2))
+    assert layer.get_seq_length() == 7
