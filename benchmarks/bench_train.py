@@ -26,13 +26,13 @@ from coral.models.tiny import build_all
 from coral.train import retrievers, step
 from coral.train.coral import CoralHeads
 
-STEPS, GLOBAL_BATCH, WORKERS, K = 60, 8, 2, 3
+STEPS, GLOBAL_BATCH, WORKERS, THREADS, K = 60, 8, 2, 2, 3
 
 
 def plain_loop(root: Path, base: str) -> float:
     """Steps/s of a plain loop: same model, same loss terms, global batch, 2 threads, torch AdamW."""
     torch.manual_seed(0)
-    torch.set_num_threads(WORKERS)
+    torch.set_num_threads(THREADS)
     catalog = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.TITLE, S.IMAGE])
     products = step.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
     rows = [r for r in pq.read_table(root / "merit" / "data").to_pylist() if r[S.SPLIT] == "train"]
@@ -70,7 +70,9 @@ def main() -> dict:
                 f"train.checkpoint_every={STEPS}",
                 f"train.batch_size={GLOBAL_BATCH // WORKERS}",
                 f"train.num_workers={WORKERS}",
+                f"train.cpus_per_worker={THREADS // WORKERS}",
                 "train.validation_queries=0",
+                "train.compare=[]",
             ],
         )
         graph.run_graph(cfg, until="merit")

@@ -1,0 +1,24 @@
+"""The training rows a run consumes: seeded epochs, cut at the steps' need."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from coral.config import TrainConfig
+from coral.train import data
+
+
+def test_schedule_is_seeded_epochs_cut_at_the_need():
+    rows = pa.table({"query_id": [f"q{i}" for i in range(10)]})
+    ids = data.schedule(rows, 25, seed=3).column("query_id").to_pylist()
+    assert len(ids) == 25
+    assert sorted(ids[:10]) == sorted(ids[10:20]) == sorted(rows["query_id"].to_pylist())  # whole epochs
+    assert ids[:10] != ids[10:20]  # each epoch its own order
+    assert len(set(ids[20:])) == 5  # the last one cut, without repeats
+    assert data.schedule(rows, 40, seed=3).column("query_id").to_pylist()[:25] == ids  # a longer run extends
+    assert data.schedule(rows, 25, seed=4).column("query_id").to_pylist() != ids
+
+
+def test_rows_per_run_is_steps_times_the_global_batch():
+    cfg = TrainConfig(steps=7, batch_size=3, num_workers=2, gradient_accumulation=2)
+    assert data.rows_per_run(cfg) == 7 * 3 * 2 * 2
