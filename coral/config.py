@@ -433,6 +433,62 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class DeploymentConfig:
+    """One Serve deployment's scale: fixed ``replicas``, or ``autoscaling`` (Serve's keys: min_replicas,
+    max_replicas, target_ongoing_requests, ...) when given; Ray resources per replica."""
+
+    replicas: int = 1
+    autoscaling: dict[str, Any] = field(default_factory=dict)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional shares a GPU between replicas
+    max_ongoing_requests: int = 32
+
+    def __post_init__(self):
+        check(self.replicas >= 1 and self.max_ongoing_requests >= 1, "replicas, max_ongoing_requests >= 1")
+        check(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus and num_gpus must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The retriever behind HTTP (Ray Serve): the run's index and the checkpoint that built it.
+
+    Safe by default: binds ``host`` 127.0.0.1; when the environment variable ``token_env`` is set, every
+    route but ``/healthz`` needs ``Authorization: Bearer <its value>``; bodies, parts, image bytes and
+    decoded pixels are bounded; images come only inline (base64), never as URLs. ``batch_size`` and
+    ``batch_wait_s``: the query encoder's request batching (1 turns it off). ``forever``: keep serving
+    after the stage (``--serve-forever``) instead of shutting down once the examples have run."""
+
+    checkpoint: str = ""  # "": the one index.json records; another copy is served only if it matches
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "coral"
+    route_prefix: str = "/"
+    token_env: str = "CORAL_SERVE_TOKEN"
+    batch_size: int = 16
+    batch_wait_s: float = 0.005
+    encoder: DeploymentConfig = field(default_factory=DeploymentConfig)
+    index: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
+    ingress: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
+    max_body_bytes: int = 8 * 2**20
+    max_parts: int = 16
+    max_text_chars: int = 4000
+    max_image_bytes: int = 4 * 2**20
+    max_pixels: int = 4096 * 4096
+    max_top_k: int = 100
+    examples: int = 3  # held-out queries sent over HTTP by the stage, printed with their top results
+    forever: bool = False
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self):
+        check(1 <= self.port <= 65535, f"serve.port must be in 1..65535, got {self.port}")
+        check(self.batch_size >= 1 and self.batch_wait_s >= 0, "serve.batch_size >= 1, batch_wait_s >= 0")
+        limits = (self.max_body_bytes, self.max_parts, self.max_text_chars, self.max_image_bytes)
+        check(min(*limits, self.max_pixels, self.max_top_k) >= 1, "serve limits must be >= 1")
+        check(self.route_prefix.startswith("/"), "serve.route_prefix must start with /")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -446,6 +502,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexStageConfig = field(default_factory=IndexStageConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -96,6 +96,7 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
     if (
         done is not None
         and not force
+        and not getattr(stage, "always_runs", False)
         and done.get("hash") == manifest.lineage_hash(name, config_hash, inputs)
     ):
         log.info("%s: skipped (complete, config and inputs unchanged) at %s", name, stage_dir.uri)

@@ -9,6 +9,7 @@ from coral.stages.imports import ImportStage
 from coral.stages.index import IndexStage
 from coral.stages.merit import MeritStage
 from coral.stages.mine import MineStage
+from coral.stages.serve import ServeStage
 from coral.stages.train import TrainStage
 
 STAGES: dict[str, Stage] = {
@@ -23,6 +24,7 @@ STAGES: dict[str, Stage] = {
         TrainStage(),
         IndexStage(),
         EvaluateStage(),
+        ServeStage(),
     )
 }
 

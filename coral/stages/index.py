@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
-import torch
 
 from coral import checkpoint, storage
 from coral import schemas as S
@@ -47,13 +46,11 @@ class EmbedRows:
         device: str = "auto",
         dtype: str = "float32",
     ):
-        from coral.models import loader
-        from coral.train import retrievers, step
+        from coral.embedder import Embedder
+        from coral.train import step
 
-        src = checkpoint.local_dir(model, storage_cfg)
-        self.device = loader.pick_device(device)
-        self.model = loader.load_model(src, self.device, dtype).eval()
-        self.retriever = retrievers.make(kind, loader.load_processor(src))
+        self.embedder = Embedder(model, kind, storage_cfg, device, dtype)
+        self.retriever = self.embedder.retriever
         self.role, self.step = role, step
         self.products = step.products_from(ray.get(catalog[0])) if catalog else None
 
@@ -68,14 +65,7 @@ class EmbedRows:
         return [self.step.query_features(self.retriever, r, self.products) for r in rows]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        feats = self.features(batch.to_pylist())
-        b = {
-            k: v.to(self.device, self.model.dtype if v.is_floating_point() else None)
-            for k, v in self.retriever.collate(feats).items()
-        }
-        with torch.inference_mode():
-            emb = torch.nn.functional.normalize(self.retriever.embed(self.model, b).float(), dim=-1)
-        emb = emb.cpu().numpy().astype(np.float32)
+        emb = self.embedder(self.features(batch.to_pylist()))
         key = S.ID if self.role == "candidate" else S.QUERY_ID
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])
         return pa.table({key: batch[key], EMBEDDING: vectors})

@@ -1,0 +1,201 @@
+"""The HTTP API's request schema, limits and checks, apart from Ray: what a request may hold and how it
+becomes the retriever's input.
+
+A query is a list of parts: ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <base64>}``
+(inline bytes only: the server never fetches a URL) and ``{"type": "product", "id": ...}`` (a product of
+the candidate pool, its image taken from the catalog). Parts join into the retriever's interleaved text,
+an image slot where each image or product stands, exactly as the offline queries are written.
+
+Errors are ``ApiError(status, message)``: 400 malformed JSON, 401 a missing or wrong token, 413 a body,
+image or pixel count over its limit, 422 anything else the request gets wrong. Messages name the part
+and the limit, never echo the request, and carry no stack trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coral import schemas as S
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image"]
+    image: str = Field(description="the image file's bytes (PNG, JPEG, WebP, ...), base64")
+
+
+class ProductPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["product"]
+    id: str = Field(description="a product of the candidate pool")
+
+
+Part = Annotated[TextPart | ImagePart | ProductPart, Field(discriminator="type")]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parts: list[Part] = Field(min_length=1)
+    top_k: int = Field(10, ge=1)
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parts: list[Part] = Field(min_length=1)
+    role: Literal["query", "candidate"] = Field(
+        "query", description="candidate: the text parts are the title, with exactly one image or product"
+    )
+
+
+class Hit(BaseModel):
+    rank: int
+    id: str
+    score: float
+    title: str
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    checkpoint: str = Field(description="content hash of the checkpoint that embedded the query")
+    index: str = Field(description="id of the index that answered (the index stage's lineage hash)")
+
+
+class EmbedResponse(BaseModel):
+    embedding: list[float]
+    dim: int
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int
+    max_parts: int
+    max_text_chars: int
+    max_image_bytes: int
+    max_pixels: int
+    max_top_k: int
+
+
+@dataclass
+class Query:
+    """The retriever's input: interleaved text, and per image slot a decoded image or a product id."""
+
+    text: str
+    images: list  # PIL images and product ids (str), in slot order
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def authorize(header: str | None, digest: str | None) -> None:
+    """Bearer token check against the token's SHA-256 (the replicas never hold the token itself)."""
+    if digest is None:
+        return
+    scheme, _, presented = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+    if not hmac.compare_digest(token_digest(presented.strip()), digest):
+        raise ApiError(401, "wrong bearer token")
+
+
+def decode_image(data: str, where: str, limits: Limits):
+    """base64 -> RGB PIL image; the byte and pixel limits are checked before any pixel is decoded."""
+    from PIL import Image
+
+    if len(data) > 4 * -(-limits.max_image_bytes // 3):
+        raise ApiError(413, f"{where}: image over {limits.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{where}: image is not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+            width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, f"{where}: image has more pixels than the limit {limits.max_pixels}") from None
+    except Exception:
+        raise ApiError(422, f"{where}: not a readable image") from None
+    if width * height > limits.max_pixels:
+        raise ApiError(
+            413,
+            f"{where}: image is {width}x{height} = {width * height} pixels, over the limit {limits.max_pixels}",
+        )
+    try:
+        return img.convert("RGB")
+    except Exception:
+        raise ApiError(422, f"{where}: image data is truncated or corrupt") from None
+
+
+def to_query(parts: list, limits: Limits, products) -> Query:
+    """A request's parts -> Query; ``products``: the ids a product part may name."""
+    if len(parts) > limits.max_parts:
+        raise ApiError(422, f"{len(parts)} parts, over the limit {limits.max_parts}")
+    text, images, chars = [], [], 0
+    for i, part in enumerate(parts):
+        where = f"parts[{i}]"
+        if part.type == "text":
+            chars += len(part.text)
+            if chars > limits.max_text_chars:
+                raise ApiError(422, f"{where}: text over {limits.max_text_chars} characters in all")
+            if S.IMAGE_SLOT in part.text:
+                raise ApiError(422, f"{where}: text may not contain {S.IMAGE_SLOT}; send an image part")
+            text.append(part.text)
+        elif part.type == "image":
+            text.append(S.IMAGE_SLOT)
+            images.append(decode_image(part.image, where, limits))
+        else:
+            if part.id not in products:
+                raise ApiError(
+                    422, f"{where}: unknown product id {part.id[:80]!r} (not in the candidate pool)"
+                )
+            text.append(S.IMAGE_SLOT)
+            images.append(part.id)
+    return Query("".join(text), images)
+
+
+def to_candidate(parts: list, limits: Limits, products) -> Query:
+    """A candidate: its text parts are the title, and it has exactly one image or product part."""
+    q = to_query(parts, limits, products)
+    if len(q.images) != 1:
+        raise ApiError(422, f"a candidate has exactly one image or product part, got {len(q.images)}")
+    return Query(q.text.replace(S.IMAGE_SLOT, ""), q.images)
+
+
+def check_top_k(top_k: int, limits: Limits) -> None:
+    if top_k > limits.max_top_k:
+        raise ApiError(422, f"top_k={top_k}, over the limit {limits.max_top_k}")
+
+
+def validation_message(errors: list[dict]) -> tuple[int, str]:
+    """FastAPI's validation errors -> (status, message) without the offending input."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "malformed JSON body"
+    lines = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        lines.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return 422, "; ".join(lines)

@@ -1,0 +1,253 @@
+"""The retriever as a Ray Serve application: an HTTP ingress (FastAPI), a query encoder that batches
+concurrent requests (``@serve.batch``), and an index deployment, built from one run's index and the
+checkpoint that built it.
+
+``application(config)`` checks the pair first: the checkpoint (the one ``index.json`` records, or
+``serve.checkpoint``) must have the content hash and embedding size the index was built with, else it
+raises ``IndexMismatch`` naming both and nothing starts. ``build(args)`` is the same for Serve's own
+tools (``serve run`` / ``serve deploy`` of the YAML that ``serve_config`` writes).
+
+Routes: ``POST /v1/search``, ``POST /v1/embed``, ``GET /v1/info``, ``GET /healthz``; OpenAPI at
+``/docs`` and ``/openapi.json``. Request checks are in ``coral.serve.api``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+
+from coral import checkpoint, manifest, storage
+from coral import schemas as S
+from coral.config import Config, DeploymentConfig, IndexStageConfig, StorageConfig
+from coral.errors import ConfigError
+from coral.serve import api
+
+app = FastAPI(
+    title="Coral retriever",
+    description="Interleaved text + image queries against a FAISS index of the candidate pool.",
+    version="1",
+)
+bearer = HTTPBearer(auto_error=False, description="needed when the server sets a token")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``app.state.limits.max_body_bytes`` gets 413 before it is parsed."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        limits = getattr(app.state, "limits", None)
+        if scope["type"] != "http" or limits is None:
+            return await self.inner(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        too_big = JSONResponse(
+            {"detail": f"request body over {limits.max_body_bytes} bytes"}, status_code=413
+        )
+        if not length.isdigit() or int(length) > limits.max_body_bytes:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limits.max_body_bytes:  # a chunked body: FastAPI turns this into the response
+                from fastapi import HTTPException
+
+                raise HTTPException(413, f"request body over {limits.max_body_bytes} bytes")
+            return message
+
+        return await self.inner(scope, counted, send)
+
+
+app.add_middleware(BodyLimit)
+
+
+@app.exception_handler(api.ApiError)
+async def _api_error(_: Request, e: api.ApiError) -> JSONResponse:
+    return JSONResponse({"detail": e.message}, status_code=e.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    status, message = api.validation_message(e.errors())
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
+    api.authorize(header, getattr(app.state, "token_digest", None))
+
+
+@serve.deployment
+class Encoder:
+    """Query and candidate embeddings; concurrent requests are embedded together (``@serve.batch``)."""
+
+    def __init__(self, model: str, kind: str, storage_cfg: StorageConfig, products: dict, serve_cfg: dict):
+        from coral.embedder import Embedder
+        from coral.train import step
+
+        self.embedder = Embedder(model, kind, storage_cfg, serve_cfg["device"], serve_cfg["dtype"])
+        self.products = step.products_from(products)
+        self.embed_many.set_max_batch_size(serve_cfg["batch_size"])
+        self.embed_many.set_batch_wait_timeout_s(serve_cfg["batch_wait_s"])
+
+    def features(self, role: str, query: api.Query) -> dict:
+        images = [self.products.images(i) if isinstance(i, str) else i for i in query.images]
+        retriever = self.embedder.retriever
+        return (
+            retriever.query(query.text, images)
+            if role == "query"
+            else retriever.candidate(query.text, images[0])
+        )
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def embed_many(self, items: list[tuple[str, api.Query]]) -> list[np.ndarray]:
+        return list(self.embedder([self.features(role, q) for role, q in items]))
+
+    async def embed(self, role: str, query: api.Query) -> np.ndarray:
+        return await self.embed_many((role, query))
+
+
+@serve.deployment
+class Index:
+    """The FAISS index and its candidate table (row -> id, title)."""
+
+    def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig):
+        from coral.stages import index as index_stage
+
+        self.index, _, table = index_stage.load(storage.resolve(index_uri, storage_cfg), index_cfg)
+        self.ids, self.titles = table[S.ID].to_pylist(), table[S.TITLE].to_pylist()
+
+    def search(self, vector: np.ndarray, k: int) -> list[dict]:
+        from coral.mining import knn
+
+        scores, rows = knn.search(self.index, vector[None, :].astype(np.float32), min(k, len(self.ids)))
+        return [
+            {"rank": r + 1, "id": self.ids[i], "score": float(s), "title": self.titles[i] or ""}
+            for r, (i, s) in enumerate(zip(rows[0], scores[0], strict=True))
+            if i >= 0
+        ]
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, encoder, index, limits: dict, token_digest: str | None, info: dict, pool: list[str]):
+        self.encoder, self.index, self.info_body = encoder, index, info
+        self.limits, self.pool = api.Limits(**limits), frozenset(pool)
+        app.state.limits, app.state.token_digest = self.limits, token_digest
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/info", dependencies=[Depends(authorized)])
+    async def info(self) -> dict:
+        return self.info_body
+
+    @app.post("/v1/search", dependencies=[Depends(authorized)], response_model=api.SearchResponse)
+    async def search(self, body: api.SearchRequest) -> dict:
+        api.check_top_k(body.top_k, self.limits)
+        query = api.to_query(body.parts, self.limits, self.pool)
+        vector = await self.encoder.embed.remote("query", query)
+        hits = await self.index.search.remote(vector, body.top_k)
+        return {
+            "results": hits,
+            "checkpoint": self.info_body["checkpoint"]["hash"],
+            "index": self.info_body["index"]["id"],
+        }
+
+    @app.post("/v1/embed", dependencies=[Depends(authorized)], response_model=api.EmbedResponse)
+    async def embed(self, body: api.EmbedRequest) -> dict:
+        to = api.to_query if body.role == "query" else api.to_candidate
+        vector = await self.encoder.embed.remote(body.role, to(body.parts, self.limits, self.pool))
+        return {
+            "embedding": vector.tolist(),
+            "dim": len(vector),
+            "checkpoint": self.info_body["checkpoint"]["hash"],
+        }
+
+
+def _options(d: DeploymentConfig) -> dict[str, Any]:
+    resources = {"num_cpus": d.num_cpus, **({"num_gpus": d.num_gpus} if d.num_gpus else {})}
+    scale = {"autoscaling_config": dict(d.autoscaling)} if d.autoscaling else {"num_replicas": d.replicas}
+    return {**scale, "ray_actor_options": resources, "max_ongoing_requests": d.max_ongoing_requests}
+
+
+def pool_products(config: Config, index_dir: storage.Location) -> dict:
+    """id, title and image columns of the candidate pool's products (for product parts)."""
+    import pyarrow.dataset as pads
+
+    data = index_dir.child("data")
+    ids = pads.dataset(data.path, filesystem=data.fs, format="parquet").to_table(columns=[S.ID])[S.ID]
+    src = storage.resolve(config.run.run_root, config.storage).child("catalog", manifest.DATA)
+    catalog = pads.dataset(src.path, filesystem=src.fs, format="parquet").to_table(
+        columns=[S.ID, S.TITLE, S.IMAGE], filter=pads.field(S.ID).isin(ids)
+    )
+    return {k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)}
+
+
+def bound_checkpoint(config: Config, meta: dict, index_dir: storage.Location) -> checkpoint.Checkpoint:
+    """The checkpoint to serve, checked against the index: refuses a pair that does not belong together."""
+    built = meta["checkpoint"]
+    uri = config.serve.checkpoint or built["uri"]
+    ckpt = checkpoint.describe(uri, built["kind"], config.storage)
+    checkpoint.check_bound(meta, ckpt, index_dir.uri)
+    return ckpt
+
+
+def application(config: Config):
+    """The bound Serve application of ``config``'s run; raises IndexMismatch for a mismatched pair."""
+    import os
+
+    cfg = config.serve
+    root = storage.resolve(config.run.run_root, config.storage)
+    index_dir = root.child("index")
+    meta = checkpoint.read_index_meta(index_dir)
+    done = manifest.read_complete(index_dir)
+    if done is None:
+        raise ConfigError(f"the index stage is not complete at {index_dir.uri}; run it first")
+    ckpt = bound_checkpoint(config, meta, index_dir)
+    products = pool_products(config, index_dir)
+    info = {
+        "checkpoint": {"uri": ckpt.uri, "kind": ckpt.kind, "hash": ckpt.hash},
+        "index": {"id": done["hash"], "uri": index_dir.uri, "spec": meta["spec"], "count": meta["count"]},
+        "dim": ckpt.dim,
+        "limits": {k: getattr(cfg, k) for k in api.Limits.__dataclass_fields__},
+        "batching": {"max_batch_size": cfg.batch_size, "batch_wait_s": cfg.batch_wait_s},
+    }
+    token = os.environ.get(cfg.token_env) if cfg.token_env else None
+    serve_cfg = {
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "batch_size": cfg.batch_size,
+        "batch_wait_s": cfg.batch_wait_s,
+    }
+    encoder = Encoder.options(**_options(cfg.encoder)).bind(
+        ckpt.uri, ckpt.kind, config.storage, products, serve_cfg
+    )
+    index = Index.options(**_options(cfg.index)).bind(index_dir.uri, config.storage, config.index)
+    return Ingress.options(**_options(cfg.ingress)).bind(
+        encoder,
+        index,
+        info["limits"],
+        api.token_digest(token) if token else None,
+        info,
+        products[S.ID],
+    )
+
+
+def build(args: dict):
+    """Serve's application builder (``import_path: coral.serve.app:build``): ``args`` = {"config": the
+    workflow YAML, "overrides": ["key.path=value", ...]}."""
+    from coral.config import load_config
+
+    return application(load_config(args.get("config"), list(args.get("overrides", ()))))

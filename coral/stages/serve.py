@@ -1,0 +1,109 @@
+"""serve: the run's retriever behind HTTP (Ray Serve), then a few held-out queries sent to it.
+
+Deploys ``coral.serve.app`` bound to the index stage's index and the checkpoint that built it (a
+mismatched pair refuses to start), waits for ``/healthz``, sends ``serve.examples`` held-out queries over
+HTTP and prints each with its top results, and writes ``serve/serve_config.yaml`` for ``serve run`` /
+``serve deploy``. Then it shuts the application down, or with ``serve.forever`` (``--serve-forever``)
+keeps serving until interrupted. It runs every time it is selected: serving is an action, not data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import yaml
+
+from coral import schemas as S
+from coral import storage
+from coral.config import Config, ServeConfig
+from coral.manifest import StageResult
+from coral.stages.base import StageContext
+
+log = logging.getLogger(__name__)
+
+
+def held_out(ctx: StageContext, n: int) -> list[dict]:
+    """The first ``n`` held-out (test) queries of the train stage's data."""
+    rows: list[dict] = []
+    for stage in ctx.config.train.data:
+        if len(rows) >= n or not ctx.is_complete(stage):
+            continue
+        src = ctx.data(stage)
+        table = pq.read_table(
+            src.path, filesystem=src.fs, columns=[S.QUERY_ID, S.QUERY_TEXT, S.QUERY_IMAGE_IDS, S.SPLIT]
+        )
+        rows += table.filter(pc.equal(table[S.SPLIT], "test")).slice(0, n - len(rows)).to_pylist()
+    return rows
+
+
+def images_of(ctx: StageContext, ids: set[str]) -> dict[str, bytes]:
+    src = ctx.data("catalog")
+    table = pads.dataset(src.path, filesystem=src.fs, format="parquet").to_table(
+        columns=[S.ID, S.IMAGE], filter=pads.field(S.ID).isin(sorted(ids))
+    )
+    return dict(zip(table[S.ID].to_pylist(), table[S.IMAGE].to_pylist(), strict=True))
+
+
+class ServeStage:
+    name = "serve"
+    always_runs = True
+
+    def inputs(self, config: Config) -> tuple[str, ...]:
+        return ("catalog", "index")
+
+    def section(self, config: Config) -> ServeConfig:
+        return config.serve
+
+    def validate(self, config: Config) -> None:
+        pass
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import os
+
+        import httpx
+
+        from coral.serve import client, deploy
+
+        cfg = ctx.config.serve
+        url = deploy.start(ctx.config)
+        try:
+            info = httpx.get(
+                f"{url}/v1/info", headers=client.headers(os.environ.get(cfg.token_env)), timeout=30
+            )
+            info.raise_for_status()
+            queries = held_out(ctx, cfg.examples)
+            images = images_of(ctx, {i for q in queries for i in q[S.QUERY_IMAGE_IDS]})
+            src = ctx.data("index")  # a product part names a product of the pool; other images go inline
+            pool = set(
+                pads.dataset(src.path, filesystem=src.fs, format="parquet")
+                .to_table(columns=[S.ID])[S.ID]
+                .to_pylist()
+            )
+            examples = []
+            with httpx.Client(timeout=60) as http:
+                for q in queries:
+                    parts = client.parts_for(q[S.QUERY_TEXT], q[S.QUERY_IMAGE_IDS], pool, images)
+                    hits = client.search(http, url, parts, 3, os.environ.get(cfg.token_env))["results"]
+                    examples.append({"query_id": q[S.QUERY_ID], "query": q[S.QUERY_TEXT], "top": hits})
+            print(f"\nserving at {url} (OpenAPI docs: {url}/docs)")
+            for e in examples:
+                print(f"  {e['query'][:100]!r}")
+                for h in e["top"]:
+                    print(f"    {h['rank']}. {h['id']}  {h['score']:.3f}  {h['title'][:60]}")
+            config_yaml = deploy.serve_config(cfg, None, [f"run.run_root={ctx.config.run.run_root}"])
+            storage.write_bytes(
+                ctx.stage_dir(self.name).child("serve_config.yaml"), yaml.safe_dump(config_yaml).encode()
+            )
+            if cfg.forever:
+                print("serving until interrupted (Ctrl-C)")
+                while True:
+                    time.sleep(3600)
+        finally:
+            if not cfg.forever:
+                deploy.stop(ctx.config)
+        details = {"url": url, "info": info.json(), "examples": examples}
+        return StageResult(len(queries), len(examples), {}, details=details)
