@@ -1,6 +1,7 @@
 """Run the job graph.
 
-    python -m ray_jobs.run --config workflows/demo.yaml [--from STAGE] [--until STAGE] [key.path=value ...]
+    python -m ray_jobs.run --config workflows/demo.yaml [--from STAGE] [--until STAGE] [--serve-forever]
+        [key.path=value ...]
     ray job submit --working-dir . -- python -m ray_jobs.run --config workflows/<name>.yaml
 
 Exit codes: 0 done, 1 a stage failed (named), 2 bad input (config, storage), 130 interrupted.
@@ -22,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="workflow YAML, e.g. workflows/demo.yaml")
     p.add_argument("--from", dest="start", help="rerun from this stage on (earlier stages must be complete)")
     p.add_argument("--until", help="stop after this stage")
+    p.add_argument("--serve-forever", action="store_true", help="the serve stage keeps serving until Ctrl-C")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. catalog.num_groups=10")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started, rows = time.time(), []
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(
+            args.config, [*args.overrides, *(["serve.forever=true"] if args.serve_forever else [])]
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

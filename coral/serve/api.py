@@ -136,7 +136,7 @@ def decode_image(data: str, where: str, limits: Limits):
             img = Image.open(io.BytesIO(raw))
             width, height = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(413, f"{where}: image has more pixels than the limit {limits.max_pixels}") from None
+        raise ApiError(413, f"{where}: image pixels over the limit {limits.max_pixels}") from None
     except Exception:
         raise ApiError(422, f"{where}: not a readable image") from None
     if width * height > limits.max_pixels:

@@ -12,39 +12,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from coral import checkpoint, graph, manifest, storage
+from coral import checkpoint, manifest, storage
 from coral import schemas as S
-from coral.config import load_config
 from coral.mining import knn
 from coral.stages import index as index_stage
 from tests.conftest import REPO
+from tests.integration.conftest import overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def overrides(root, tiny_models) -> list[str]:
-    return [
-        f"run.run_root={root}",
-        "run.stages=[catalog, merit, train, index, evaluate]",
-        "catalog.num_groups=400",  # a test split large enough that queries keep < 5% positives
-        "merit.queries={train: 600, test: 300}",
-        "merit.cold_start=false",
-        "merit.export=false",
-        f"train.base={tiny_models['qwen2_vl']}",
-        "train.steps=40",
-        "train.checkpoint_every=40",
-        "train.batch_size=4",
-        "train.validation_queries=0",
-        "evaluate.bootstrap=200",
-    ]
-
-
 @pytest.fixture(scope="module")
-def run(ray_local, tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval") / "run"
-    cfg = load_config(REPO / "workflows" / "ci_small.yaml", overrides(root, tiny_models))
-    graph.run_graph(cfg)
-    return root, cfg
+def run(trained_run):
+    return trained_run
 
 
 def test_index_is_bound_to_the_trained_checkpoint(run, tiny_models):

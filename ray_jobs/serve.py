@@ -1,0 +1,60 @@
+"""Serve a finished run's retriever over HTTP, outside the graph.
+
+    python -m ray_jobs.serve --run-root runs/demo [--config workflows/demo.yaml] [key.path=value ...]
+    python -m ray_jobs.serve --run-root runs/demo --write-config serve.yaml   # for serve run / serve deploy
+
+Binds serve.host (127.0.0.1 unless configured) on serve.port; with the environment variable named by
+serve.token_env set (CORAL_SERVE_TOKEN), every route but /healthz needs that bearer token. Serves until
+interrupted. Exit codes: 0 stopped, 2 bad input (config, a missing index, a mismatched checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import yaml
+
+from coral.config import load_config
+from coral.errors import UserInputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.serve", description=__doc__.split("\n")[1])
+    p.add_argument("--run-root", required=True, help="the run whose index (and checkpoint) to serve")
+    p.add_argument("--config", help="the workflow YAML the run used (defaults otherwise)")
+    p.add_argument("--write-config", metavar="FILE", help="write a Serve config YAML and exit")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. serve.port=8080")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = [*args.overrides, f"run.run_root={args.run_root}"]
+    try:
+        config = load_config(args.config, overrides)
+        from coral.serve import deploy
+
+        if args.write_config:
+            body = deploy.serve_config(config.serve, args.config, overrides)
+            with open(args.write_config, "w") as f:
+                yaml.safe_dump(body, f, sort_keys=False)
+            print(f"wrote {args.write_config}: serve run {args.write_config}")
+            return 0
+        from coral import ray_runtime
+
+        ray_runtime.connect(config.ray)
+        url = deploy.start(config)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {args.run_root} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        deploy.stop(config)
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

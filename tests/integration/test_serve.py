@@ -1,0 +1,195 @@
+"""The Serve application over real HTTP on 127.0.0.1, on the session's short training run: every route,
+served embeddings equal to offline ones, served top-10 equal to the offline evaluation's, the right 4xx
+for bad requests and tokens, a mismatched checkpoint refused, and the graph's serve stage."""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from coral import checkpoint, manifest, storage
+from coral import schemas as S
+from coral.serve import client, deploy
+from coral.serve.app import application
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+BODY_LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def served(trained_run):
+    root, cfg = trained_run
+    from dataclasses import replace
+
+    serve_cfg = replace(cfg.serve, port=free_port(), max_body_bytes=BODY_LIMIT, token_env="CORAL_TEST_TOKEN")
+    config = replace(cfg, serve=serve_cfg)
+    os.environ["CORAL_TEST_TOKEN"] = TOKEN
+    try:
+        url = deploy.start(config)
+    finally:
+        del os.environ["CORAL_TEST_TOKEN"]
+    with httpx.Client(timeout=60, headers=client.headers(TOKEN)) as http:
+        yield url, http, root, config
+    deploy.stop(config)
+
+
+def held_out(root: Path, n: int) -> list[dict]:
+    rows = pq.read_table(root / "merit" / "data").to_pylist()
+    return [r for r in rows if r[S.SPLIT] == "test"][:n]
+
+
+def catalog_images(root: Path) -> dict[str, bytes]:
+    t = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.IMAGE])
+    return dict(zip(t[S.ID].to_pylist(), t[S.IMAGE].to_pylist(), strict=True))
+
+
+def pool_ids(root: Path) -> set[str]:
+    return set(pq.read_table(root / "index" / "data", columns=[S.ID])[S.ID].to_pylist())
+
+
+def test_routes(served):
+    url, http, root, _ = served
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}  # no token needed
+    info = http.get(f"{url}/v1/info").json()
+    meta = checkpoint.read_index_meta(storage.resolve(str(root / "index")))
+    assert info["checkpoint"]["hash"] == meta["checkpoint"]["hash"] and info["dim"] == meta["dim"]
+    assert info["index"]["count"] == meta["count"] == len(pool_ids(root))
+    assert info["index"]["id"] == manifest.read_complete(storage.resolve(str(root / "index")))["hash"]
+    spec = http.get(f"{url}/openapi.json").json()
+    assert {"/v1/search", "/v1/embed", "/v1/info", "/healthz"} <= set(spec["paths"])
+    r = http.post(f"{url}/v1/search", json={"parts": [{"type": "text", "text": "a red mug"}], "top_k": 7})
+    body = r.json()
+    assert r.status_code == 200 and len(body["results"]) == 7
+    assert [h["rank"] for h in body["results"]] == list(range(1, 8))
+    assert {h["id"] for h in body["results"]} <= pool_ids(root)
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert body["checkpoint"] == info["checkpoint"]["hash"] and body["index"] == info["index"]["id"]
+
+
+def test_served_embeddings_equal_offline(served):
+    from coral.embedder import Embedder
+    from coral.train import step
+
+    url, http, root, _ = served
+    embedder = Embedder(str(root / "train" / "model"), "coral")
+    images = catalog_images(root)
+    products = step.products_from(
+        {S.ID: list(images), S.TITLE: [""] * len(images), S.IMAGE: list(images.values())}
+    )
+    q = held_out(root, 1)[0]
+    parts = client.parts_for(q[S.QUERY_TEXT], q[S.QUERY_IMAGE_IDS], set(), images)  # images inline
+    served_q = np.asarray(http.post(f"{url}/v1/embed", json={"parts": parts}).json()["embedding"])
+    offline_q = embedder([step.query_features(embedder.retriever, q, products)])[0]
+    np.testing.assert_allclose(served_q, offline_q, atol=1e-5)
+    # a candidate: title + product, against the vector the index stage stored for it
+    table = pq.read_table(root / "index" / "data").to_pylist()[0]
+    parts = [{"type": "text", "text": table[S.TITLE]}, {"type": "product", "id": table[S.ID]}]
+    served_c = http.post(f"{url}/v1/embed", json={"parts": parts, "role": "candidate"}).json()["embedding"]
+    np.testing.assert_allclose(served_c, table["embedding"], atol=1e-5)
+
+
+def test_served_top10_equals_the_offline_evaluation(served):
+    url, http, root, _ = served
+    evaluated = pq.read_table(root / "evaluate" / "data").to_pylist()
+    offline = {r[S.QUERY_ID]: r["top_ids"] for r in evaluated if r["model"] == "trained"}
+    queries = [q for q in held_out(root, 10_000) if q[S.QUERY_ID] in offline][:100]
+    assert len(queries) == 100
+    images, pool = catalog_images(root), pool_ids(root)
+
+    def ask(q):  # 8 at a time, so the encoder batches them
+        parts = client.parts_for(q[S.QUERY_TEXT], q[S.QUERY_IMAGE_IDS], pool, images)
+        return [h["id"] for h in client.search(http, url, parts, 10)["results"]]
+
+    with ThreadPoolExecutor(8) as pool_:
+        served_top = list(pool_.map(ask, queries))
+    differ = [
+        q[S.QUERY_ID] for q, top in zip(queries, served_top, strict=True) if top != offline[q[S.QUERY_ID]]
+    ]
+    assert not differ, f"{len(differ)} of 100 queries ranked differently, e.g. {differ[:3]}"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels in a few bytes (an image bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        (b'{"parts": [{"type": "text", "text": "x"}', 400, "malformed JSON"),
+        ({"parts": [{"type": "video", "url": "http://127.0.0.1/x"}]}, 422, "video"),
+        ({"parts": [{"type": "image", "image": "not base64 at all!"}]}, 422, "not valid base64"),
+        ({"parts": [{"type": "image", "image": b64(b"GIF89a garbage")}]}, 422, "not a readable image"),
+        ({"parts": [{"type": "image", "image": b64(png_header(30_000, 30_000))}]}, 413, "over the limit"),
+        ({"parts": [{"type": "image", "image": b64(png_header(5000, 5000))}]}, 413, "5000x5000"),
+        ({"parts": [{"type": "text", "text": "x" * (BODY_LIMIT + 10)}]}, 413, "request body over"),
+        ({"parts": [{"type": "product", "id": "no-such-product"}]}, 422, "unknown product id"),
+        ({"parts": [{"type": "text", "text": "x"}] * 17}, 422, "over the limit 16"),
+        ({"parts": [{"type": "text", "text": "x"}], "top_k": 101}, 422, "top_k=101"),
+        ({"parts": [{"type": "text", "text": "x"}], "top_k": 0}, 422, "top_k"),
+        ({"parts": []}, 422, "parts"),
+        ({"parts": [{"type": "text", "text": "x"}], "extra": 1}, 422, "extra"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message(served, body, status, words):
+    url, http, _, _ = served
+    if isinstance(body, bytes):
+        r = http.post(f"{url}/v1/search", content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(f"{url}/v1/search", json=body)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert words in detail and "Traceback" not in detail
+
+
+def test_token_is_checked_on_every_route_but_healthz_and_never_logged(served):
+    url, _, _, _ = served
+    q = {"parts": [{"type": "text", "text": "a mug"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        assert httpx.post(f"{url}/v1/search", json=q, headers=headers).status_code == 401
+        assert httpx.post(f"{url}/v1/embed", json=q, headers=headers).status_code == 401
+        assert httpx.get(f"{url}/v1/info", headers=headers).status_code == 401
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    logs = Path("/tmp/ray/session_latest/logs")  # this session's: the tests' Ray uses the default temp dir
+    assert logs.is_dir()
+    leaked = [p.name for p in logs.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert not leaked, f"the token is in {leaked}"
+
+
+def test_a_mismatched_checkpoint_refuses_to_start(trained_run, tiny_models):
+    from dataclasses import replace
+
+    _, cfg = trained_run
+    other = replace(cfg, serve=replace(cfg.serve, checkpoint=str(tiny_models["qwen2_vl"])))
+    with pytest.raises(checkpoint.IndexMismatch) as e:
+        application(other)
+    trained = checkpoint.describe(str(Path(cfg.run.run_root) / "train" / "model"), "coral")
+    untrained = checkpoint.describe(str(tiny_models["qwen2_vl"]), "coral")
+    assert trained.hash in str(e.value) and untrained.hash in str(e.value)
