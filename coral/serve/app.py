@@ -81,6 +81,12 @@ async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+def configure(limits: api.Limits, token_digest: str | None) -> None:
+    """Set the limits and token the middleware and the auth dependency read. A module function, so that it
+    runs on this module's ``app`` even from a deployment class that Serve serialised by value."""
+    app.state.limits, app.state.token_digest = limits, token_digest
+
+
 def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
     api.authorize(header, getattr(app.state, "token_digest", None))
@@ -143,7 +149,7 @@ class Ingress:
     def __init__(self, encoder, index, limits: dict, token_digest: str | None, info: dict, pool: list[str]):
         self.encoder, self.index, self.info_body = encoder, index, info
         self.limits, self.pool = api.Limits(**limits), frozenset(pool)
-        app.state.limits, app.state.token_digest = self.limits, token_digest
+        configure(self.limits, token_digest)
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
