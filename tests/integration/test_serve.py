@@ -193,3 +193,41 @@ def test_a_mismatched_checkpoint_refuses_to_start(trained_run, tiny_models):
     trained = checkpoint.describe(str(Path(cfg.run.run_root) / "train" / "model"), "coral")
     untrained = checkpoint.describe(str(tiny_models["qwen2_vl"]), "coral")
     assert trained.hash in str(e.value) and untrained.hash in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzing_from_the_openapi_spec_finds_no_5xx(served, mode):
+    """Requests generated from the app's own OpenAPI document, fitting it and not: never a server error.
+    (schemathesis drives hypothesis directly; its pytest plugin does not load under pytest 9.)"""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation.modes import GenerationMode
+
+    url, _, _, _ = served
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=client.headers(TOKEN), timeout=30)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/search", "/v1/embed", "/v1/info", "/healthz"}
+    seen: list[int] = []
+    for op in operations:
+        if mode == "negative" and op.method.upper() == "GET":
+            continue  # no parameters or body: nothing can be made invalid
+
+        @settings(
+            max_examples=40,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=op.as_strategy(generation_mode=GenerationMode(mode)))
+        def call(case):
+            response = case.call(base_url=url, headers=client.headers(TOKEN), timeout=60)
+            seen.append(response.status_code)
+            assert response.status_code < 500, (
+                f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
+            )
+
+        call()
+    assert len(seen) >= 2 * 40
+    if mode == "negative":
+        assert any(400 <= code < 500 for code in seen)  # invalid requests were sent, and refused
