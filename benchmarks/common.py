@@ -85,9 +85,13 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def write_result(name: str, value: float, unit: str, baseline: dict, goal: dict, **extra) -> dict:
-    """Write benchmarks/results/<name>.json; ``baseline`` = {"what", "value"}; ``goal`` = {"bar", "direction"}."""
+def write_result(
+    name: str, value: float, unit: str, baseline: dict, goal: dict, goal_on: str = "ratio", **extra
+) -> dict:
+    """Write benchmarks/results/<name>.json; ``baseline`` = {"what", "value"}; ``goal`` = {"bar", "direction"},
+    judged on the ratio to the baseline, or on the value itself (``goal_on="value"``, e.g. added latency)."""
     ratio = round(value / baseline["value"], 3) if baseline.get("value") else None
+    judged = value if goal_on == "value" else ratio
     result = {
         "name": name,
         "value": round(value, 3),
@@ -96,8 +100,9 @@ def write_result(name: str, value: float, unit: str, baseline: dict, goal: dict,
         "ratio": ratio,
         "goal": goal,
         "goal_met": None
-        if ratio is None
-        else (ratio >= goal["bar"] if goal["direction"] == "higher" else ratio <= goal["bar"]),
+        if judged is None
+        else (judged >= goal["bar"] if goal["direction"] == "higher" else judged <= goal["bar"]),
+        "goal_on": goal_on,
         "machine": machine(),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -11,6 +11,7 @@ from benchmarks import (
     bench_gpu,
     bench_index,
     bench_knn,
+    bench_serve,
     bench_train,
 )
 
@@ -25,7 +26,16 @@ def start_ray() -> None:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     start_ray()
-    for bench in (bench_catalog, bench_embed, bench_knn, bench_annotate, bench_train, bench_index, bench_gpu):
+    for bench in (
+        bench_catalog,
+        bench_embed,
+        bench_knn,
+        bench_annotate,
+        bench_train,
+        bench_index,
+        bench_serve,
+        bench_gpu,
+    ):
         bench.main()  # bench_gpu skips itself without CUDA
 
 
