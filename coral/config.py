@@ -69,8 +69,14 @@ class RayConfig:
 
 @dataclass(frozen=True)
 class CatalogConfig:
-    """The synthetic MERIT-like product catalog (the embedded default's data)."""
+    """The product catalog: ``synthetic`` (the embedded default's MERIT-like data) or ``products``, the
+    user's own file (``products``: MERIT's candidates JSON or JSON lines of ``{id, title, image, ...}``,
+    image paths relative to its folder; ``coral.catalog.products``). ``seed`` and ``test_fraction`` apply
+    to both (products: to those without a ``split``, by a seeded hash of the id); the other fields shape
+    the synthetic catalog only."""
 
+    source: Literal["synthetic", "products"] = "synthetic"
+    products: str = ""  # source=products: the products file, local or s3://
     seed: int = 0
     num_groups: int = 40
     variants_per_group: int = 3
@@ -85,7 +91,14 @@ class CatalogConfig:
         check(self.num_groups >= 1, f"num_groups must be >= 1, got {self.num_groups}")
         check(self.variants_per_group >= 2, f"variants_per_group must be >= 2, got {self.variants_per_group}")
         check(16 <= self.image_size <= 1024, f"image_size must be in 16..1024, got {self.image_size}")
-        check(0.0 <= self.test_fraction < 1.0, f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        if self.source == "products":  # 1: every product without a split is a held-out candidate
+            check(
+                0.0 <= self.test_fraction <= 1.0, f"test_fraction must be in [0, 1], got {self.test_fraction}"
+            )
+        else:
+            check(
+                0.0 <= self.test_fraction < 1.0, f"test_fraction must be in [0, 1), got {self.test_fraction}"
+            )
         check(self.num_tasks >= 1, f"num_tasks must be >= 1, got {self.num_tasks}")
         bad = [lang for lang in self.languages if lang not in LANGUAGES]
         check(
@@ -108,6 +121,7 @@ class EncoderConfig:
     num_cpus: float = field(default=1.0, metadata={"rerun": False})
     num_gpus: float = field(default=0.0, metadata={"rerun": False})  # fractional GPUs share one device
     resources: dict[str, float] = field(default_factory=dict, metadata={"rerun": False})  # custom, per actor
+    accelerator_type: str = field(default="", metadata={"rerun": False})  # e.g. A10G, L4, A100 (cluster.yaml)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -230,6 +244,7 @@ class EngineConfig:
     num_actors: int = field(default=1, metadata={"rerun": False})
     num_cpus: float = field(default=1.0, metadata={"rerun": False})
     num_gpus: float = field(default=0.0, metadata={"rerun": False})
+    accelerator_type: str = field(default="", metadata={"rerun": False})  # e.g. A10G, L4, A100 (cluster.yaml)
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"rerun": False})
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -314,6 +329,11 @@ class ImportConfig:
     queries: str = ""  # a JSON list or JSON lines file, local or s3://
     candidates: str | None = None  # merit: the candidates file (id, title, image path)
     split: str = "train"
+    test_fraction: float = 0.0  # > 0: each query goes to test with this chance (seeded hash of its id)
+    seed: int = 0  # the hash's seed
+
+    def __post_init__(self):
+        check(0.0 <= self.test_fraction <= 1.0, f"test_fraction must be in [0, 1], got {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -357,6 +377,7 @@ class TrainConfig:
     resources: dict[str, float] = field(default_factory=dict, metadata={"rerun": False})  # custom, per worker
     data_workers: int = field(default=1, metadata={"rerun": False})  # Ray Data actors running the processor
     use_gpu: bool = field(default=False, metadata={"rerun": False})
+    accelerator_type: str = field(default="", metadata={"rerun": False})  # e.g. A10G, L4, A100 (cluster.yaml)
     max_failures: int = field(default=2, metadata={"rerun": False})
     seed: int = 0
 
@@ -402,6 +423,7 @@ class IndexStageConfig:
     num_actors: int = field(default=1, metadata={"rerun": False})
     num_cpus: float = field(default=1.0, metadata={"rerun": False})
     num_gpus: float = field(default=0.0, metadata={"rerun": False})
+    accelerator_type: str = field(default="", metadata={"rerun": False})  # e.g. A10G, L4, A100 (cluster.yaml)
     device: str = field(default="auto", metadata={"rerun": False})
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -441,6 +463,7 @@ class DeploymentConfig:
     autoscaling: dict[str, Any] = field(default_factory=dict)
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # fractional shares a GPU between replicas
+    accelerator_type: str = ""  # e.g. L4: replicas only on nodes with that GPU
     max_ongoing_requests: int = 32
 
     def __post_init__(self):

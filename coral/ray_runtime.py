@@ -32,3 +32,16 @@ def connect(cfg: RayConfig) -> str:
     )
     log.info("started a local Ray with %d logical CPUs", cfg.num_cpus)
     return "local"
+
+
+def remote_args(
+    num_cpus: float, num_gpus: float = 0.0, accelerator_type: str = "", resources: dict | None = None
+) -> dict:
+    """Ray's per-actor (or per-task) resource options from a config section's fields; ``accelerator_type``
+    (``A10G``, ``L4``, ``A100``...) places the actor on a node of that GPU type, as cluster.yaml declares."""
+    args: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if accelerator_type:
+        args["accelerator_type"] = accelerator_type
+    if resources:
+        args["resources"] = dict(resources)
+    return args

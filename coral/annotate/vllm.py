@@ -27,6 +27,7 @@ def processor(step, engine: EngineConfig):
         engine_kwargs={"limit_mm_per_prompt": {"image": images}, "dtype": engine.dtype, **engine.vllm},
         batch_size=engine.batch_size,
         concurrency=engine.num_actors,
+        accelerator_type=engine.accelerator_type or None,
         prepare_multimodal_stage={"enabled": step.name == "describe"},
         chat_template_stage={"enabled": True},
         tokenize_stage={"enabled": True},

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from coral import checkpoint, manifest, storage
+from coral import checkpoint, manifest, ray_runtime, storage
 from coral import schemas as S
 from coral.config import Config, DeploymentConfig, IndexStageConfig, StorageConfig
 from coral.errors import ConfigError
@@ -183,7 +183,7 @@ class Ingress:
 
 
 def _options(d: DeploymentConfig) -> dict[str, Any]:
-    resources = {"num_cpus": d.num_cpus, **({"num_gpus": d.num_gpus} if d.num_gpus else {})}
+    resources = ray_runtime.remote_args(d.num_cpus, d.num_gpus, d.accelerator_type)
     scale = {"autoscaling_config": dict(d.autoscaling)} if d.autoscaling else {"num_replicas": d.replicas}
     return {**scale, "ray_actor_options": resources, "max_ongoing_requests": d.max_ongoing_requests}
 

@@ -27,8 +27,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
+from coral import ray_runtime, storage
 from coral import schemas as S
-from coral import storage
 from coral.annotate import parse, prompts
 from coral.annotate.engines import VLM_TYPES, Generation, make_engine
 from coral.config import AnnotateConfig, Config, EngineConfig
@@ -178,8 +178,7 @@ def run_step(ds: ray.data.Dataset, step, engine: EngineConfig, rejected: Locatio
         compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
         batch_size=engine.batch_size,
         batch_format="pyarrow",
-        num_cpus=engine.num_cpus,
-        num_gpus=engine.num_gpus,
+        **ray_runtime.remote_args(engine.num_cpus, engine.num_gpus, engine.accelerator_type),
     )
 
 

@@ -1,17 +1,27 @@
-"""catalog: generate the synthetic product catalog, one Ray task per shard of product groups."""
+"""catalog: the product catalog, one Ray task per shard: the synthetic one (shards of product groups), or
+the user's products file (``catalog.source=products``: shards of at most ``products.PER_TASK`` products,
+their images read and checked by the tasks; ``coral.catalog.products``).
+
+Units (products): ``rows_in`` counts the file's items, ``rows_out`` products written, ``rows_rejected``
+items rejected (``rejected/``: id, reason, image path, position in the file).
+"""
 
 from __future__ import annotations
 
 import logging
 import posixpath
+from collections import Counter
 
 import pyarrow.parquet as pq
 import ray
 
+from coral import schemas as S
+from coral.catalog import products
 from coral.catalog.generate import generate_table, shard_groups
-from coral.config import CatalogConfig, Config
+from coral.config import CatalogConfig, Config, StorageConfig
+from coral.errors import ConfigError, UserInputError
 from coral.manifest import StageResult
-from coral.stages.base import StageContext
+from coral.stages.base import StageContext, write_rejected
 from coral.storage import Location
 
 log = logging.getLogger(__name__)
@@ -26,6 +36,19 @@ def write_shard(cfg: CatalogConfig, groups: range, out: Location, index: int) ->
     return table.num_rows
 
 
+@ray.remote(num_cpus=1)
+def write_products(
+    entries: list[dict], root: Location, cfg: StorageConfig, out: Location, index: int
+) -> tuple[int, list[dict]]:
+    rows, rejected = products.product_rows(entries, root, cfg)
+    if rows:
+        if not out.is_s3:
+            out.fs.create_dir(out.path, recursive=True)
+        path = posixpath.join(out.path, f"part-{index:05d}.parquet")
+        pq.write_table(products.table(rows), path, filesystem=out.fs)
+    return len(rows), rejected
+
+
 class CatalogStage:
     name = "catalog"
 
@@ -36,10 +59,13 @@ class CatalogStage:
         return config.catalog
 
     def validate(self, config: Config) -> None:
-        pass
+        if config.catalog.source == "products" and not config.catalog.products:
+            raise ConfigError("catalog.products: catalog.source=products needs the products file")
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.catalog
+        if cfg.source == "products":
+            return self.run_products(ctx)
         out = ctx.data(self.name)
         pending = [write_shard.remote(cfg, groups, out, i) for i, groups in enumerate(shard_groups(cfg))]
         total, rows = len(pending), 0
@@ -48,3 +74,33 @@ class CatalogStage:
             rows += ray.get(done[0])
             log.info("catalog: %d/%d shards written (%d products)", total - len(pending), total, rows)
         return StageResult(rows_in=0, rows_out=rows, details={"shards": total, "groups": cfg.num_groups})
+
+    def run_products(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.config.catalog
+        items, root = products.read_items(cfg.products, ctx.config.storage)
+        entries, rejected, details = products.parse_products(items, cfg.seed, cfg.test_fraction)
+        out = ctx.data(self.name)
+        shards = products.shards(entries, cfg.num_tasks)
+        pending = [write_products.remote(s, root, ctx.config.storage, out, i) for i, s in enumerate(shards)]
+        total, rows = len(pending), 0
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            n, bad = ray.get(done[0])
+            rows, rejected = rows + n, rejected + bad
+            log.info("catalog: %d/%d product shards read (%d products)", total - len(pending), total, rows)
+        rejected.sort(key=lambda r: r[products.ITEM])
+        write_rejected(ctx.rejected(self.name), rejected, products.REJECTED)
+        if rows == 0:
+            raise UserInputError(
+                f"catalog.products: none of the {len(items)} items of {cfg.products} could be used "
+                f"(reasons under {ctx.rejected(self.name).uri})"
+            )
+        reasons = dict(Counter(r[S.REASON] for r in rejected))
+        details = {
+            "source": "products",
+            "products": cfg.products,
+            "image_root": root.uri,
+            "shards": total,
+            **details,
+        }
+        return StageResult(len(items), rows, reasons, details=details)

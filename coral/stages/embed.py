@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from coral import ray_runtime, storage
 from coral import schemas as S
-from coral import storage
 from coral.config import Config, EmbedConfig, EncoderConfig
 from coral.errors import ConfigError
 from coral.images import decode_image
@@ -182,9 +182,7 @@ class EmbedStage:
                 compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
                 batch_size=enc.batch_size,
                 batch_format="pyarrow",
-                num_cpus=enc.num_cpus,
-                num_gpus=enc.num_gpus,
-                resources=enc.resources or None,
+                **ray_runtime.remote_args(enc.num_cpus, enc.num_gpus, enc.accelerator_type, enc.resources),
             )
         ds = ds.select_columns([S.ID, S.SPLIT, *(S.embedding_column(e.name) for e in cfg.encoders)])
         ds.write_parquet(out.path, filesystem=out.fs)

@@ -5,7 +5,9 @@ Every item becomes TRIPLETS rows (MegaPairs: one per instruction); an item that 
 rejected with its position and the reason, and the rest go on. MERIT's queries name images by path and
 positives by product id: with ``imports.candidates`` the paths are mapped to product ids and the
 candidates (id, title, image path) are written to ``candidates/``. Image paths are kept as written;
-``details.image_root`` is the folder they are relative to.
+``details.image_root`` is the folder they are relative to. Items get ``imports.split``, or with
+``imports.test_fraction`` > 0 ``test`` for that fraction of them (a seeded hash of the query id), so
+evaluate has held-out queries.
 
 Units: ``rows_in`` counts items read, ``rows_out`` items imported, ``rows_rejected`` items rejected;
 ``details.triplets`` counts the rows written.
@@ -21,6 +23,7 @@ import pyarrow as pa
 
 from coral import schemas as S
 from coral import storage
+from coral.catalog.products import hashed_split
 from coral.config import Config, ImportConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult
@@ -46,10 +49,15 @@ def read_items(uri: str, config: Config, what: str) -> list:
 
 def to_rows(cfg: ImportConfig, item: dict, position: int, id_of) -> list[dict]:
     if cfg.format == "merit":
-        return [formats.from_merit_query(item, id_of, cfg.split)]
-    if cfg.format == "released":
-        return [formats.from_released_query(item, position, cfg.split)]
-    return formats.from_megapairs(item, f"megapairs-{position:09d}", id_of, cfg.split)
+        rows = [formats.from_merit_query(item, id_of, cfg.split)]
+    elif cfg.format == "released":
+        rows = [formats.from_released_query(item, position, cfg.split)]
+    else:
+        rows = formats.from_megapairs(item, f"megapairs-{position:09d}", id_of, cfg.split)
+    if cfg.test_fraction > 0 and rows:  # one split per item (MegaPairs: its rows), by its first query id
+        split = hashed_split(cfg.seed, rows[0][S.QUERY_ID], cfg.test_fraction, cfg.split)
+        rows = [{**r, S.SPLIT: split} for r in rows]
+    return rows
 
 
 class ImportStage:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from coral import checkpoint, storage
+from coral import checkpoint, ray_runtime, storage
 from coral import schemas as S
 from coral.config import Config, IndexStageConfig, StorageConfig
 from coral.errors import ConfigError
@@ -97,8 +97,7 @@ def embed(
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
+        **ray_runtime.remote_args(cfg.num_cpus, cfg.num_gpus, cfg.accelerator_type),
     )
     tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
     key = S.ID if role == "candidate" else S.QUERY_ID

@@ -99,7 +99,11 @@ class TrainStage:
         cfg0 = ctx.config.train
         if train.num_rows < cfg0.batch_size * cfg0.num_workers * cfg0.gradient_accumulation:
             raise ConfigError(f"train: {train.num_rows} training rows, fewer than one step needs")
-        held = [r for r in rows.filter(pc.equal(rows[S.SPLIT], "test")).to_pylist() if r[S.SOURCE] == "merit"]
+        held = [
+            r
+            for r in rows.filter(pc.equal(rows[S.SPLIT], "test")).to_pylist()
+            if r[S.SOURCE] in ("merit", "import")
+        ]
         held = held[: cfg0.validation_queries]
         src = ctx.data("catalog")
         catalog = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE, S.SPLIT])
@@ -187,6 +191,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.resources},
+            accelerator_type=cfg.accelerator_type or None,
         ),
         run_config=RunConfig(
             name=f"{cfg.model}-{key[:12]}",  # one folder per resumable run
