@@ -499,6 +499,7 @@ class ServeConfig:
     max_pixels: int = 4096 * 4096
     max_top_k: int = 100
     examples: int = 3  # held-out queries sent over HTTP by the stage, printed with their top results
+    access_log: bool = False  # Serve's line per request and replica (proxy, ingress, encoder, index): CPU
     forever: bool = False
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

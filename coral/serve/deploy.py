@@ -39,8 +39,14 @@ def start(config: Config, timeout_s: float = 300.0) -> str:
 
     cfg = config.serve
     target = application(config)  # raises IndexMismatch before anything starts
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(target, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config(cfg))
+    serve.run(
+        target,
+        name=cfg.app_name,
+        route_prefix=cfg.route_prefix,
+        blocking=False,
+        logging_config=logging_config(cfg),
+    )
     url = url_of(cfg)
     wait_healthy(url, timeout_s)
     log.info("serving %s at %s (docs: %s/docs)", config.run.run_root, url, url)
@@ -54,11 +60,16 @@ def stop(config: Config) -> None:
     serve.shutdown()
 
 
+def logging_config(cfg: ServeConfig) -> dict:
+    return {"enable_access_log": cfg.access_log}
+
+
 def serve_config(cfg: ServeConfig, config_path: str | None, overrides: list[str]) -> dict:
     """The Serve config for ``serve run FILE`` / ``serve deploy FILE`` (run from the repository root)."""
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": cfg.host, "port": cfg.port},
+        "logging_config": logging_config(cfg),
         "applications": [
             {
                 "name": cfg.app_name,

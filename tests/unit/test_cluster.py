@@ -42,6 +42,9 @@ def test_cluster_yaml_passes_rays_validation_with_the_promised_worker_types(spec
     assert "aws_access_key_id" not in text.lower() and "secret" not in text.lower()
     for name, node in nodes.items():
         assert "IamInstanceProfile" in node["node_config"], name  # S3 through the instance profile
+    assert "~/.ray/auth_token" in spec["file_mounts"]  # Ray's token auth on every node
+    for command in (*spec["head_start_ray_commands"], *spec["worker_start_ray_commands"]):
+        assert "ray stop" in command or "RAY_AUTH_MODE=token" in command
 
 
 def test_ray_validation_rejects_a_broken_cluster_config():
