@@ -112,7 +112,8 @@ def test_placement_problems_name_the_key_and_the_shortfall(spec):
     too_many = load_config(path, ["train.num_workers=17"])  # 2 nodes x 8 A100s hold 16
     (p,) = cluster.problems(too_many, spec)
     assert "17 workers" in p and "holds 16" in p
-    fat = load_config(path, ["train.num_workers=16", "train.cpus_per_worker=13"])  # 96 CPUs per node: 7 workers each
+    # 96 CPUs per node hold 7 workers of 13 CPUs each
+    fat = load_config(path, ["train.num_workers=16", "train.cpus_per_worker=13"])
     (p,) = cluster.problems(fat, spec)
     assert "holds 14" in p
     big_actor = load_config(path, ["index.num_gpus=5"])
