@@ -143,7 +143,7 @@ def test_graph_through_ray_job_submit_on_s3_stop_resubmit_skip(ray_head, s3_buck
         "workflows/ci_small.yaml",
         f"run.run_root={run_root}",
         f"storage.endpoint_url={s3_cfg.endpoint_url}",  # credentials: the head's environment
-        "catalog.num_groups=60",
+        "catalog.num_groups=100",
         encoders_override(tiny_models),
     ]
     submit = [
@@ -191,7 +191,7 @@ def test_graph_through_ray_job_submit_on_s3_stop_resubmit_skip(ray_head, s3_buck
     products = pq.read_table(root.child("catalog", "data").path, filesystem=root.fs, columns=["id"])["id"]
     embedded = pq.read_table(root.child("embed", "data").path, filesystem=root.fs, columns=["id"])["id"]
     assert sorted(embedded.to_pylist()) == sorted(products.to_pylist())  # each product once
-    assert manifests["embed"]["rows_out"] == len(products) == 180
+    assert manifests["embed"]["rows_out"] == len(products) == 300
     pairs = pq.read_table(root.child("mine", "data").path, filesystem=root.fs)
     assert pairs.num_rows == manifests["mine"]["rows_out"]
     keys = list(zip(pairs["query_id"].to_pylist(), pairs["target_id"].to_pylist(), strict=True))
