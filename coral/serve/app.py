@@ -163,8 +163,8 @@ class Ingress:
     async def search(self, body: api.SearchRequest) -> dict:
         api.check_top_k(body.top_k, self.limits)
         query = api.to_query(body.parts, self.limits, self.pool)
-        vector = await self.encoder.embed.remote("query", query)
-        hits = await self.index.search.remote(vector, body.top_k)
+        # the encoder's response goes to the index as is: Serve hands the vector over without this replica
+        hits = await self.index.search.remote(self.encoder.embed.remote("query", query), body.top_k)
         return {
             "results": hits,
             "checkpoint": self.info_body["checkpoint"]["hash"],
