@@ -97,6 +97,7 @@ def main() -> dict:
         steps=STEPS,
         seconds={"stage": round(stage_s, 3), "fixed_start_up": round(stage_s - STEPS / ray_steps, 3)},
         worker_seconds=metrics["worker_seconds"],
+        worker_peak_memory_gib=metrics["worker_peak_memory_gib"],  # rank 0's peak RSS (and GPU)
         peak_rss_gib=mem.peak_gib,
         peak_rss_note="whole machine: driver, 2 workers, Ray's processes",
     )

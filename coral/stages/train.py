@@ -220,6 +220,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
         "worker_seconds": state.get(
             "worker_seconds"
         ),  # rank 0, after its first step: data wait, forward, ...
+        "worker_peak_memory_gib": state.get("worker_peak_memory_gib"),
         "losses_first_10": {k: round(sum(h[k] for h in first) / len(first), 4) for k in first[0]},
         "losses_last_10": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[0]},
         "export": out.uri,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 
@@ -26,6 +27,16 @@ from coral.train.coral import CoralHeads
 
 STATE = "state.json"
 TIMED = ("data_wait", "forward", "backward", "optimizer")
+
+
+def peak_memory_gib() -> dict:
+    """This worker's peak resident memory, and its GPU's peak allocation when it has one."""
+    out = {"rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB on Linux
+    if torch.cuda.is_available():
+        out["gpu"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
 TAG = "ckpt"
 
 
@@ -164,6 +175,7 @@ def train_loop(config: dict) -> None:
         elapsed = time.perf_counter() - started
         state["samples_per_s"] = round(samples * ctx.get_world_size() / elapsed, 3) if samples else None
         state["worker_seconds"] = {k: round(v, 3) for k, v in seconds.items()}  # rank 0's
+        state["worker_peak_memory_gib"] = peak_memory_gib()  # rank 0's; every rank holds the same
         if last and evaluates:
             state["validation"]["end"] = validate()
             state["probe"] = probe(engine.module.model, retriever, held_out, pool, products)

@@ -143,6 +143,7 @@ def test_clip_with_lora_and_accumulation_beside_an_mllm(ray_local, tiny_models, 
     d = m["details"]
     assert d["model"] == "mmret_clip" and d["steps"] == 4 and d["optimizer_steps"] == 4
     assert set(d["losses_first_10"]) == {"loss", "contrastive_loss"}
+    assert 0.2 < d["worker_peak_memory_gib"]["rss"] < 20  # a worker holds torch, the model, DeepSpeed
     assert set(d["side_by_side"]) == {"mmret_clip", "mmret_mllm"}
     for v in d["side_by_side"].values():
         assert v["start"]["queries"] == v["end"]["queries"] == 8
