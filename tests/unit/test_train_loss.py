@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from coral.train.heads import fuse, last_token
 from coral.train.loss import info_nce
-from tests.conftest import free_port
 
 B, K, D_IN, D, T = 3, 2, 8, 4, 0.05  # queries per worker, hard negatives, sizes, temperature
 
@@ -47,10 +46,11 @@ def test_info_nce_equals_the_naive_reference_with_hard_negatives():
         info_nce(q, c[:-1], T)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # rendezvous through a file: no port picked ahead of time that another process could take meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     xq, xc = data(2)
     model = encoder()
     q = F.normalize(model(xq[rank * B : (rank + 1) * B]), dim=-1)
@@ -74,7 +74,7 @@ def test_two_gathered_workers_equal_one_process_on_the_concatenated_batch(tmp_pa
 
     out = str(tmp_path / "two.pt")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     two = torch.load(out)
     xq, xc = data(2)
     model = encoder()
