@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from coral.config import StorageConfig
-from coral.errors import StorageError
+from coral.errors import ConfigError, StorageError
 
 PROBE_NAME = ".coral-write-probe"
 
@@ -130,6 +130,21 @@ def write_bytes(loc: Location, data: bytes) -> None:
 
 def read_json(loc: Location) -> Any:
     return json.loads(read_bytes(loc))
+
+
+def read_json_items(loc: Location, key: str) -> list:
+    """A JSON list or JSON lines file's items; a ConfigError naming the config ``key`` and the file when it
+    cannot be read or parsed."""
+    try:
+        text = read_bytes(loc).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read {loc.uri}: {type(e).__name__}") from None
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {loc.uri} is neither a JSON list nor JSON lines ({e})") from None
 
 
 def write_parquet(loc: Location, table: Any) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import posixpath
 from collections import Counter
 from collections.abc import Mapping
@@ -33,7 +32,6 @@ import pyarrow as pa
 from coral import schemas as S
 from coral import storage
 from coral.config import StorageConfig
-from coral.errors import ConfigError
 from coral.images import decode_image
 from coral.merit import formats
 from coral.storage import Location
@@ -59,25 +57,11 @@ def hashed_split(seed: int, key: str, test_fraction: float, otherwise: str = "tr
     return "test" if test_fraction > 0 and hashed_fraction(seed, key) < test_fraction else otherwise
 
 
-def parse_items(text: str, uri: str) -> list:
-    """A JSON list, or JSON lines; ConfigError naming ``catalog.products`` otherwise."""
-    try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"catalog.products: {uri} is neither a JSON list nor JSON lines ({e})") from None
-
-
 def read_items(uri: str, cfg: StorageConfig | None = None) -> tuple[list, Location]:
     """(the file's items, the folder image paths are relative to)."""
     loc = storage.resolve(uri, cfg)
-    try:
-        text = storage.read_bytes(loc).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"catalog.products: cannot read {uri}: {type(e).__name__}") from None
     root = Location(posixpath.dirname(loc.uri), loc.fs, posixpath.dirname(loc.path))
-    return parse_items(text, uri), root
+    return storage.read_json_items(loc, "catalog.products"), root
 
 
 def _text(obj: Mapping, key: str, default: str) -> str:

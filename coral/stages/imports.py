@@ -15,7 +15,6 @@ Units: ``rows_in`` counts items read, ``rows_out`` items imported, ``rows_reject
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections import Counter
 
@@ -34,17 +33,7 @@ CANDIDATES = pa.schema([(S.ID, pa.string()), (S.TITLE, pa.string()), (S.IMAGE, p
 
 
 def read_items(uri: str, config: Config, what: str) -> list:
-    loc = storage.resolve(uri, config.storage)
-    try:
-        text = storage.read_bytes(loc).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"imports.{what}: cannot read {uri}: {type(e).__name__}") from None
-    try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"imports.{what}: {uri} is neither a JSON list nor JSON lines ({e})") from None
+    return storage.read_json_items(storage.resolve(uri, config.storage), f"imports.{what}")
 
 
 def to_rows(cfg: ImportConfig, item: dict, position: int, id_of) -> list[dict]:
