@@ -87,8 +87,10 @@ class HFEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.prefixes = None
-        if cfg.prefix_cache and not self.vlm and prefix.supported(self.model):
+        self.reserve = prefix.supported(self.model)  # full attention only: a window would trim the cache
+        if cfg.prefix_cache and not self.vlm and self.reserve:
             self.prefixes = prefix.PrefixCache(self.model, cfg.prefix_cache)
+            self.model.set_attn_implementation(prefix.register())  # SDPA but for batches with shared heads
 
     def _template(self, prompt: list[dict]) -> str:
         if self.vlm:
@@ -120,8 +122,12 @@ class HFEngine:
         end = start + len(heads[-1].rstrip())
         return None if start < 0 else (full[:end], full[end:])
 
-    def _generate(self, **inputs):
+    def _generate(self, cache=None, **inputs):
         sample = self.cfg.temperature > 0
+        if cache is None and self.reserve:
+            cache = prefix.reserved_cache(self.model, self.cfg.max_new_tokens)
+        if cache is not None:
+            inputs["past_key_values"] = cache
         with self.torch.inference_mode():
             out = self.model.generate(
                 **inputs,
@@ -138,10 +144,12 @@ class HFEngine:
     def _generate_cached(self, splits: list[tuple[str, str]]) -> list[Generation]:
         encode = self.tokenizer([t for s in splits for t in s], add_special_tokens=False)["input_ids"]
         heads, tails = [tuple(h) for h in encode[0::2]], encode[1::2]
-        states = [self.prefixes.get(h) for h in heads]
-        pad = self.tokenizer.pad_token_id
-        ids, mask, cache = prefix.assemble(heads, tails, states, pad, self.cfg.max_new_tokens)
-        return self._generate(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        ids, mask, groups = prefix.assemble(heads, tails, self.tokenizer.pad_token_id)
+        states = {h: self.prefixes.get(h) for h, _ in groups}
+        cache = prefix.prefill_tails(self.model, heads, tails, states, self.cfg.max_new_tokens)
+        rows = [r.to(self.device) for _, r in groups]
+        with prefix.sharing(self.model, [states[h] for h, _ in groups], rows):
+            return self._generate(cache, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
 
     def generate(self, prompts: list[list[dict]]) -> list[Generation]:
         from coral.images import decode_image

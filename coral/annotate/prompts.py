@@ -94,9 +94,14 @@ def draw_demonstrations(rng: np.random.Generator, k: int, pool: tuple[dict, ...]
     return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
 
 
+def demonstration_set(seed: int, key: str, sets: int) -> int:
+    """Which of the ``sets`` fixed draws row ``key`` takes."""
+    return int(rng_for(seed, key).integers(sets))
+
+
 def demonstrations_for(seed: int, key: str, k: int, sets: int = 0) -> list[dict]:
     """The ``k`` demonstrations of row ``key``: a fresh draw (``sets=0``) or one of ``sets`` fixed draws."""
     rng = rng_for(seed, key)
     if sets:
-        rng = rng_for(seed, f"demonstration set {int(rng.integers(sets))}")
+        rng = rng_for(seed, f"demonstration set {demonstration_set(seed, key, sets)}")
     return draw_demonstrations(rng, k)

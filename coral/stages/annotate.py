@@ -81,12 +81,16 @@ class Instruct:
     out_schema = S.TRIPLETS
 
     def __init__(self, cfg: AnnotateConfig):
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, cfg.seed + 1
+
+    def head(self, key: str) -> int:
+        """The pair's demonstration set: pairs with the same one share the prompt's head."""
+        return prompts.demonstration_set(self.seed, key, self.cfg.demonstration_sets)
 
     def prompt(self, row: dict) -> list[dict]:
         cfg = self.cfg
         demos = prompts.demonstrations_for(
-            cfg.seed + 1, row[PAIR_ID], cfg.demonstrations, cfg.demonstration_sets
+            self.seed, row[PAIR_ID], cfg.demonstrations, cfg.demonstration_sets
         )
         return prompts.instruct_prompt(
             row[DESCRIPTION], demos, self.cfg.min_instructions, self.cfg.instruction_words[1]
@@ -120,7 +124,14 @@ def triplet(row: dict, i: int, instruction: str) -> dict:
     }
 
 
-def finish(step, rows: list[dict], gens: list[Generation], rejected: Location, stats: Location) -> pa.Table:
+def finish(
+    step,
+    rows: list[dict],
+    gens: list[Generation],
+    rejected: Location,
+    stats: Location,
+    heads: int | None = None,
+) -> pa.Table:
     """Parse each generation; write the failures (with the raw text) and the batch's request counts."""
     out, bad = [], []
     for row, gen in zip(rows, gens, strict=True):
@@ -132,12 +143,15 @@ def finish(step, rows: list[dict], gens: list[Generation], rejected: Location, s
             bad.append({S.ID: row[PAIR_ID], S.REASON: f"{step.name}: {reason}", S.RAW: gen.text})
         out.extend(parsed)
     write_rejected(rejected, bad, S.REJECTED_RAW)
-    write_stats(stats, step.name, [r[PAIR_ID] for r in rows], gens)
+    write_stats(stats, step.name, [r[PAIR_ID] for r in rows], gens, heads)
     return pa.Table.from_pylist(out, schema=step.out_schema)
 
 
-def write_stats(loc: Location, step: str, keys: list[str], gens: list[Generation]) -> None:
-    """One small JSON per batch, named after its rows so that a retried batch overwrites its own."""
+def write_stats(
+    loc: Location, step: str, keys: list[str], gens: list[Generation], heads: int | None = None
+) -> None:
+    """One small JSON per batch, named after its rows so that a retried batch overwrites its own; ``heads``:
+    the distinct shared prompt heads the batch's rows had (an hf engine with a prefix cache)."""
     if not keys:
         return
     name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
@@ -148,6 +162,8 @@ def write_stats(loc: Location, step: str, keys: list[str], gens: list[Generation
         "errors": dict(errors),
         "done_at": round(time.time(), 3),  # for the step's throughput after start-up
     }
+    if heads is not None:
+        body["prompt_heads"] = heads
     storage.write_json(loc.child(f"{step}-{name}.json"), body)
 
 
@@ -163,8 +179,11 @@ class StepActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        cache = getattr(self.engine, "prefixes", None)
+        before = cache.hits + cache.misses if cache else 0
         gens = self.engine.generate([self.step.prompt(r) for r in rows])
-        return finish(self.step, rows, gens, self.rejected, self.stats)
+        heads = cache.hits + cache.misses - before if cache else None
+        return finish(self.step, rows, gens, self.rejected, self.stats, heads)
 
 
 def run_step(ds: ray.data.Dataset, step, engine: EngineConfig, rejected: Location, stats: Location):
@@ -180,6 +199,15 @@ def run_step(ds: ray.data.Dataset, step, engine: EngineConfig, rejected: Locatio
         batch_format="pyarrow",
         **ray_runtime.remote_args(engine.num_cpus, engine.num_gpus, engine.accelerator_type),
     )
+
+
+def order_by_head(pairs: pa.Table, instruct: Instruct) -> pa.Table:
+    """Pairs with the same demonstration set next to each other (in their order otherwise), so that the
+    instruct step's batches share prompt heads, which the engines compute, and attend to, once per batch."""
+    if not instruct.cfg.demonstration_sets:
+        return pairs
+    heads = [instruct.head(k) for k in pairs.column(PAIR_ID).to_pylist()]
+    return pairs.take(sorted(range(len(heads)), key=heads.__getitem__))
 
 
 def image_table(ctx: StageContext, ids: set[str]) -> pa.Table:
@@ -208,7 +236,8 @@ def image_table(ctx: StageContext, ids: set[str]) -> pa.Table:
 def step_stats(stats: Location) -> dict:
     """Per step: requests, attempts, retries and errors, and ``pairs_per_s_after_first_batch``: the pairs
     of every batch but the first over the time from the first batch's end to the last's, that is the
-    step's rate once its actors are up (in a pipeline, the rate its input arrives at, if slower)."""
+    step's rate once its actors are up (in a pipeline, the rate its input arrives at, if slower). With an
+    hf prefix cache, ``prompt_heads`` over ``batches``: how many distinct shared heads a batch had."""
     out: dict[str, dict] = {}
     done: dict[str, list[tuple[float, int]]] = {}
     for path in storage.list_files(stats, ".json"):
@@ -218,6 +247,9 @@ def step_stats(stats: Location) -> dict:
         agg["requests"] += body["requests"]
         agg["attempts"] += body["attempts"]
         agg["errors"].update(body["errors"])
+        if "prompt_heads" in body:
+            agg["prompt_heads"] = agg.get("prompt_heads", 0) + body["prompt_heads"]
+            agg["batches"] = agg.get("batches", 0) + 1
         done.setdefault(step, []).append((body["done_at"], body["requests"]))
     for step, agg in out.items():
         agg["retries"] = agg["attempts"] - agg["requests"]
@@ -278,12 +310,14 @@ class AnnotateStage:
             for q, t in zip(pairs[S.QUERY_ID].to_pylist(), pairs[S.TARGET_ID].to_pylist(), strict=True)
         ]
         pairs = pairs.add_column(0, PAIR_ID, pa.array(keys, pa.string()))
+        instruct = Instruct(cfg)
+        pairs = order_by_head(pairs, instruct)
         ids = set(pairs[S.QUERY_ID].to_pylist()) | set(pairs[S.TARGET_ID].to_pylist())
         images = ray.put(image_table(ctx, ids))
         batch = min(cfg.describe.batch_size, cfg.instruct.batch_size)
         ds = ray.data.from_arrow(pairs).repartition(target_num_rows_per_block=batch)
         ds = run_step(ds, Describe(cfg, images), cfg.describe, rejected, stats)
-        ds = run_step(ds, Instruct(cfg), cfg.instruct, rejected, stats)
+        ds = run_step(ds, instruct, cfg.instruct, rejected, stats)
         ds.write_parquet(out.path, filesystem=out.fs)
         triplets = count_rows(out)
         annotated = len({q.rsplit("#", 1)[0] for q in _query_ids(out)}) if triplets else 0

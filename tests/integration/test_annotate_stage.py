@@ -39,6 +39,9 @@ def test_annotate_writes_triplets_from_mined_pairs(ray_local, tiny_models, tmp_p
     assert m["details"]["instruct"]["requests"] == 12 - sum(
         n for reason, n in m["rejected_reasons"].items() if reason.startswith("describe:")
     )
+    instruct = m["details"]["instruct"]  # the hf prefix cache: distinct prompt heads per batch, counted
+    assert 1 <= instruct["prompt_heads"] <= instruct["requests"] and instruct["batches"] >= 3
+    assert "prompt_heads" not in m["details"]["describe"]  # a VLM prompt has no shared head
     table = pq.read_table(tmp_path / "run" / "annotate" / "data")
     assert table.schema.equals(S.TRIPLETS)
     assert m["details"]["triplets"] == table.num_rows

@@ -128,6 +128,31 @@ def test_instruction_cap_and_description_checks():
     assert parse.check_description(gibberish, (1, 1000), False) is None
 
 
+def test_pairs_are_ordered_by_their_prompt_head():
+    import pyarrow as pa
+
+    from coral.config import AnnotateConfig
+    from coral.stages.annotate import PAIR_ID, Instruct, order_by_head
+
+    keys = [f"q{i}>t{i}" for i in range(40)]
+    pairs = pa.table({PAIR_ID: keys, "n": list(range(40))})
+    instruct = Instruct(AnnotateConfig(demonstration_sets=4))
+    ordered = order_by_head(pairs, instruct).to_pylist()
+    heads = [instruct.head(r[PAIR_ID]) for r in ordered]
+    assert heads == sorted(heads) and len(set(heads)) == 4
+    assert sorted(r["n"] for r in ordered) == list(range(40))
+    for h in set(heads):  # within a head, the pairs keep their order
+        ns = [r["n"] for r, g in zip(ordered, heads, strict=True) if g == h]
+        assert ns == sorted(ns)
+    texts = {}  # the head the order uses is the prompt's head
+    for r, h in zip(ordered, heads, strict=True):
+        head = instruct.prompt({**r, "description": "x"})[0]["content"][0]["text"]
+        assert texts.setdefault(h, head) == head
+    assert len(set(texts.values())) == 4
+    free = Instruct(AnnotateConfig(demonstration_sets=0))  # fresh demonstrations per pair: order unchanged
+    assert order_by_head(pairs, free).equals(pairs)
+
+
 def test_rate_limiter_spaces_request_starts():
     import time
 
