@@ -5,11 +5,13 @@
   instruct on a random Qwen2 text LLM, both 512 wide and 4 deep (so the matrix products, not Python, are
   the work). A random model rarely stops early, so every request writes its step's ``max_new_tokens``
   (128 for a 60-100 word description, 64 for three short instructions) and both runs do the same
-  generation work. Per step too, in one process: the describe prompt is short (two images and a
-  sentence); the instruct prompt is long (five demonstrations, about 1,100 tokens), but its head is one
-  of ``demonstration_sets`` shared heads that the engine's prefix cache computes once, so only the
-  pair's description is prefilled per request. Batching speeds up decoding, not prefill: the per-step
-  figures also give instruct without the prefix cache.
+  generation work. In the stage, instruct's tails are describe's output (byte soup from a random model,
+  150-250 tokens once re-tokenized). Per step too, in one process: the describe prompt is short (two
+  images and a sentence); the instruct prompt is long (five demonstrations, about 1,100 tokens), but its
+  head is one of ``demonstration_sets`` shared heads that the engine's prefix cache computes once, so only
+  the pair's description is prefilled per request, and rows with one head attend to it once per batch
+  (the stage orders pairs by head; so do these prompts). Batching speeds up decoding, not prefill: the
+  per-step figures also give instruct without the prefix cache.
 - MERIT query composition over 100,000 products: queries/s of ``compose_table`` (products indexed by
   (class, key, value), positives by set intersection) vs the plain way, a scan of the class's products
   per query, on a sample of the same queries.
@@ -86,7 +88,10 @@ def per_step(vlm: str, llm: str) -> dict:
 
     torch.set_num_threads(1)  # as in a one-CPU actor
     img = draw.png_bytes(Image.new("RGB", (64, 64), (200, 30, 40)))
-    demos = [prompts.demonstrations_for(0, str(i), 5, SETS) for i in range(2 * BATCH)]
+    keys = sorted(
+        map(str, range(2 * BATCH)), key=lambda k: prompts.demonstration_set(0, k, SETS)
+    )  # as the stage
+    demos = [prompts.demonstrations_for(0, k, 5, SETS) for k in keys]
     instruct = [prompts.instruct_prompt("A red mug on a table. " * 5, d, 3, 40) for d in demos]
     steps = {
         "describe": (vlm, [prompts.describe_prompt(img, img, 60 + i) for i in range(2 * BATCH)], {}),
