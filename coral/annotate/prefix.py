@@ -230,7 +230,7 @@ def shared_head_attention(module, query, key, value, attention_mask, scaling=Non
     rq = h // kv * q  # query rows per key/value head: the heads of a group, each with q positions
     scale = scaling if scaling is not None else d**-0.5
     qs = (query * scale).reshape(b, kv, rq, d)
-    tail = qs @ key.transpose(-1, -2)  # [b, kv, rq, t]
+    tail = (qs @ key.transpose(-1, -2)).float()  # [b, kv, rq, t]; softmax sums in float32, as SDPA's
     if attention_mask is not None:
         m = attention_mask[..., -t:]
         m = m[:, :, None].expand(b, 1, h // kv, q, t).reshape(b, 1, rq, t)
@@ -243,14 +243,16 @@ def shared_head_attention(module, query, key, value, attention_mask, scaling=Non
     top = tail.amax(-1)  # [b, kv, rq]; a padded query's tail is all -inf, its head never is
     scores = []
     for r, (k, _) in zip(rows, states, strict=True):
-        s = qs[r].transpose(0, 1).reshape(kv, -1, d) @ k[0].transpose(-1, -2)  # [kv, n * rq, head_len]
+        s = (
+            qs[r].transpose(0, 1).reshape(kv, -1, d) @ k[0].transpose(-1, -2)
+        ).float()  # [kv, n * rq, head_len]
         scores.append(s)
         top[r] = torch.maximum(top[r], s.amax(-1).reshape(kv, len(r), rq).transpose(0, 1))
     p = (tail - top[..., None]).exp()
-    total, out = p.sum(-1), p @ value
+    total, out = p.sum(-1), (p.to(value.dtype) @ value).float()
     for r, (_, v), s in zip(rows, states, scores, strict=True):
         p = (s - top[r].transpose(0, 1).reshape(kv, -1, 1)).exp()
         total[r] += p.sum(-1).reshape(kv, len(r), rq).transpose(0, 1)
-        out[r] += (p @ v[0]).reshape(kv, len(r), rq, d).transpose(0, 1)
+        out[r] += (p.to(v.dtype) @ v[0]).float().reshape(kv, len(r), rq, d).transpose(0, 1)
     out = out / total[..., None]  # [b, kv, rq, d], rq ordered (head in group, position)
-    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+    return out.to(query.dtype).reshape(b, h, q, d).transpose(1, 2).contiguous(), None

@@ -99,6 +99,11 @@ def test_shared_head_attention_equals_sdpa_over_each_rows_whole_prompt(q):
     )
     got, _ = prefix.shared_head_attention(module, query, keys, values, full)
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    half = [(k.bfloat16(), v.bfloat16()) for k, v in module.shared_heads[1]]  # bf16 in, float32 sums
+    module.shared_heads = (module.shared_heads[0], half)
+    low, _ = prefix.shared_head_attention(module, *(x.bfloat16() for x in (query, keys, values)), full)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), expected, atol=3e-2)
+    module.shared_heads = (module.shared_heads[0], [(heads[i][0], heads[i][1]) for i in (0, 1)])
     # without a mask (no row padded): each head whole, the tail causal
     got, _ = prefix.shared_head_attention(module, query, keys, values, None)
     for r, h in enumerate(which):
