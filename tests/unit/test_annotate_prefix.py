@@ -52,9 +52,8 @@ def test_cached_heads_give_the_text_of_the_plain_path(engines):
 
 def test_rows_of_one_head_give_the_text_of_the_plain_path(engines):
     cached, plain = engines
-    ps = [
-        p for p in instruct_prompts(sets=2) if cached._split(p)[0] == cached._split(instruct_prompts(2)[0])[0]
-    ]
+    every = instruct_prompts(sets=2)
+    ps = [p for p in every if cached._split(p)[0] == cached._split(every[0])[0]]
     assert len(ps) >= 2
     assert [g.text for g in cached.generate(ps)] == [g.text for g in plain.generate(ps)]
 
@@ -113,13 +112,10 @@ def test_shared_head_attention_equals_sdpa_over_each_rows_whole_prompt(q):
         causal = torch.arange(n)[None] <= torch.arange(n - q, n)[:, None]
         alone = sdpa(query[r : r + 1], k[None], v[None], attn_mask=causal).transpose(1, 2)
         assert torch.allclose(got[r : r + 1], alone, atol=1e-5)
-    del module.shared_heads  # outside a batch with shared heads: SDPA as it is
-    plain, _ = prefix.shared_head_attention(module, query, keys, values, None)
-    assert torch.allclose(
-        plain,
-        sdpa(query, *(x.repeat_interleave(rep, 1) for x in (keys, values)), is_causal=q > 1).transpose(1, 2),
-        atol=1e-5,
-    )
+    del module.shared_heads  # outside a batch with shared heads: SDPA as it is (one query, every key)
+    plain, _ = prefix.shared_head_attention(module, query[:, :, -1:], keys, values, None)
+    whole = (x.repeat_interleave(rep, 1) for x in (keys, values))
+    assert torch.allclose(plain, sdpa(query[:, :, -1:], *whole).transpose(1, 2), atol=1e-5)
 
 
 def test_prompts_without_a_shared_head_take_the_plain_path(engines):
