@@ -2,14 +2,19 @@
 
 The served run: catalog (300 products) -> index of the test products embedded with the tiny Qwen2-VL
 (kind coral); queries are "a <product> but ..." with one product part, so every request runs the
-processor on an image and the model on text + image.
+processor on an image and the model on text + image. Serve runs throughput-optimized (the default,
+``ray.serve_throughput_optimized``); clients post straight to the ingress replica (``deploy.direct_url``)
+and the latency run also goes through Serve's proxy. Load comes from ``http_load`` (asyncio, keep-alive),
+which takes little of the two cores the server runs on.
 
-- Added latency: sequential requests over HTTP (proxy -> ingress -> encoder -> index) vs an in-process
-  call doing the same work (processor, model, FAISS search) in this process: p50 and p99 of each, and of
-  the difference. Goal: <= 5 ms added at p50 on this 2-core machine.
+- Added latency: sequential requests over HTTP (-> ingress -> encoder -> index) vs an in-process call
+  doing the same work (processor, model on the encoder replica's threads, FAISS search), interleaved in
+  rounds of ten: p50 and p99 of each path, and of the difference. Goal: <= 5 ms added at p50 on this
+  2-core machine.
 - Batching: requests/s at 16 concurrent clients with the encoder's batching on (``serve.batch_size`` 16)
-  vs off (1), same replicas. Goal: >= 2x. Measured twice: with the tiny Qwen2-VL (3 ms a query, less
-  than Serve's own cost per request on 2 cores) and with a random one 512 wide x 4 layers.
+  vs off (1), both apps up at once and loaded in turn (four bursts each). Goal: >= 2x. Measured with the
+  tiny Qwen2-VL and with a random one 512 wide x 4 layers, each beside what batching buys the same work
+  in this process (the ceiling).
 - Load and faults: 60 s at 16 concurrent clients with two encoder replicas; at 30 s one encoder replica
   is killed. Goals: no error without the fault; >= 99% of requests succeed with it; the replica is back
   (two alive) within 30 s.
@@ -20,11 +25,13 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import http_load
 from benchmarks.common import PeakRSS, write_result
 from coral import graph
 from coral import schemas as S
@@ -32,7 +39,12 @@ from coral.config import Config, load_config
 from coral.models.tiny import build_all, build_qwen
 from coral.serve import deploy
 
-CLIENTS, SEQUENTIAL, BURST_S, LOAD_S, KILL_AT_S = 16, 300, 20.0, 60.0, 30.0
+CLIENTS, SEQUENTIAL, ROUND, BURST_S, BURSTS, LOAD_S, KILL_AT_S = 16, 300, 10, 20.0, 4, 60.0, 30.0
+CEILING = "in this process, {batch} queries embedded and searched as one batch vs one at a time (the ceiling)"
+PATHS = {
+    "direct": "HTTP straight into the ingress replica -> encoder -> index",
+    "proxy": "HTTP -> Serve's proxy -> ingress -> encoder -> index",
+}
 LARGER = dict(hidden=512, layers=4)  # an encoder whose cost is not dwarfed by Serve's per-request overhead
 WORDS = ["but in red", "in leather", "smaller", "from the same brand", "with a pattern", "in blue"]
 
@@ -84,75 +96,117 @@ def prepare(tmp: str, model: dict | None = None) -> tuple[Config, list[dict]]:
     return cfg, queries
 
 
-def in_process(cfg: Config, queries: list[dict]) -> list[float]:
-    """Seconds per query for the same work in this process: features, model, FAISS search."""
-    import pyarrow.dataset as pads
+class InProcess:
+    """The same work as one served query, in this process: features, model and FAISS search, on as many
+    threads as the encoder replica has (``serve.encoder.num_cpus``)."""
 
-    from coral import storage
-    from coral.embedder import Embedder
-    from coral.mining import knn
-    from coral.stages import index as index_stage
-    from coral.train import step
+    def __init__(self, cfg: Config):
+        import pyarrow.dataset as pads
 
-    root = storage.resolve(cfg.run.run_root)
-    embedder = Embedder(cfg.index.model, "coral")
-    index, _, _ = index_stage.load(root.child("index"), cfg.index)
-    src = root.child("catalog", "data")
-    catalog = pads.dataset(src.path, format="parquet").to_table(columns=[S.ID, S.TITLE, S.IMAGE])
-    products = step.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
-    out = []
-    for q in queries[:SEQUENTIAL]:
-        t = time.perf_counter()
+        from coral import storage
+        from coral.embedder import Embedder
+        from coral.stages import index as index_stage
+        from coral.train import step
+
+        root = storage.resolve(cfg.run.run_root)
+        self.threads = max(1, int(cfg.serve.encoder.num_cpus))
+        self.embedder = Embedder(cfg.index.model, "coral")
+        self.index, _, _ = index_stage.load(root.child("index"), cfg.index)
+        src = root.child("catalog", "data")
+        catalog = pads.dataset(src.path, format="parquet").to_table(columns=[S.ID, S.TITLE, S.IMAGE])
+        self.products = step.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
+
+    def features(self, q: dict) -> dict:
         text = "".join(p["text"] if p["type"] == "text" else S.IMAGE_SLOT for p in q["parts"])
-        images = [products.images(p["id"]) for p in q["parts"] if p["type"] == "product"]
-        vec = embedder([embedder.retriever.query(text, images)])
-        knn.search(index, vec, q["top_k"])
-        out.append(time.perf_counter() - t)
-    return out
+        images = [self.products.images(p["id"]) for p in q["parts"] if p["type"] == "product"]
+        return self.embedder.retriever.query(text, images)
 
+    def __call__(self, q: dict) -> float:
+        """Seconds for query ``q``."""
+        from coral.mining import knn
 
-def sequential(url: str, queries: list[dict]) -> list[float]:
-    import httpx
-
-    out = []
-    with httpx.Client(timeout=30) as http:
-        for q in queries[:SEQUENTIAL]:
+        with self.threaded():
             t = time.perf_counter()
-            http.post(f"{url}/v1/search", json=q).raise_for_status()
-            out.append(time.perf_counter() - t)
-    return out
+            knn.search(self.index, self.embedder([self.features(q)]), q["top_k"])
+            return time.perf_counter() - t
+
+    def batch_gain(self, queries: list[dict], batch: int, rounds: int = 5) -> float:
+        """What batching buys the encoder's own work here: time for ``batch`` queries one at a time over
+        the time for them as one batch (features, model and search alike), best of ``rounds`` each. The
+        ceiling of what batching can buy the served app, whose per-request costs are not batched."""
+        from coral.mining import knn
+
+        chunk = queries[:batch]
+        one, together = [], []
+        with self.threaded():
+            for _ in range(rounds):
+                t = time.perf_counter()
+                for q in chunk:
+                    knn.search(self.index, self.embedder([self.features(q)]), q["top_k"])
+                one.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                knn.search(self.index, self.embedder([self.features(q) for q in chunk]), chunk[0]["top_k"])
+                together.append(time.perf_counter() - t)
+        return round(min(one) / min(together), 2)
+
+    @contextmanager
+    def threaded(self):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def sequential(urls: dict[str, str], local: InProcess, queries: list[dict]) -> dict[str, list[float]]:
+    """``SEQUENTIAL`` queries one at a time down each path (each URL, and in process), interleaved in
+    rounds of ``ROUND`` so that a change in the machine's speed falls on every path alike."""
+    import asyncio
+
+    bodies = http_load.encode(queries)
+
+    async def go() -> dict[str, list[float]]:
+        conns = {name: http_load.Connection(url) for name, url in urls.items()}
+        out: dict[str, list[float]] = {name: [] for name in [*urls, "in_process"]}
+        try:
+            for conn in conns.values():  # warm: connections, the encoder's first batches
+                for i in range(10):
+                    await conn.post("/v1/search", bodies[i])
+            for r in range(SEQUENTIAL // ROUND):
+                order = list(out)
+                for name in order[r % len(order) :] + order[: r % len(order)]:
+                    for j in range(ROUND):
+                        i = r * ROUND + j
+                        if name == "in_process":
+                            out[name].append(local(queries[i % len(queries)]))
+                            continue
+                        t = time.perf_counter()
+                        status, _ = await conns[name].post("/v1/search", bodies[i % len(bodies)])
+                        if status != 200:
+                            raise RuntimeError(f"{urls[name]}/v1/search answered {status}")
+                        out[name].append(time.perf_counter() - t)
+        finally:
+            for conn in conns.values():
+                await conn.close()
+        return out
+
+    return asyncio.run(go())
 
 
 def load(url: str, queries: list[dict], seconds: float, during=None) -> dict:
-    """``CLIENTS`` threads posting queries for ``seconds``; ``during(t0)`` runs alongside (a fault)."""
-    import httpx
-
-    stop, lock = time.monotonic() + seconds, threading.Lock()
-    latencies, errors = [], []
-
-    def client(k: int) -> None:
-        with httpx.Client(timeout=30) as http:
-            i = k
-            while time.monotonic() < stop:
-                t = time.perf_counter()
-                try:
-                    r = http.post(f"{url}/v1/search", json=queries[i % len(queries)])
-                    ok = r.status_code == 200
-                    why = None if ok else f"HTTP {r.status_code}"
-                except httpx.HTTPError as e:
-                    ok, why = False, type(e).__name__
-                with lock:
-                    (latencies if ok else errors).append(time.perf_counter() - t if ok else why)
-                i += CLIENTS
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    extra = during(started) if during else None
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
+    """``CLIENTS`` concurrent clients posting queries for ``seconds``; ``during(t0)`` runs alongside in a
+    thread (a fault) and its result is reported."""
+    extra: dict = {}
+    runner = None
+    if during:
+        runner = threading.Thread(target=lambda: extra.update(during(time.monotonic())), daemon=True)
+        runner.start()
+    latencies, errors, elapsed = http_load.run(url, "/v1/search", http_load.encode(queries), CLIENTS, seconds)
+    if runner:
+        runner.join(timeout=90)
     total = len(latencies) + len(errors)
     return {
         "requests": total,
@@ -160,9 +214,31 @@ def load(url: str, queries: list[dict], seconds: float, during=None) -> dict:
         "error_kinds": sorted(set(errors)),
         "success_rate": round(len(latencies) / total, 5) if total else None,
         "requests_per_s": round(len(latencies) / elapsed, 2),
+        "seconds": round(elapsed, 2),
         **ms(latencies),
         **({"fault": extra} if extra else {}),
     }
+
+
+def alternating(urls: dict[str, str], queries: list[dict], seconds: float) -> dict[str, dict]:
+    """Load on each URL in turn, ``BURSTS`` bursts each, ``seconds`` in all per URL: requests/s over the
+    bursts (a drift in the machine's speed falls on both alike)."""
+    runs: dict[str, list[dict]] = {name: [] for name in urls}
+    for _ in range(BURSTS):
+        for name, url in urls.items():
+            runs[name].append(load(url, queries, seconds / BURSTS))
+    out = {}
+    for name, parts in runs.items():
+        ok = sum(p["requests"] - p["errors"] for p in parts)
+        out[name] = {
+            "requests": sum(p["requests"] for p in parts),
+            "errors": sum(p["errors"] for p in parts),
+            "error_kinds": sorted({k for p in parts for k in p["error_kinds"]}),
+            "requests_per_s": round(ok / sum(p["seconds"] for p in parts), 2),
+            "bursts_requests_per_s": [p["requests_per_s"] for p in parts],
+            "p50_ms_of_bursts": [p["p50_ms"] for p in parts],
+        }
+    return out
 
 
 def ms(seconds: list[float], prefix: str = "") -> dict:
@@ -173,10 +249,30 @@ def ms(seconds: list[float], prefix: str = "") -> dict:
     }
 
 
+def entry(cfg: Config) -> str:
+    """Where clients send requests: straight into the ingress replica when Serve runs direct ingress
+    (the default, ``ray.serve_throughput_optimized``), else through Serve's proxy."""
+    return deploy.direct_url(cfg.serve) or deploy.url_of(cfg.serve)
+
+
 def with_serve(cfg: Config, fn):
-    url = deploy.start(cfg)
+    deploy.start(cfg)
     try:
-        return fn(url)
+        return fn(entry(cfg))
+    finally:
+        deploy.stop(cfg)
+
+
+def on_and_off(cfg: Config, fn):
+    """``fn({"on": url, "off": url})`` with two apps up at once: batching on (the config's) and off."""
+    off = replace(cfg, serve=replace(cfg.serve, app_name="coral_off", route_prefix="/off", batch_size=1))
+    deploy.start(cfg)
+    try:
+        deploy.start(off)
+        try:
+            return fn({"on": entry(cfg), "off": entry(off)})
+        finally:
+            deploy.stop(off, shutdown=False)
     finally:
         deploy.stop(cfg)
 
@@ -221,62 +317,83 @@ def kill_one_encoder(app: str):
 def serve_bench() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg, queries = prepare(tmp)
-        local = in_process(cfg, queries)
+        local = InProcess(cfg)
+
+        def paths(_: str) -> dict[str, list[float]]:
+            direct = deploy.direct_url(cfg.serve)
+            urls = {"direct": direct} if direct else {}
+            return sequential({**urls, "proxy": deploy.url_of(cfg.serve)}, local, queries)
+
         with PeakRSS() as mem:
-            served = with_serve(cfg, lambda url: sequential(url, queries))
-        on = with_serve(cfg, lambda url: load(url, queries, BURST_S))
-        off = with_serve(
-            replace(cfg, serve=replace(cfg.serve, batch_size=1)), lambda url: load(url, queries, BURST_S)
-        )
+            times = with_serve(cfg, paths)
+        batching = on_and_off(cfg, lambda urls: alternating(urls, queries, BURST_S))
+        ceiling = local.batch_gain(queries, cfg.serve.batch_size)
         larger, larger_queries = prepare(tmp, LARGER)
-        larger_on = with_serve(larger, lambda url: load(url, larger_queries, BURST_S))
-        larger_off = with_serve(
-            replace(larger, serve=replace(larger.serve, batch_size=1)),
-            lambda url: load(url, larger_queries, BURST_S),
-        )
+        larger_batching = on_and_off(larger, lambda urls: alternating(urls, larger_queries, BURST_S))
+        larger_ceiling = InProcess(larger).batch_gain(larger_queries, larger.serve.batch_size)
         two = replace(cfg, serve=replace(cfg.serve, encoder=replace(cfg.serve.encoder, replicas=2)))
         calm = with_serve(two, lambda url: load(url, queries, LOAD_S))
         faulty = with_serve(
             two, lambda url: load(url, queries, LOAD_S, during=kill_one_encoder(cfg.serve.app_name))
         )
-    added = [s - i for s, i in zip(sorted(served), sorted(local), strict=True)]  # quantile differences
+    base = times.pop("in_process")
+    added = {  # quantile differences against the in-process call
+        name: [s - i for s, i in zip(sorted(t), sorted(base), strict=True)] for name, t in times.items()
+    }
+    path = "direct" if "direct" in times else "proxy"
     latency = write_result(
         "serve_added_latency",
-        value=float(np.percentile(added, 50) * 1000),
-        unit="ms added at p50 by the Serve path (HTTP -> proxy -> ingress -> encoder -> index), sequential",
+        value=float(np.percentile(added[path], 50) * 1000),
+        unit=f"ms added at p50 by the Serve path ({PATHS[path]}), sequential, interleaved with the baseline",
         baseline={
-            "what": "in-process call: processor, model and FAISS search in the benchmark process",
-            "value": round(float(np.percentile(local, 50) * 1000), 3),
+            "what": "in-process call: processor, model (threads as the encoder replica) and FAISS search",
+            "value": round(float(np.percentile(base, 50) * 1000), 3),
         },
         goal={"bar": 5.0, "direction": "lower", "meaning": "added p50 <= 5 ms"},
         goal_on="value",
         requests=SEQUENTIAL,
-        served=ms(served),
-        in_process=ms(local),
-        added=ms(added),
+        path=path,
+        in_process=ms(base),
+        **{name: {"what": PATHS[name], **ms(times[name]), **ms(added[name], "added_")} for name in times},
         peak_rss_gib=mem.peak_gib,
     )
-    batching = write_result(
+    on, off = batching["on"], batching["off"]
+    batching_result = write_result(
         "serve_batching_throughput",
         value=on["requests_per_s"],
-        unit=f"requests/s at {CLIENTS} concurrent clients, encoder batching on (batch {cfg.serve.batch_size}, wait {cfg.serve.batch_wait_s * 1000:.0f} ms)",
-        baseline={"what": "the same app with batching off (batch 1)", "value": off["requests_per_s"]},
+        unit=f"requests/s at {CLIENTS} concurrent clients, encoder batching on (batch {cfg.serve.batch_size}, "
+        f"wait {cfg.serve.batch_wait_s * 1000:.0f} ms)",
+        baseline={
+            "what": "the same app with batching off (batch 1), up alongside",
+            "value": off["requests_per_s"],
+        },
         goal={"bar": 2.0, "direction": "higher", "meaning": "batching on >= 2x off"},
         seconds=BURST_S,
+        bursts=BURSTS,
         on=on,
         off=off,
+        in_process_batch_gain={"value": ceiling, "what": CEILING.format(batch=cfg.serve.batch_size)},
     )
-    larger_batching = write_result(
+    lon, loff = larger_batching["on"], larger_batching["off"]
+    larger_result = write_result(
         "serve_batching_throughput_larger",
-        value=larger_on["requests_per_s"],
+        value=lon["requests_per_s"],
         unit=f"requests/s at {CLIENTS} concurrent clients, batching on, encoder a random Qwen2-VL "
         f"{LARGER['hidden']} wide x {LARGER['layers']} layers",
-        baseline={"what": "the same app with batching off (batch 1)", "value": larger_off["requests_per_s"]},
+        baseline={
+            "what": "the same app with batching off (batch 1), up alongside",
+            "value": loff["requests_per_s"],
+        },
         goal={"bar": 2.0, "direction": "higher", "meaning": "batching on >= 2x off"},
         model=LARGER,
         seconds=BURST_S,
-        on=larger_on,
-        off=larger_off,
+        bursts=BURSTS,
+        on=lon,
+        off=loff,
+        in_process_batch_gain={
+            "value": larger_ceiling,
+            "what": CEILING.format(batch=larger.serve.batch_size),
+        },
     )
     faults = write_result(
         "serve_load_and_faults",
@@ -291,7 +408,7 @@ def serve_bench() -> list[dict]:
         calm=calm,
         with_fault=faulty,
     )
-    return [latency, batching, larger_batching, faults]
+    return [latency, batching_result, larger_result, faults]
 
 
 def main() -> None:

@@ -62,6 +62,10 @@ class RayConfig:
     num_cpus: int = 4
     include_dashboard: bool = True  # Ray Train V2 logs state-API errors without it
     temp_dir: str | None = None
+    # a local Ray's Serve runs throughput-optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED): gRPC between
+    # replicas, user code on the replica's event loop, HTTP straight into ingress replicas beside the proxy.
+    # A cluster sets it where Ray starts (cluster.yaml, the KubeRay manifests); the environment wins.
+    serve_throughput_optimized: bool = True
 
     def __post_init__(self):
         check(self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
@@ -478,7 +482,8 @@ class ServeConfig:
     Safe by default: binds ``host`` 127.0.0.1; when the environment variable ``token_env`` is set, every
     route but ``/healthz`` needs ``Authorization: Bearer <its value>``; bodies, parts, image bytes and
     decoded pixels are bounded; images come only inline (base64), never as URLs. ``batch_size`` and
-    ``batch_wait_s``: the query encoder's request batching (1 turns it off). ``forever``: keep serving
+    ``batch_wait_s``: the query encoder's request batching (1 turns it off); a batch waits up to
+    ``batch_wait_s`` for more requests only while requests come together, a lone one goes at once. ``forever``: keep serving
     after the stage (``--serve-forever``) instead of shutting down once the examples have run."""
 
     checkpoint: str = ""  # "": the one index.json records; another copy is served only if it matches

@@ -23,6 +23,8 @@ def connect(cfg: RayConfig) -> str:
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
         return "cluster"
+    # read by Serve's processes when they start, so set before Ray starts them
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1" if cfg.serve_throughput_optimized else "0")
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,

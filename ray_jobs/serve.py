@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    direct = deploy.direct_url(config.serve)
     print(f"serving {args.run_root} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops")
+    if direct:
+        print(f"  and straight into the ingress replica at {direct} (one hop fewer)")
     try:
         while True:
             time.sleep(3600)

@@ -13,6 +13,7 @@ Routes: ``POST /v1/search``, ``POST /v1/embed``, ``GET /v1/info``, ``GET /health
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from coral import schemas as S
 from coral.config import Config, DeploymentConfig, IndexStageConfig, StorageConfig
 from coral.errors import ConfigError
 from coral.serve import api
+from coral.serve.pacing import BatchWait
 
 app = FastAPI(
     title="Coral retriever",
@@ -87,23 +89,29 @@ def configure(limits: api.Limits, token_digest: str | None) -> None:
     app.state.limits, app.state.token_digest = limits, token_digest
 
 
-def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
     api.authorize(header, getattr(app.state, "token_digest", None))
 
 
 @serve.deployment
 class Encoder:
-    """Query and candidate embeddings; concurrent requests are embedded together (``@serve.batch``)."""
+    """Query and candidate embeddings, and the search of queries: concurrent requests are embedded together
+    (``@serve.batch``) and a batch's queries go to the index in one call."""
 
-    def __init__(self, model: str, kind: str, storage_cfg: StorageConfig, products: dict, serve_cfg: dict):
+    def __init__(
+        self, model: str, kind: str, storage_cfg: StorageConfig, products: dict, serve_cfg: dict, index
+    ):
+        import torch
+
         from coral.embedder import Embedder
         from coral.train import step
 
+        torch.set_num_threads(serve_cfg["threads"])  # the replica's share, as the offline stages do
         self.embedder = Embedder(model, kind, storage_cfg, serve_cfg["device"], serve_cfg["dtype"])
-        self.products = step.products_from(products)
-        self.embed_many.set_max_batch_size(serve_cfg["batch_size"])
-        self.embed_many.set_batch_wait_timeout_s(serve_cfg["batch_wait_s"])
+        self.products, self.index = step.products_from(products), index
+        self.run_many.set_max_batch_size(serve_cfg["batch_size"])
+        self.pacing = BatchWait(serve_cfg["batch_wait_s"])
 
     def features(self, role: str, query: api.Query) -> dict:
         images = [self.products.images(i) if isinstance(i, str) else i for i in query.images]
@@ -114,12 +122,39 @@ class Encoder:
             else retriever.candidate(query.text, images[0])
         )
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def embed_many(self, items: list[tuple[str, api.Query]]) -> list[np.ndarray]:
-        return list(self.embedder([self.features(role, q) for role, q in items]))
+    def _embed(self, items: list[tuple[str, api.Query, int]]) -> list[np.ndarray]:
+        return list(self.embedder([self.features(role, q) for role, q, _ in items]))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def run_many(self, items: list[tuple[str, api.Query, int]]) -> list:
+        """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0."""
+        # the model runs in a worker thread: the replica's event loop (where Serve may run this method)
+        # keeps taking requests meanwhile, so the next batch fills while this one runs
+        vectors = await asyncio.to_thread(self._embed, items)
+        wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
+        if not wanted:
+            return vectors
+        hits = await self.index.search_many.remote(
+            np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
+        )
+        out: list = list(vectors)
+        for i, h in zip(wanted, hits, strict=True):
+            out[i] = h
+        return out
+
+    async def _one(self, item: tuple[str, api.Query, int]):
+        # the wait is read when the request opens a batch: a lone request does not wait for company
+        self.run_many.set_batch_wait_timeout_s(self.pacing.arrive())
+        try:
+            return await self.run_many(item)
+        finally:
+            self.pacing.leave()
 
     async def embed(self, role: str, query: api.Query) -> np.ndarray:
-        return await self.embed_many((role, query))
+        return await self._one((role, query, 0))
+
+    async def search(self, query: api.Query, k: int) -> list[dict]:
+        return await self._one(("query", query, k))
 
 
 @serve.deployment
@@ -132,22 +167,28 @@ class Index:
         self.index, _, table = index_stage.load(storage.resolve(index_uri, storage_cfg), index_cfg)
         self.ids, self.titles = table[S.ID].to_pylist(), table[S.TITLE].to_pylist()
 
-    def search(self, vector: np.ndarray, k: int) -> list[dict]:
+    async def search_many(self, vectors: np.ndarray, ks: list[int]) -> list[list[dict]]:
+        """One FAISS search for a batch of query vectors; row i keeps its own top ``ks[i]``. On the
+        replica's event loop, not a thread: one search a batch, and this replica does nothing else."""
         from coral.mining import knn
 
-        scores, rows = knn.search(self.index, vector[None, :].astype(np.float32), min(k, len(self.ids)))
+        k = min(max(ks), len(self.ids))
+        scores, rows = knn.search(self.index, np.ascontiguousarray(vectors, dtype=np.float32), k)
         return [
-            {"rank": r + 1, "id": self.ids[i], "score": float(s), "title": self.titles[i] or ""}
-            for r, (i, s) in enumerate(zip(rows[0], scores[0], strict=True))
-            if i >= 0
+            [
+                {"rank": r + 1, "id": self.ids[i], "score": float(s), "title": self.titles[i] or ""}
+                for r, (i, s) in enumerate(zip(row[:want], score[:want], strict=True))
+                if i >= 0
+            ]
+            for row, score, want in zip(rows, scores, ks, strict=True)
         ]
 
 
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, encoder, index, limits: dict, token_digest: str | None, info: dict, pool: list[str]):
-        self.encoder, self.index, self.info_body = encoder, index, info
+    def __init__(self, encoder, limits: dict, token_digest: str | None, info: dict, pool: list[str]):
+        self.encoder, self.info_body = encoder, info
         self.limits, self.pool = api.Limits(**limits), frozenset(pool)
         configure(self.limits, token_digest)
 
@@ -163,8 +204,7 @@ class Ingress:
     async def search(self, body: api.SearchRequest) -> dict:
         api.check_top_k(body.top_k, self.limits)
         query = api.to_query(body.parts, self.limits, self.pool)
-        # the encoder's response goes to the index as is: Serve hands the vector over without this replica
-        hits = await self.index.search.remote(self.encoder.embed.remote("query", query), body.top_k)
+        hits = await self.encoder.search.remote(query, body.top_k)  # embedded and searched in its batch
         return {
             "results": hits,
             "checkpoint": self.info_body["checkpoint"]["hash"],
@@ -236,14 +276,14 @@ def application(config: Config):
         "dtype": cfg.dtype,
         "batch_size": cfg.batch_size,
         "batch_wait_s": cfg.batch_wait_s,
+        "threads": max(1, int(cfg.encoder.num_cpus)),
     }
-    encoder = Encoder.options(**_options(cfg.encoder)).bind(
-        ckpt.uri, ckpt.kind, config.storage, products, serve_cfg
-    )
     index = Index.options(**_options(cfg.index)).bind(index_dir.uri, config.storage, config.index)
+    encoder = Encoder.options(**_options(cfg.encoder)).bind(
+        ckpt.uri, ckpt.kind, config.storage, products, serve_cfg, index
+    )
     return Ingress.options(**_options(cfg.ingress)).bind(
         encoder,
-        index,
         info["limits"],
         api.token_digest(token) if token else None,
         info,

@@ -49,15 +49,42 @@ def start(config: Config, timeout_s: float = 300.0) -> str:
     )
     url = url_of(cfg)
     wait_healthy(url, timeout_s)
-    log.info("serving %s at %s (docs: %s/docs)", config.run.run_root, url, url)
+    direct = direct_url(cfg)
+    if direct:
+        wait_healthy(direct, timeout_s)
+    log.info("serving %s at %s (docs: %s/docs); direct: %s", config.run.run_root, url, url, direct)
     return url
 
 
-def stop(config: Config) -> None:
+def direct_url(cfg: ServeConfig) -> str | None:
+    """The URL straight into the application's ingress replica, when Serve runs direct ingress (Ray
+    Serve's throughput-optimized mode, ``ray.serve_throughput_optimized``): the request skips Serve's
+    proxy, one hop fewer. ``None`` when Serve proxies every request or the app has several ingress
+    replicas (a load balancer, e.g. HAProxy, then spreads over them). The port is Serve's (30000 and
+    up) and may change when the replica restarts; ``url_of`` is the stable address."""
+    from ray.serve.context import _get_global_client  # the controller's target groups, as HAProxy reads them
+
+    groups = _get_global_client().get_serve_details().get("target_groups", [])
+    targets = [
+        t
+        for g in groups
+        if g.get("app_name") == cfg.app_name and str(g.get("protocol")).upper().endswith("HTTP")
+        for t in g.get("targets", [])
+        if t.get("name", "").startswith("SERVE_REPLICA::")
+    ]
+    if len(targets) != 1:
+        return None
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::") else targets[0]["ip"]
+    return f"http://{host}:{targets[0]['port']}{cfg.route_prefix.rstrip('/')}"
+
+
+def stop(config: Config, shutdown: bool = True) -> None:
+    """Delete the run's application; ``shutdown``: Serve too (its controller and proxies)."""
     from ray import serve
 
     serve.delete(config.serve.app_name)
-    serve.shutdown()
+    if shutdown:
+        serve.shutdown()
 
 
 def logging_config(cfg: ServeConfig) -> dict:

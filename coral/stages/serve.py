@@ -89,7 +89,10 @@ class ServeStage:
                     parts = client.parts_for(q[S.QUERY_TEXT], q[S.QUERY_IMAGE_IDS], pool, images)
                     hits = client.search(http, url, parts, 3, os.environ.get(cfg.token_env))["results"]
                     examples.append({"query_id": q[S.QUERY_ID], "query": q[S.QUERY_TEXT], "top": hits})
+            direct = deploy.direct_url(cfg)
             print(f"\nserving at {url} (OpenAPI docs: {url}/docs)")
+            if direct:
+                print(f"  and straight into the ingress replica at {direct} (one hop fewer)")
             for e in examples:
                 print(f"  {e['query'][:100]!r}")
                 for h in e["top"]:
@@ -105,5 +108,5 @@ class ServeStage:
         finally:
             if not cfg.forever:
                 deploy.stop(ctx.config)
-        details = {"url": url, "info": info.json(), "examples": examples}
+        details = {"url": url, "direct_url": direct, "info": info.json(), "examples": examples}
         return StageResult(len(queries), len(examples), {}, details=details)

@@ -183,6 +183,28 @@ def test_token_is_checked_on_every_route_but_healthz_and_never_logged(served):
     assert not leaked, f"the token is in {leaked}"
 
 
+def test_the_direct_path_answers_as_the_proxy_does(served):
+    """The tests' Ray runs Serve throughput-optimized (``ray.serve_throughput_optimized``), so the ingress
+    replica takes HTTP itself too: the same answers, limits and token check there as through the proxy."""
+    url, http, root, config = served
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    direct = deploy.direct_url(config.serve)
+    assert direct is not None and direct != url
+    assert httpx.get(f"{direct}/healthz").json() == {"status": "ok"}
+    pool = sorted(pool_ids(root))
+    for i in range(3):
+        q = {"parts": [{"type": "text", "text": "like "}, {"type": "product", "id": pool[i]}], "top_k": 5}
+        assert http.post(f"{direct}/v1/search", json=q).json() == http.post(f"{url}/v1/search", json=q).json()
+    q = {"parts": [{"type": "text", "text": "a mug"}]}
+    assert httpx.post(f"{direct}/v1/search", json=q).status_code == 401
+    bad = http.post(f"{direct}/v1/search", content=b"{", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "malformed JSON" in bad.json()["detail"]
+    big = http.post(
+        f"{direct}/v1/search", json={"parts": [{"type": "text", "text": "x" * (BODY_LIMIT + 10)}]}
+    )
+    assert big.status_code == 413
+
+
 def test_a_mismatched_checkpoint_refuses_to_start(trained_run, tiny_models):
     from dataclasses import replace
 
