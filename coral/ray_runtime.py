@@ -25,6 +25,9 @@ def connect(cfg: RayConfig) -> str:
         return "cluster"
     # read by Serve's processes when they start, so set before Ray starts them
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1" if cfg.serve_throughput_optimized else "0")
+    # a direct-ingress replica drains 30 s on shutdown by default, for load balancers to let it go; a
+    # local Ray has none, so a Serve app stops in a second, not half a minute
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     ray.init(
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
