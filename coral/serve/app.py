@@ -29,6 +29,7 @@ from coral.config import Config, DeploymentConfig, IndexStageConfig, StorageConf
 from coral.errors import ConfigError
 from coral.serve import api
 from coral.serve.pacing import BatchWait
+from coral.serve.retry import retried
 
 app = FastAPI(
     title="Coral retriever",
@@ -204,7 +205,8 @@ class Ingress:
     async def search(self, body: api.SearchRequest) -> dict:
         api.check_top_k(body.top_k, self.limits)
         query = api.to_query(body.parts, self.limits, self.pool)
-        hits = await self.encoder.search.remote(query, body.top_k)  # embedded and searched in its batch
+        # embedded and searched in the encoder's batch; sent again if its replica dies meanwhile
+        hits = await retried(lambda: self.encoder.search.remote(query, body.top_k))
         return {
             "results": hits,
             "checkpoint": self.info_body["checkpoint"]["hash"],
@@ -214,7 +216,8 @@ class Ingress:
     @app.post("/v1/embed", dependencies=[Depends(authorized)], response_model=api.EmbedResponse)
     async def embed(self, body: api.EmbedRequest) -> dict:
         to = api.to_query if body.role == "query" else api.to_candidate
-        vector = await self.encoder.embed.remote(body.role, to(body.parts, self.limits, self.pool))
+        query = to(body.parts, self.limits, self.pool)
+        vector = await retried(lambda: self.encoder.embed.remote(body.role, query))
         return {
             "embedding": vector.tolist(),
             "dim": len(vector),
