@@ -121,31 +121,33 @@ class InProcess:
         images = [self.products.images(p["id"]) for p in q["parts"] if p["type"] == "product"]
         return self.embedder.retriever.query(text, images)
 
-    def __call__(self, q: dict) -> float:
-        """Seconds for query ``q``."""
+    def run(self, chunk: list[dict]) -> None:
+        """Embed ``chunk`` as one batch and search the index for it."""
         from coral.mining import knn
 
+        knn.search(self.index, self.embedder([self.features(q) for q in chunk]), chunk[0]["top_k"])
+
+    def __call__(self, q: dict) -> float:
+        """Seconds for query ``q``."""
         with self.threaded():
             t = time.perf_counter()
-            knn.search(self.index, self.embedder([self.features(q)]), q["top_k"])
+            self.run([q])
             return time.perf_counter() - t
 
     def batch_gain(self, queries: list[dict], batch: int, rounds: int = 5) -> float:
         """What batching buys the encoder's own work here: time for ``batch`` queries one at a time over
         the time for them as one batch (features, model and search alike), best of ``rounds`` each. The
         ceiling of what batching can buy the served app, whose per-request costs are not batched."""
-        from coral.mining import knn
-
         chunk = queries[:batch]
         one, together = [], []
         with self.threaded():
             for _ in range(rounds):
                 t = time.perf_counter()
                 for q in chunk:
-                    knn.search(self.index, self.embedder([self.features(q)]), q["top_k"])
+                    self.run([q])
                 one.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                knn.search(self.index, self.embedder([self.features(q) for q in chunk]), chunk[0]["top_k"])
+                self.run(chunk)
                 together.append(time.perf_counter() - t)
         return round(min(one) / min(together), 2)
 

@@ -483,8 +483,9 @@ class ServeConfig:
     route but ``/healthz`` needs ``Authorization: Bearer <its value>``; bodies, parts, image bytes and
     decoded pixels are bounded; images come only inline (base64), never as URLs. ``batch_size`` and
     ``batch_wait_s``: the query encoder's request batching (1 turns it off); a batch waits up to
-    ``batch_wait_s`` for more requests only while requests come together, a lone one goes at once. ``forever``: keep serving
-    after the stage (``--serve-forever``) instead of shutting down once the examples have run."""
+    ``batch_wait_s`` for more requests only while requests come together, a lone one goes at once.
+    ``forever``: keep serving after the stage (``--serve-forever``) instead of shutting down once the
+    examples have run."""
 
     checkpoint: str = ""  # "": the one index.json records; another copy is served only if it matches
     host: str = "127.0.0.1"

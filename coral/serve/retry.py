@@ -19,11 +19,9 @@ T = TypeVar("T")
 async def retried(call: Callable[[], Awaitable[T]], retries: int = 2, backoff_s: float = 0.05) -> T:
     """``await call()``; on a dead or unreachable replica, up to ``retries`` more times, waiting
     ``backoff_s``, then twice that, between tries. Any other error goes straight to the caller."""
-    for attempt in range(retries + 1):
+    for attempt in range(retries):
         try:
             return await call()
         except RayActorError:
-            if attempt == retries:
-                raise
             await asyncio.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
+    return await call()
