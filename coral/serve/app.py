@@ -131,13 +131,14 @@ class Encoder:
         """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0."""
         # the model runs in a worker thread: the replica's event loop (where Serve may run this method)
         # keeps taking requests meanwhile, so the next batch fills while this one runs
-        vectors = await asyncio.to_thread(self._embed, items)
-        wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
-        if not wanted:
-            return vectors
-        hits = await self.index.search_many.remote(
-            np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
-        )
+        with self.pacing.running(len(items)):  # the next batch waits about as long as this one runs
+            vectors = await asyncio.to_thread(self._embed, items)
+            wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
+            if not wanted:
+                return vectors
+            hits = await self.index.search_many.remote(
+                np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
+            )
         out: list = list(vectors)
         for i, h in zip(wanted, hits, strict=True):
             out[i] = h

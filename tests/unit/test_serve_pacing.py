@@ -1,12 +1,26 @@
-"""The encoder's batch wait: a lone request never waits; requests that keep each other company do."""
+"""The encoder's batch wait: a lone request never waits; requests that keep each other company do; while
+a batch runs, the next one waits until that batch is predicted to end."""
 
-from coral.serve.pacing import BatchWait
+import pytest
+
+from coral.serve.pacing import BatchCost, BatchWait
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_a_client_sending_one_request_at_a_time_never_waits():
-    pace = BatchWait(0.005)
+    clock = Clock()
+    pace = BatchWait(0.005, clock=clock)
     for _ in range(100):
         assert pace.arrive() == 0.0
+        with pace.running(1):
+            clock.now += 0.004
         pace.leave()
     assert pace.in_flight == 0
 
@@ -24,6 +38,57 @@ def test_requests_in_flight_together_wait_and_the_first_after_a_batch_still_wait
         pace.arrive()
         pace.leave()
     assert pace.arrive() == 0.0
+
+
+def test_while_a_batch_runs_the_next_waits_until_it_is_predicted_to_end():
+    clock = Clock()
+    pace = BatchWait(0.002, clock=clock)
+    for n in (1, 4, 8, 16, 2, 12):  # batches of 1 ms + 0.5 ms a request
+        with pace.running(n):
+            clock.now += 0.001 + 0.0005 * n
+    with pace.running(8):  # predicted to take 5 ms
+        clock.now += 0.001
+        assert pace.arrive() == pytest.approx(0.004)  # arrives 1 ms in: waits the 4 ms left
+        clock.now += 0.0035
+        assert pace.arrive() == pytest.approx(0.002)  # 0.5 ms left: never less than the configured wait
+        clock.now += 0.0015
+    assert pace.batch is None
+    assert pace.arrive() == 0.002  # idle model, requests in flight: the configured wait
+
+
+def test_the_wait_behind_a_running_batch_is_bounded_and_off_when_batching_waits_are():
+    clock = Clock()
+    pace = BatchWait(0.002, longest_s=0.05, clock=clock)
+    with pace.running(4):
+        clock.now += 10.0  # a first batch that was very slow (a cold start)
+    with pace.running(4):
+        assert pace.arrive() == 0.05
+    off = BatchWait(0.0, clock=clock)
+    with off.running(4):
+        clock.now += 0.01
+    with off.running(4):
+        assert off.arrive() == 0.0
+
+
+def test_the_cost_fit_follows_size_and_forgets_old_batches():
+    cost = BatchCost(decay=0.9)
+    assert cost(8) == 0.0  # nothing seen yet
+    for n in (1, 2, 4, 8, 16) * 4:
+        cost.add(n, 0.002 + 0.001 * n)
+    assert cost(1) == pytest.approx(0.003)
+    assert cost(10) == pytest.approx(0.012)
+    same = BatchCost()
+    for _ in range(5):
+        same.add(4, 0.006)
+    assert same(16) == pytest.approx(0.006)  # one size seen: its mean, not an extrapolation
+    for _ in range(60):  # the machine slows down 2x: the fit follows
+        cost.add(4, 0.012)
+        cost.add(8, 0.020)
+    assert cost(8) == pytest.approx(0.020, rel=0.01)
+    noisy = BatchCost()
+    noisy.add(2, 0.010)
+    noisy.add(8, 0.004)
+    assert noisy(16) == pytest.approx((0.9 * 0.010 + 0.004) / 1.9)  # never cheaper when bigger: the mean
 
 
 def test_no_configured_wait_never_waits():
