@@ -40,6 +40,7 @@ from coral.models.tiny import build_all, build_qwen
 from coral.serve import deploy
 
 CLIENTS, SEQUENTIAL, ROUND, BURST_S, BURSTS, LOAD_S, KILL_AT_S = 16, 300, 10, 20.0, 4, 60.0, 30.0
+IDLE_S = 0.005  # about how long the encoder replica sits idle between a sequential client's requests
 CEILING = "in this process, {batch} queries embedded and searched as one batch vs one at a time (the ceiling)"
 PATHS = {
     "direct": "HTTP straight into the ingress replica -> encoder -> index",
@@ -165,14 +166,17 @@ class InProcess:
 
 def sequential(urls: dict[str, str], local: InProcess, queries: list[dict]) -> dict[str, list[float]]:
     """``SEQUENTIAL`` queries one at a time down each path (each URL, and in process), interleaved in
-    rounds of ``ROUND`` so that a change in the machine's speed falls on every path alike."""
+    rounds of ``ROUND`` so that a change in the machine's speed falls on every path alike. The in-process
+    call also runs after ``IDLE_S`` of sleep (``in_process_idle``): the served model starts after its
+    process sat idle while the request crossed HTTP and a hop, and on this VM a core that slept runs
+    the same call slower."""
     import asyncio
 
     bodies = http_load.encode(queries)
 
     async def go() -> dict[str, list[float]]:
         conns = {name: http_load.Connection(url) for name, url in urls.items()}
-        out: dict[str, list[float]] = {name: [] for name in [*urls, "in_process"]}
+        out: dict[str, list[float]] = {name: [] for name in [*urls, "in_process", "in_process_idle"]}
         try:
             for conn in conns.values():  # warm: connections, the encoder's first batches
                 for i in range(10):
@@ -182,7 +186,9 @@ def sequential(urls: dict[str, str], local: InProcess, queries: list[dict]) -> d
                 for name in order[r % len(order) :] + order[: r % len(order)]:
                     for j in range(ROUND):
                         i = r * ROUND + j
-                        if name == "in_process":
+                        if name.startswith("in_process"):
+                            if name == "in_process_idle":
+                                time.sleep(IDLE_S)
                             out[name].append(local(queries[i % len(queries)]))
                             continue
                         t = time.perf_counter()
@@ -338,7 +344,7 @@ def serve_bench() -> list[dict]:
         faulty = with_serve(
             two, lambda url: load(url, queries, LOAD_S, during=kill_one_encoder(cfg.serve.app_name))
         )
-    base = times.pop("in_process")
+    base, idle = times.pop("in_process"), times.pop("in_process_idle")
     added = {  # quantile differences against the in-process call
         name: [s - i for s, i in zip(sorted(t), sorted(base), strict=True)] for name, t in times.items()
     }
@@ -356,6 +362,14 @@ def serve_bench() -> list[dict]:
         requests=SEQUENTIAL,
         path=path,
         in_process=ms(base),
+        in_process_after_idle={
+            "what": f"the in-process call after {IDLE_S * 1000:.0f} ms of sleep: what idling costs the "
+            "call on this machine, part of the added latency that is not Serve's work",
+            **ms(idle),
+            "added_p50_ms_over_it": round(
+                float(np.percentile(times[path], 50) - np.percentile(idle, 50)) * 1000, 2
+            ),
+        },
         **{name: {"what": PATHS[name], **ms(times[name]), **ms(added[name], "added_")} for name in times},
         peak_rss_gib=mem.peak_gib,
     )

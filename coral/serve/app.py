@@ -126,13 +126,15 @@ class Encoder:
     def _embed(self, items: list[tuple[str, api.Query, int]]) -> list[np.ndarray]:
         return list(self.embedder([self.features(role, q) for role, q, _ in items]))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def run_many(self, items: list[tuple[str, api.Query, int]]) -> list:
-        """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0."""
-        # the model runs in a worker thread: the replica's event loop (where Serve may run this method)
-        # keeps taking requests meanwhile, so the next batch fills while this one runs
+    async def run(self, items: list[tuple[str, api.Query, int]], inline: bool = False) -> list:
+        """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0. The model runs in a
+        worker thread, so that the replica's event loop (where Serve runs this) keeps taking requests and
+        the next batch fills meanwhile; ``inline``: on the loop, for a lone request (no thread hop)."""
         with self.pacing.running(len(items)):  # the next batch waits about as long as this one runs
-            vectors = await asyncio.to_thread(self._embed, items)
+            if inline:
+                vectors = self._embed(items)
+            else:
+                vectors = await asyncio.to_thread(self._embed, items)
             wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
             if not wanted:
                 return vectors
@@ -144,10 +146,16 @@ class Encoder:
             out[i] = h
         return out
 
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def run_many(self, items: list[tuple[str, api.Query, int]]) -> list:
+        return await self.run(items)
+
     async def _one(self, item: tuple[str, api.Query, int]):
-        # the wait is read when the request opens a batch: a lone request does not wait for company
-        self.run_many.set_batch_wait_timeout_s(self.pacing.arrive())
+        wait = self.pacing.arrive()
         try:
+            if self.pacing.alone():  # nothing to batch with: no queue, no thread hop
+                return (await self.run([item], inline=True))[0]
+            self.run_many.set_batch_wait_timeout_s(wait)  # read when the request opens a batch
             return await self.run_many(item)
         finally:
             self.pacing.leave()

@@ -10,7 +10,8 @@ had: at 16 clients the batches held 3-4 requests on average while a dozen more w
 - while the model is idle but requests keep each other company (another is in flight at the encoder as
   one arrives, or has been lately: a moving average of the number in flight at arrival), the configured
   wait;
-- a lone request, from a client sending one at a time, never waits.
+- a lone request, from a client sending one at a time, never waits; the encoder runs it without the
+  batch queue (``alone``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class BatchWait:
             wait = max(wait, min(ends_in, self.longest_s))
         return wait
 
+    def alone(self) -> bool:
+        """Only one request is at the encoder, and requests have not been keeping each other company."""
+        return self.in_flight <= 1 and self.company < self.busy_at
+
     def leave(self) -> None:
         """The request's answer is out."""
         self.in_flight -= 1
@@ -77,9 +82,10 @@ class BatchWait:
     def running(self, size: int):
         """A batch of ``size`` runs inside; its time goes into the cost model."""
         start = self.clock()
-        self.batch = (start, size)
+        self.batch = mine = (start, size)
         try:
             yield
         finally:
-            self.batch = None
+            if self.batch is mine:  # a lone request's run may overlap a batch's (the index call)
+                self.batch = None
             self.cost.add(size, self.clock() - start)

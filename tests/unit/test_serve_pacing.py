@@ -25,6 +25,28 @@ def test_a_client_sending_one_request_at_a_time_never_waits():
     assert pace.in_flight == 0
 
 
+def test_only_a_request_without_company_is_alone():
+    pace = BatchWait(0.005)
+    pace.arrive()
+    assert pace.alone()
+    pace.arrive()
+    assert not pace.alone()  # two in flight: the second goes to the batch queue
+    pace.leave()
+    pace.leave()
+    for _ in range(5):  # a burst
+        pace.arrive()
+    for _ in range(5):
+        pace.leave()
+    pace.arrive()
+    assert not pace.alone()  # the first after a burst: company lingers, the burst's rest may follow
+    pace.leave()
+    for _ in range(30):
+        pace.arrive()
+        pace.leave()
+    pace.arrive()
+    assert pace.alone()
+
+
 def test_requests_in_flight_together_wait_and_the_first_after_a_batch_still_waits():
     pace = BatchWait(0.005)
     assert pace.arrive() == 0.0  # the first of a burst: nobody in flight yet
