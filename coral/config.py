@@ -482,8 +482,9 @@ class ServeConfig:
     Safe by default: binds ``host`` 127.0.0.1; when the environment variable ``token_env`` is set, every
     route but ``/healthz`` needs ``Authorization: Bearer <its value>``; bodies, parts, image bytes and
     decoded pixels are bounded; images come only inline (base64), never as URLs. ``batch_size`` and
-    ``batch_wait_s``: the query encoder's request batching (1 turns it off); a batch waits up to
-    ``batch_wait_s`` for more requests only while requests come together, a lone one goes at once.
+    ``batch_wait_s``: the query encoder's request batching (1 turns it off); while a batch runs, the
+    next one waits until it is predicted to end, else up to ``batch_wait_s`` while requests come
+    together; a lone request goes at once (``coral.serve.pacing``).
     ``forever``: keep serving after the stage (``--serve-forever``) instead of shutting down once the
     examples have run."""
 
