@@ -95,6 +95,17 @@ async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None,
     api.authorize(header, getattr(app.state, "token_digest", None))
 
 
+def over_serve_transport(handle):
+    """``handle`` on the transport this replica's Serve is set to: gRPC when Serve runs throughput-optimized
+    (``ray.serve_throughput_optimized``). A handle otherwise keeps the transport of the process that built
+    the app, which Ray Serve fixes when it is first imported: a driver that imported it before the setting
+    was made (``ray_runtime.connect``) would send every call between replicas as a Ray actor call, about
+    twice the cost of a gRPC hop here."""
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
+
+
 @serve.deployment
 class Encoder:
     """Query and candidate embeddings, and the search of queries: concurrent requests are embedded together
@@ -110,7 +121,7 @@ class Encoder:
 
         torch.set_num_threads(serve_cfg["threads"])  # the replica's share, as the offline stages do
         self.embedder = Embedder(model, kind, storage_cfg, serve_cfg["device"], serve_cfg["dtype"])
-        self.products, self.index = step.products_from(products), index
+        self.products, self.index = step.products_from(products), over_serve_transport(index)
         self.run_many.set_max_batch_size(serve_cfg["batch_size"])
         self.pacing = BatchWait(serve_cfg["batch_wait_s"])
 
@@ -198,7 +209,10 @@ class Index:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, encoder, limits: dict, token_digest: str | None, info: dict, pool: list[str]):
-        self.encoder, self.info_body = encoder, info
+        self.encoder = over_serve_transport(encoder)
+        # how this replica's calls to the encoder travel (the encoder's to the index go the same way)
+        calls = "ray actor calls" if self.encoder.handle_options._by_reference else "grpc"
+        self.info_body = {**info, "replica_calls": calls}
         self.limits, self.pool = api.Limits(**limits), frozenset(pool)
         configure(self.limits, token_digest)
 
