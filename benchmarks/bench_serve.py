@@ -10,7 +10,8 @@ which takes little of the two cores the server runs on.
 - Added latency: sequential requests over HTTP (-> ingress -> encoder -> index) vs an in-process call
   doing the same work (processor, model on the encoder replica's threads, FAISS search), interleaved in
   rounds of ten: p50 and p99 of each path, and of the difference. Goal: <= 5 ms added at p50 on this
-  2-core machine.
+  2-core machine, on the default path. Also timed: the same app with ``serve.index_in_encoder`` (the
+  encoder searches the index itself: one hop fewer), deployed alongside.
 - Batching: requests/s at 16 concurrent clients with the encoder's batching on (``serve.batch_size`` 16)
   vs off (1), both apps up at once and loaded in turn (four bursts each). Goal: >= 2x. Measured with the
   tiny Qwen2-VL and with a random one 512 wide x 4 layers, each beside what batching buys the same work
@@ -45,6 +46,8 @@ CEILING = "in this process, {batch} queries embedded and searched as one batch v
 PATHS = {
     "direct": "HTTP straight into the ingress replica -> encoder -> index",
     "proxy": "HTTP -> Serve's proxy -> ingress -> encoder -> index",
+    "index_in_encoder": "serve.index_in_encoder (not the default): HTTP straight into the ingress "
+    "replica -> encoder, which searches the index itself",
 }
 LARGER = dict(hidden=512, layers=4)  # an encoder whose cost is not dwarfed by Serve's per-request overhead
 WORDS = ["but in red", "in leather", "smaller", "from the same brand", "with a pattern", "in blue"]
@@ -330,7 +333,18 @@ def serve_bench() -> list[dict]:
         def paths(_: str) -> dict[str, list[float]]:
             direct = deploy.direct_url(cfg.serve)
             urls = {"direct": direct} if direct else {}
-            return sequential({**urls, "proxy": deploy.url_of(cfg.serve)}, local, queries)
+            inside = replace(
+                cfg,
+                serve=replace(
+                    cfg.serve, app_name="coral_inside", route_prefix="/inside", index_in_encoder=True
+                ),
+            )
+            deploy.start(inside)
+            try:
+                urls["index_in_encoder"] = entry(inside)
+                return sequential({**urls, "proxy": deploy.url_of(cfg.serve)}, local, queries)
+            finally:
+                deploy.stop(inside, shutdown=False)
 
         with PeakRSS() as mem:
             times = with_serve(cfg, paths)

@@ -135,7 +135,8 @@ def requests(cfg: Config) -> list[Request]:
         i = cfg.index
         out.append(Request("index", bundle(i.num_cpus, i.num_gpus, i.accelerator_type), i.num_actors))
     if "serve" in stages:
-        out += [_deployment(f"serve.{k}", getattr(cfg.serve, k)) for k in ("encoder", "index", "ingress")]
+        parts = ("encoder", "ingress") if cfg.serve.index_in_encoder else ("encoder", "index", "ingress")
+        out += [_deployment(f"serve.{k}", getattr(cfg.serve, k)) for k in parts]
     return out
 
 

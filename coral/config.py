@@ -485,8 +485,10 @@ class ServeConfig:
     ``batch_wait_s``: the query encoder's request batching (1 turns it off); while a batch runs, the
     next one waits until it is predicted to end, else up to ``batch_wait_s`` while requests come
     together; a lone request goes at once (``coral.serve.pacing``).
-    ``forever``: keep serving after the stage (``--serve-forever``) instead of shutting down once the
-    examples have run."""
+    ``index_in_encoder``: each encoder replica holds the index and searches it itself, and no index
+    deployment starts (``serve.index`` unused): one hop fewer a search, for an index that fits every
+    encoder replica's memory. ``forever``: keep serving after the stage (``--serve-forever``) instead of
+    shutting down once the examples have run."""
 
     checkpoint: str = ""  # "": the one index.json records; another copy is served only if it matches
     host: str = "127.0.0.1"
@@ -498,6 +500,7 @@ class ServeConfig:
     batch_wait_s: float = 0.005
     encoder: DeploymentConfig = field(default_factory=DeploymentConfig)
     index: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
+    index_in_encoder: bool = False
     ingress: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
     max_body_bytes: int = 8 * 2**20
     max_parts: int = 16

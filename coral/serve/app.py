@@ -114,6 +114,8 @@ class Encoder:
     def __init__(
         self, model: str, kind: str, storage_cfg: StorageConfig, products: dict, serve_cfg: dict, index
     ):
+        """``index``: the index deployment's handle, or the arguments of an ``IndexTable`` to search in
+        this process (``serve.index_in_encoder``)."""
         import torch
 
         from coral.embedder import Embedder
@@ -121,7 +123,10 @@ class Encoder:
 
         torch.set_num_threads(serve_cfg["threads"])  # the replica's share, as the offline stages do
         self.embedder = Embedder(model, kind, storage_cfg, serve_cfg["device"], serve_cfg["dtype"])
-        self.products, self.index = step.products_from(products), over_serve_transport(index)
+        self.products = step.products_from(products)
+        local = isinstance(index, dict)
+        self.table = IndexTable(**index) if local else None
+        self.index = None if local else over_serve_transport(index)
         self.run_many.set_max_batch_size(serve_cfg["batch_size"])
         self.pacing = BatchWait(serve_cfg["batch_wait_s"])
 
@@ -137,21 +142,30 @@ class Encoder:
     def _embed(self, items: list[tuple[str, api.Query, int]]) -> list[np.ndarray]:
         return list(self.embedder([self.features(role, q) for role, q, _ in items]))
 
+    def _work(self, items: list[tuple[str, api.Query, int]]) -> tuple[list, list[int], list | None]:
+        """The batch's embeddings, the rows that want hits, and their hits when the index is here."""
+        vectors = self._embed(items)
+        wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
+        hits = (
+            self.table.search_many(*self._queries(items, vectors, wanted)) if self.table and wanted else None
+        )
+        return vectors, wanted, hits
+
+    @staticmethod
+    def _queries(items, vectors, wanted) -> tuple[np.ndarray, list[int]]:
+        return np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
+
     async def run(self, items: list[tuple[str, api.Query, int]], inline: bool = False) -> list:
         """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0. The model runs in a
         worker thread, so that the replica's event loop (where Serve runs this) keeps taking requests and
         the next batch fills meanwhile; ``inline``: on the loop, for a lone request (no thread hop)."""
         with self.pacing.running(len(items)):  # the next batch waits about as long as this one runs
-            if inline:
-                vectors = self._embed(items)
-            else:
-                vectors = await asyncio.to_thread(self._embed, items)
-            wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
+            work = self._work(items) if inline else await asyncio.to_thread(self._work, items)
+            vectors, wanted, hits = work
             if not wanted:
                 return vectors
-            hits = await self.index.search_many.remote(
-                np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
-            )
+            if hits is None:
+                hits = await self.index.search_many.remote(*self._queries(items, vectors, wanted))
         out: list = list(vectors)
         for i, h in zip(wanted, hits, strict=True):
             out[i] = h
@@ -178,8 +192,7 @@ class Encoder:
         return await self._one(("query", query, k))
 
 
-@serve.deployment
-class Index:
+class IndexTable:
     """The FAISS index and its candidate table (row -> id, title)."""
 
     def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig):
@@ -188,9 +201,8 @@ class Index:
         self.index, _, table = index_stage.load(storage.resolve(index_uri, storage_cfg), index_cfg)
         self.ids, self.titles = table[S.ID].to_pylist(), table[S.TITLE].to_pylist()
 
-    async def search_many(self, vectors: np.ndarray, ks: list[int]) -> list[list[dict]]:
-        """One FAISS search for a batch of query vectors; row i keeps its own top ``ks[i]``. On the
-        replica's event loop, not a thread: one search a batch, and this replica does nothing else."""
+    def search_many(self, vectors: np.ndarray, ks: list[int]) -> list[list[dict]]:
+        """One FAISS search for a batch of query vectors; row i keeps its own top ``ks[i]``."""
         from coral.mining import knn
 
         k = min(max(ks), len(self.ids))
@@ -203,6 +215,19 @@ class Index:
             ]
             for row, score, want in zip(rows, scores, ks, strict=True)
         ]
+
+
+@serve.deployment
+class Index:
+    """The index as its own deployment (the default): scaled and placed apart from the encoder."""
+
+    def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig):
+        self.table = IndexTable(index_uri, storage_cfg, index_cfg)
+
+    async def search_many(self, vectors: np.ndarray, ks: list[int]) -> list[list[dict]]:
+        """On the replica's event loop, not a thread: one search a batch, and this replica does nothing
+        else."""
+        return self.table.search_many(vectors, ks)
 
 
 @serve.deployment
@@ -291,7 +316,13 @@ def application(config: Config):
     products = pool_products(config, index_dir)
     info = {
         "checkpoint": {"uri": ckpt.uri, "kind": ckpt.kind, "hash": ckpt.hash},
-        "index": {"id": done["hash"], "uri": index_dir.uri, "spec": meta["spec"], "count": meta["count"]},
+        "index": {
+            "id": done["hash"],
+            "uri": index_dir.uri,
+            "spec": meta["spec"],
+            "count": meta["count"],
+            "in_encoder": cfg.index_in_encoder,
+        },
         "dim": ckpt.dim,
         "limits": {k: getattr(cfg, k) for k in api.Limits.__dataclass_fields__},
         "batching": {"max_batch_size": cfg.batch_size, "batch_wait_s": cfg.batch_wait_s},
@@ -304,7 +335,8 @@ def application(config: Config):
         "batch_wait_s": cfg.batch_wait_s,
         "threads": max(1, int(cfg.encoder.num_cpus)),
     }
-    index = Index.options(**_options(cfg.index)).bind(index_dir.uri, config.storage, config.index)
+    where = {"index_uri": index_dir.uri, "storage_cfg": config.storage, "index_cfg": config.index}
+    index = where if cfg.index_in_encoder else Index.options(**_options(cfg.index)).bind(**where)
     encoder = Encoder.options(**_options(cfg.encoder)).bind(
         ckpt.uri, ckpt.kind, config.storage, products, serve_cfg, index
     )

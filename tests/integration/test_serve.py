@@ -208,6 +208,43 @@ def test_the_direct_path_answers_as_the_proxy_does(served):
     assert big.status_code == 413
 
 
+def test_the_index_in_the_encoder_answers_as_the_index_deployment_does(served):
+    """``serve.index_in_encoder``: no index deployment; each encoder replica searches the index itself,
+    alone and in batches, with the same answers."""
+    from dataclasses import replace
+
+    from ray import serve
+
+    url, http, root, config = served
+    local_serve = replace(config.serve, app_name="coral_local", route_prefix="/local", index_in_encoder=True)
+    local = replace(config, serve=local_serve)
+    os.environ["CORAL_TEST_TOKEN"] = TOKEN
+    try:
+        local_url = deploy.start(local)
+    finally:
+        del os.environ["CORAL_TEST_TOKEN"]
+    try:
+        assert set(serve.status().applications["coral_local"].deployments) == {"Encoder", "Ingress"}
+        assert http.get(f"{local_url}/v1/info").json()["index"]["in_encoder"] is True
+        pool = sorted(pool_ids(root))
+        queries = [
+            {"parts": [{"type": "text", "text": "like "}, {"type": "product", "id": pool[i]}], "top_k": 5 + i}
+            for i in range(8)
+        ]
+
+        def ask(base: str, q: dict) -> dict:
+            return http.post(f"{base}/v1/search", json=q).json()
+
+        with ThreadPoolExecutor(8) as pool_:  # together, so the encoder batches them
+            together = list(pool_.map(lambda q: ask(local_url, q), queries))
+        for q, answer in zip(queries, together, strict=True):
+            expected = ask(url, q)
+            assert ask(local_url, q) == expected  # alone
+            assert answer == expected and len(answer["results"]) == q["top_k"]
+    finally:
+        deploy.stop(local, shutdown=False)
+
+
 def test_a_mismatched_checkpoint_refuses_to_start(trained_run, tiny_models):
     from dataclasses import replace
 

@@ -102,6 +102,11 @@ def test_requests_follow_the_configured_stages_and_resources():
     )
     by = {r.where: r for r in cluster.requests(vllm)}
     assert by["annotate.instruct"].bundle["GPU"] == 2 and by["annotate.describe"].bundle["GPU"] == 1
+    served = ["run.stages=[serve]", "serve.index={replicas: 2}"]
+    wheres = [r.where for r in cluster.requests(load_config(REPO / "workflows" / "megapairs.yaml", served))]
+    assert wheres == ["serve.encoder", "serve.index", "serve.ingress"]
+    inside = load_config(REPO / "workflows" / "megapairs.yaml", [*served, "serve.index_in_encoder=true"])
+    assert [r.where for r in cluster.requests(inside)] == ["serve.encoder", "serve.ingress"]
 
 
 def test_placement_problems_name_the_key_and_the_shortfall(spec):
