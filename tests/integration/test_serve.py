@@ -28,6 +28,15 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 BODY_LIMIT = 256 * 1024
 
 
+def start_with_token(config) -> str:
+    """Deploy with the token in the environment only while the app is built (it keeps its digest)."""
+    os.environ["CORAL_TEST_TOKEN"] = TOKEN
+    try:
+        return deploy.start(config)
+    finally:
+        del os.environ["CORAL_TEST_TOKEN"]
+
+
 @pytest.fixture(scope="module")
 def served(trained_run):
     root, cfg = trained_run
@@ -35,11 +44,7 @@ def served(trained_run):
 
     serve_cfg = replace(cfg.serve, port=free_port(), max_body_bytes=BODY_LIMIT, token_env="CORAL_TEST_TOKEN")
     config = replace(cfg, serve=serve_cfg)
-    os.environ["CORAL_TEST_TOKEN"] = TOKEN
-    try:
-        url = deploy.start(config)
-    finally:
-        del os.environ["CORAL_TEST_TOKEN"]
+    url = start_with_token(config)
     with httpx.Client(timeout=60, headers=client.headers(TOKEN)) as http:
         yield url, http, root, config
     deploy.stop(config)
@@ -218,11 +223,7 @@ def test_the_index_in_the_encoder_answers_as_the_index_deployment_does(served):
     url, http, root, config = served
     local_serve = replace(config.serve, app_name="coral_local", route_prefix="/local", index_in_encoder=True)
     local = replace(config, serve=local_serve)
-    os.environ["CORAL_TEST_TOKEN"] = TOKEN
-    try:
-        local_url = deploy.start(local)
-    finally:
-        del os.environ["CORAL_TEST_TOKEN"]
+    local_url = start_with_token(local)
     try:
         assert set(serve.status().applications["coral_local"].deployments) == {"Encoder", "Ingress"}
         assert http.get(f"{local_url}/v1/info").json()["index"]["in_encoder"] is True
