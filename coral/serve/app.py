@@ -147,7 +147,9 @@ class Encoder:
         vectors = self._embed(items)
         wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
         hits = (
-            self.table.search_many(*self._queries(items, vectors, wanted)) if self.table and wanted else None
+            self.table.search_many(*self._queries(items, vectors, wanted))
+            if self.table is not None and wanted
+            else None
         )
         return vectors, wanted, hits
 

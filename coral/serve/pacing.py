@@ -63,7 +63,7 @@ class BatchWait:
         self.company += self.smoothing * (self.in_flight - self.company)
         busy = self.in_flight > 0 or self.company >= self.busy_at
         self.in_flight += 1
-        wait = self.wait_s if busy and self.wait_s > 0 else 0.0
+        wait = self.wait_s if busy else 0.0
         if self.batch is not None and self.wait_s > 0:
             start, size = self.batch
             ends_in = start + self.cost(size) - self.clock()
