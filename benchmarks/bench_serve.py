@@ -7,11 +7,12 @@ processor on an image and the model on text + image. Serve runs throughput-optim
 and the latency run also goes through Serve's proxy. Load comes from ``http_load`` (asyncio, keep-alive),
 which takes little of the two cores the server runs on.
 
-- Added latency: sequential requests over HTTP (-> ingress -> encoder -> index) vs an in-process call
-  doing the same work (processor, model on the encoder replica's threads, FAISS search), interleaved in
-  rounds of ten: p50 and p99 of each path, and of the difference. Goal: <= 5 ms added at p50 on this
-  2-core machine, on the default path. Also timed: the same app with ``serve.index_in_encoder`` (the
-  encoder searches the index itself: one hop fewer), deployed alongside.
+- Added latency: sequential requests over HTTP (-> ingress -> encoder, which searches this small index
+  itself: ``serve.index_in_encoder`` "auto") vs an in-process call doing the same work (processor, model
+  on the encoder replica's threads, FAISS search), interleaved in rounds of ten: p50 and p99 of each
+  path, and of the difference. Goal: <= 5 ms added at p50 on this 2-core machine, on the default path.
+  Also timed: the same app with an index deployment (``serve.index_in_encoder: false``: one hop more),
+  deployed alongside, and the default app through Serve's proxy.
 - Batching: requests/s at 16 concurrent clients with the encoder's batching on (``serve.batch_size`` 16)
   vs off (1), both apps up at once and loaded in turn (four bursts each). Goal: >= 2x. Measured with the
   tiny Qwen2-VL and with a random one 512 wide x 4 layers, each beside what batching buys the same work
@@ -34,20 +35,21 @@ import numpy as np
 
 from benchmarks import http_load
 from benchmarks.common import PeakRSS, write_result
-from coral import graph
+from coral import graph, storage
 from coral import schemas as S
 from coral.config import Config, load_config
 from coral.models.tiny import build_all, build_qwen
-from coral.serve import deploy
+from coral.serve import app, deploy
 
 CLIENTS, SEQUENTIAL, ROUND, BURST_S, BURSTS, LOAD_S, KILL_AT_S = 16, 300, 10, 20.0, 4, 60.0, 30.0
 IDLE_S = 0.005  # about how long the encoder replica sits idle between a sequential client's requests
 CEILING = "in this process, {batch} queries embedded and searched as one batch vs one at a time (the ceiling)"
 PATHS = {
-    "direct": "HTTP straight into the ingress replica -> encoder -> index",
-    "proxy": "HTTP -> Serve's proxy -> ingress -> encoder -> index",
-    "index_in_encoder": "serve.index_in_encoder (not the default): HTTP straight into the ingress "
-    "replica -> encoder, which searches the index itself",
+    "direct": "the default app (serve.index_in_encoder auto: the index in the encoder here): HTTP "
+    "straight into the ingress replica -> encoder, which searches the index itself",
+    "proxy": "the default app through Serve's proxy: HTTP -> proxy -> ingress -> encoder",
+    "index_deployment": "serve.index_in_encoder false: HTTP straight into the ingress replica -> "
+    "encoder -> index deployment",
 }
 LARGER = dict(hidden=512, layers=4)  # an encoder whose cost is not dwarfed by Serve's per-request overhead
 WORDS = ["but in red", "in leather", "smaller", "from the same brand", "with a pattern", "in blue"]
@@ -333,19 +335,20 @@ def serve_bench() -> list[dict]:
         def paths(_: str) -> dict[str, list[float]]:
             direct = deploy.direct_url(cfg.serve)
             urls = {"direct": direct} if direct else {}
-            inside = replace(
+            split = replace(
                 cfg,
                 serve=replace(
-                    cfg.serve, app_name="coral_inside", route_prefix="/inside", index_in_encoder=True
+                    cfg.serve, app_name="coral_split", route_prefix="/split", index_in_encoder=False
                 ),
             )
-            deploy.start(inside)
+            deploy.start(split)
             try:
-                urls["index_in_encoder"] = entry(inside)
+                urls["index_deployment"] = entry(split)
                 return sequential({**urls, "proxy": deploy.url_of(cfg.serve)}, local, queries)
             finally:
-                deploy.stop(inside, shutdown=False)
+                deploy.stop(split, shutdown=False)
 
+        layout = app.index_layout(cfg.serve, storage.resolve(cfg.run.run_root).child("index"))[1]
         with PeakRSS() as mem:
             times = with_serve(cfg, paths)
         batching = on_and_off(cfg, lambda urls: alternating(urls, queries, BURST_S))
@@ -375,6 +378,7 @@ def serve_bench() -> list[dict]:
         goal_on="value",
         requests=SEQUENTIAL,
         path=path,
+        layout=layout,
         in_process=ms(base),
         in_process_after_idle={
             "what": f"the in-process call after {IDLE_S * 1000:.0f} ms of sleep: what idling costs the "

@@ -135,7 +135,9 @@ def requests(cfg: Config) -> list[Request]:
         i = cfg.index
         out.append(Request("index", bundle(i.num_cpus, i.num_gpus, i.accelerator_type), i.num_actors))
     if "serve" in stages:
-        parts = ("encoder", "ingress") if cfg.serve.index_in_encoder else ("encoder", "index", "ingress")
+        # "auto" decides on the index's size once it exists: plan for the deployment it may start
+        inside = cfg.serve.index_in_encoder is True
+        parts = ("encoder", "ingress") if inside else ("encoder", "index", "ingress")
         out += [_deployment(f"serve.{k}", getattr(cfg.serve, k)) for k in parts]
     return out
 

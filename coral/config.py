@@ -485,9 +485,11 @@ class ServeConfig:
     ``batch_wait_s``: the query encoder's request batching (1 turns it off); while a batch runs, the
     next one waits until it is predicted to end, else up to ``batch_wait_s`` while requests come
     together; a lone request goes at once (``coral.serve.pacing``).
-    ``index_in_encoder``: each encoder replica holds the index and searches it itself, and no index
-    deployment starts (``serve.index`` unused): one hop fewer a search, for an index that fits every
-    encoder replica's memory. ``forever``: keep serving after the stage (``--serve-forever``) instead of
+    ``index_in_encoder``: true: each encoder replica holds the index and searches it itself, and no
+    index deployment starts (``serve.index`` unused): one hop fewer a search; false: the index deployment
+    (``serve.index``) holds it; "auto" (the default): in the encoder when the index file is at most
+    ``index_in_encoder_max_mb`` and ``serve.index`` asks for no GPU, more than one replica or autoscaling,
+    else the deployment (``coral.serve.app.index_layout``). ``forever``: keep serving after the stage (``--serve-forever``) instead of
     shutting down once the examples have run."""
 
     checkpoint: str = ""  # "": the one index.json records; another copy is served only if it matches
@@ -500,7 +502,8 @@ class ServeConfig:
     batch_wait_s: float = 0.005
     encoder: DeploymentConfig = field(default_factory=DeploymentConfig)
     index: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
-    index_in_encoder: bool = False
+    index_in_encoder: bool | Literal["auto"] = "auto"
+    index_in_encoder_max_mb: float = 512.0  # "auto": larger indexes get their own deployment
     ingress: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
     max_body_bytes: int = 8 * 2**20
     max_parts: int = 16
@@ -520,6 +523,7 @@ class ServeConfig:
         limits = (self.max_body_bytes, self.max_parts, self.max_text_chars, self.max_image_bytes)
         check(min(*limits, self.max_pixels, self.max_top_k) >= 1, "serve limits must be >= 1")
         check(self.route_prefix.startswith("/"), "serve.route_prefix must start with /")
+        check(self.index_in_encoder_max_mb >= 0, "serve.index_in_encoder_max_mb must be >= 0")
 
 
 @dataclass(frozen=True)

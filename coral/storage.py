@@ -115,6 +115,14 @@ def exists(loc: Location) -> bool:
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 
 
+def size(loc: Location) -> int:
+    """Bytes in the file at ``loc``; FileNotFoundError naming it when there is none."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{loc.uri}: no such file")
+    return info.size
+
+
 def read_bytes(loc: Location) -> bytes:
     with loc.fs.open_input_stream(loc.path) as f:
         return f.read()

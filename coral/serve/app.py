@@ -1,6 +1,7 @@
 """The retriever as a Ray Serve application: an HTTP ingress (FastAPI), a query encoder that batches
-concurrent requests (``@serve.batch``), and an index deployment, built from one run's index and the
-checkpoint that built it.
+concurrent requests (``@serve.batch``), and the index, built from one run's index and the checkpoint
+that built it. The index is an index deployment, or, when small (``index_layout``), searched by each
+encoder replica itself.
 
 ``application(config)`` checks the pair first: the checkpoint (the one ``index.json`` records, or
 ``serve.checkpoint``) must have the content hash and embedding size the index was built with, else it
@@ -25,7 +26,7 @@ from ray import serve
 
 from coral import checkpoint, manifest, ray_runtime, storage
 from coral import schemas as S
-from coral.config import Config, DeploymentConfig, IndexStageConfig, StorageConfig
+from coral.config import Config, DeploymentConfig, IndexStageConfig, ServeConfig, StorageConfig
 from coral.errors import ConfigError
 from coral.serve import api
 from coral.serve.pacing import BatchWait
@@ -129,6 +130,7 @@ class Encoder:
         self.index = None if local else over_serve_transport(index)
         self.run_many.set_max_batch_size(serve_cfg["batch_size"])
         self.pacing = BatchWait(serve_cfg["batch_wait_s"])
+        self.counts = {"batches": 0, "requests": 0}  # what this replica ran (``/v1/info``)
 
     def features(self, role: str, query: api.Query) -> dict:
         images = [self.products.images(i) if isinstance(i, str) else i for i in query.images]
@@ -157,13 +159,15 @@ class Encoder:
     def _queries(items, vectors, wanted) -> tuple[np.ndarray, list[int]]:
         return np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
 
-    async def run(self, items: list[tuple[str, api.Query, int]], inline: bool = False) -> list:
+    async def run(self, items: list[tuple[str, api.Query, int]]) -> list:
         """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0. The model runs in a
         worker thread, so that the replica's event loop (where Serve runs this) keeps taking requests and
-        the next batch fills meanwhile; ``inline``: on the loop, for a lone request (no thread hop)."""
+        the next batch fills meanwhile: even for a lone request, since one run on the loop would hide
+        the requests that arrive during it, and each would look alone in turn."""
+        self.counts["batches"] += 1
+        self.counts["requests"] += len(items)
         with self.pacing.running(len(items)):  # the next batch waits about as long as this one runs
-            work = self._work(items) if inline else await asyncio.to_thread(self._work, items)
-            vectors, wanted, hits = work
+            vectors, wanted, hits = await asyncio.to_thread(self._work, items)
             if not wanted:
                 return vectors
             if hits is None:
@@ -180,8 +184,8 @@ class Encoder:
     async def _one(self, item: tuple[str, api.Query, int]):
         wait = self.pacing.arrive()
         try:
-            if self.pacing.alone():  # nothing to batch with: no queue, no thread hop
-                return (await self.run([item], inline=True))[0]
+            if self.pacing.alone():  # nothing to batch with: no batch queue
+                return (await self.run([item]))[0]
             self.run_many.set_batch_wait_timeout_s(wait)  # read when the request opens a batch
             return await self.run_many(item)
         finally:
@@ -192,6 +196,10 @@ class Encoder:
 
     async def search(self, query: api.Query, k: int) -> list[dict]:
         return await self._one(("query", query, k))
+
+    async def ran(self) -> dict:
+        """Batches and requests this replica has run."""
+        return dict(self.counts)
 
 
 class IndexTable:
@@ -221,7 +229,7 @@ class IndexTable:
 
 @serve.deployment
 class Index:
-    """The index as its own deployment (the default): scaled and placed apart from the encoder."""
+    """The index as its own deployment: scaled and placed apart from the encoder (``index_layout``)."""
 
     def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig):
         self.table = IndexTable(index_uri, storage_cfg, index_cfg)
@@ -249,7 +257,8 @@ class Ingress:
 
     @app.get("/v1/info", dependencies=[Depends(authorized)])
     async def info(self) -> dict:
-        return self.info_body
+        """The app's description, and what the encoder replica that answers has run so far."""
+        return {**self.info_body, "encoder_ran": await self.encoder.ran.remote()}
 
     @app.post("/v1/search", dependencies=[Depends(authorized)], response_model=api.SearchResponse)
     async def search(self, body: api.SearchRequest) -> dict:
@@ -303,6 +312,25 @@ def bound_checkpoint(config: Config, meta: dict, index_dir: storage.Location) ->
     return ckpt
 
 
+def index_layout(cfg: ServeConfig, index_dir: storage.Location) -> tuple[bool, str]:
+    """Whether each encoder replica searches the index itself (``serve.index_in_encoder``), and why.
+
+    "auto" keeps a small index in the encoder: the search costs the same in either process, and the
+    hop to another replica and back adds about 2 ms a query on two CPU cores. The index deployment
+    earns that hop for an index too large to copy into every encoder replica (over
+    ``index_in_encoder_max_mb``), or one that ``serve.index`` gives a GPU, replicas or autoscaling of
+    its own."""
+    if cfg.index_in_encoder != "auto":
+        return bool(cfg.index_in_encoder), f"serve.index_in_encoder: {str(cfg.index_in_encoder).lower()}"
+    d = cfg.index
+    if d.num_gpus > 0 or d.replicas > 1 or d.autoscaling:
+        return False, "auto: serve.index asks for a GPU, several replicas or autoscaling"
+    mb = storage.size(index_dir.child("index.faiss")) / 2**20
+    if mb > cfg.index_in_encoder_max_mb:
+        return False, f"auto: the index is {mb:.1f} MiB, over serve.index_in_encoder_max_mb"
+    return True, f"auto: the index is {mb:.1f} MiB, within serve.index_in_encoder_max_mb"
+
+
 def application(config: Config):
     """The bound Serve application of ``config``'s run; raises IndexMismatch for a mismatched pair."""
     import os
@@ -316,6 +344,7 @@ def application(config: Config):
         raise ConfigError(f"the index stage is not complete at {index_dir.uri}; run it first")
     ckpt = bound_checkpoint(config, meta, index_dir)
     products = pool_products(config, index_dir)
+    in_encoder, layout = index_layout(cfg, index_dir)
     info = {
         "checkpoint": {"uri": ckpt.uri, "kind": ckpt.kind, "hash": ckpt.hash},
         "index": {
@@ -323,7 +352,8 @@ def application(config: Config):
             "uri": index_dir.uri,
             "spec": meta["spec"],
             "count": meta["count"],
-            "in_encoder": cfg.index_in_encoder,
+            "in_encoder": in_encoder,
+            "layout": layout,
         },
         "dim": ckpt.dim,
         "limits": {k: getattr(cfg, k) for k in api.Limits.__dataclass_fields__},
@@ -338,7 +368,7 @@ def application(config: Config):
         "threads": max(1, int(cfg.encoder.num_cpus)),
     }
     where = {"index_uri": index_dir.uri, "storage_cfg": config.storage, "index_cfg": config.index}
-    index = where if cfg.index_in_encoder else Index.options(**_options(cfg.index)).bind(**where)
+    index = where if in_encoder else Index.options(**_options(cfg.index)).bind(**where)
     encoder = Encoder.options(**_options(cfg.encoder)).bind(
         ckpt.uri, ckpt.kind, config.storage, products, serve_cfg, index
     )

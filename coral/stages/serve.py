@@ -93,6 +93,9 @@ class ServeStage:
             print(f"\nserving at {url} (OpenAPI docs: {url}/docs)")
             if direct:
                 print(f"  and straight into the ingress replica at {direct} (one hop fewer)")
+            index = info.json()["index"]
+            place = "in each encoder replica" if index["in_encoder"] else "its own deployment"
+            print(f"  the index: {place} ({index['layout']})")
             for e in examples:
                 print(f"  {e['query'][:100]!r}")
                 for h in e["top"]:

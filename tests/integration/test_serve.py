@@ -75,6 +75,7 @@ def test_routes(served):
     # the tests' Ray runs Serve throughput-optimized, so replicas call each other over gRPC, although this
     # module imported Ray Serve before that was set (the transport a driver's handles start with)
     assert info["replica_calls"] == "grpc"
+    assert info["index"]["in_encoder"] is True and info["index"]["layout"].startswith("auto: the index is")
     spec = http.get(f"{url}/openapi.json").json()
     assert {"/v1/search", "/v1/embed", "/v1/info", "/healthz"} <= set(spec["paths"])
     r = http.post(f"{url}/v1/search", json={"parts": [{"type": "text", "text": "a red mug"}], "top_k": 7})
@@ -213,20 +214,23 @@ def test_the_direct_path_answers_as_the_proxy_does(served):
     assert big.status_code == 413
 
 
-def test_the_index_in_the_encoder_answers_as_the_index_deployment_does(served):
-    """``serve.index_in_encoder``: no index deployment; each encoder replica searches the index itself,
-    alone and in batches, with the same answers."""
+def test_the_index_deployment_answers_as_the_index_in_the_encoder_does(served):
+    """The module's app searches its small index in the encoder ("auto"); with
+    ``serve.index_in_encoder: false`` an index deployment does, alone and in batches, with the same
+    answers."""
     from dataclasses import replace
 
     from ray import serve
 
     url, http, root, config = served
-    local_serve = replace(config.serve, app_name="coral_local", route_prefix="/local", index_in_encoder=True)
-    local = replace(config, serve=local_serve)
-    local_url = start_with_token(local)
+    assert set(serve.status().applications[config.serve.app_name].deployments) == {"Encoder", "Ingress"}
+    split_serve = replace(config.serve, app_name="coral_split", route_prefix="/split", index_in_encoder=False)
+    split = replace(config, serve=split_serve)
+    split_url = start_with_token(split)
     try:
-        assert set(serve.status().applications["coral_local"].deployments) == {"Encoder", "Ingress"}
-        assert http.get(f"{local_url}/v1/info").json()["index"]["in_encoder"] is True
+        assert set(serve.status().applications["coral_split"].deployments) == {"Encoder", "Index", "Ingress"}
+        index = http.get(f"{split_url}/v1/info").json()["index"]
+        assert index["in_encoder"] is False and index["layout"] == "serve.index_in_encoder: false"
         pool = sorted(pool_ids(root))
         queries = [
             {"parts": [{"type": "text", "text": "like "}, {"type": "product", "id": pool[i]}], "top_k": 5 + i}
@@ -237,13 +241,59 @@ def test_the_index_in_the_encoder_answers_as_the_index_deployment_does(served):
             return http.post(f"{base}/v1/search", json=q).json()
 
         with ThreadPoolExecutor(8) as pool_:  # together, so the encoder batches them
-            together = list(pool_.map(lambda q: ask(local_url, q), queries))
+            together = list(pool_.map(lambda q: ask(split_url, q), queries))
         for q, answer in zip(queries, together, strict=True):
             expected = ask(url, q)
-            assert ask(local_url, q) == expected  # alone
+            assert ask(split_url, q) == expected  # alone
             assert answer == expected and len(answer["results"]) == q["top_k"]
     finally:
-        deploy.stop(local, shutdown=False)
+        deploy.stop(split, shutdown=False)
+
+
+def test_concurrent_searches_share_the_encoders_batches(served):
+    """16 searches at once run as a few batches, not one by one: a lone request runs the model off the
+    event loop too, so that requests arriving meanwhile see company and queue for the next batch."""
+    url, http, root, _ = served
+    pool = sorted(pool_ids(root))
+    before = http.get(f"{url}/v1/info").json()["encoder_ran"]
+    queries = [
+        {
+            "parts": [{"type": "text", "text": "like "}, {"type": "product", "id": pool[i % len(pool)]}],
+            "top_k": 5,
+        }
+        for i in range(48)
+    ]
+    with ThreadPoolExecutor(16) as pool_:
+        answers = list(pool_.map(lambda q: http.post(f"{url}/v1/search", json=q), queries))
+    assert [a.status_code for a in answers] == [200] * len(queries)
+    after = http.get(f"{url}/v1/info").json()["encoder_ran"]
+    requests, batches = (after[k] - before[k] for k in ("requests", "batches"))
+    assert requests == len(queries) and batches <= requests // 2, (batches, requests)
+
+
+def test_auto_keeps_a_small_unscaled_index_in_the_encoder(trained_run):
+    from dataclasses import replace
+
+    from coral.config import DeploymentConfig
+    from coral.serve.app import index_layout
+
+    root, cfg = trained_run
+    index_dir = storage.resolve(str(root / "index"))
+    mib = (root / "index" / "index.faiss").stat().st_size / 2**20
+
+    def layout(**changes):
+        return index_layout(replace(cfg.serve, **changes), index_dir)
+
+    assert layout() == (True, f"auto: the index is {mib:.1f} MiB, within serve.index_in_encoder_max_mb")
+    assert layout(index_in_encoder_max_mb=mib / 2) == (
+        False,
+        f"auto: the index is {mib:.1f} MiB, over serve.index_in_encoder_max_mb",
+    )
+    for scaled in (dict(num_gpus=0.5), dict(replicas=2), dict(autoscaling={"max_replicas": 4})):
+        inside, why = layout(index=DeploymentConfig(**scaled))
+        assert not inside and "serve.index asks for" in why
+    assert layout(index_in_encoder=True, index_in_encoder_max_mb=0)[0] is True
+    assert layout(index_in_encoder=False)[0] is False
 
 
 def test_a_mismatched_checkpoint_refuses_to_start(trained_run, tiny_models):

@@ -107,6 +107,12 @@ def test_requests_follow_the_configured_stages_and_resources():
     assert wheres == ["serve.encoder", "serve.index", "serve.ingress"]
     inside = load_config(REPO / "workflows" / "megapairs.yaml", [*served, "serve.index_in_encoder=true"])
     assert [r.where for r in cluster.requests(inside)] == ["serve.encoder", "serve.ingress"]
+    # "auto" decides on the index's size once it is built: the plan keeps room for its deployment
+    auto = load_config(REPO / "workflows" / "megapairs.yaml", ["run.stages=[serve]", "serve.index={}"])
+    assert auto.serve.index_in_encoder == "auto"
+    assert [r.where for r in cluster.requests(auto)] == ["serve.encoder", "serve.index", "serve.ingress"]
+    with pytest.raises(ConfigError, match="serve.index_in_encoder"):
+        load_config(REPO / "workflows" / "megapairs.yaml", ["serve.index_in_encoder=sometimes"])
 
 
 def test_placement_problems_name_the_key_and_the_shortfall(spec):
