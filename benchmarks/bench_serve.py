@@ -348,7 +348,7 @@ def serve_bench() -> list[dict]:
             finally:
                 deploy.stop(split, shutdown=False)
 
-        layout = app.index_layout(cfg.serve, storage.resolve(cfg.run.run_root).child("index"))[1]
+        layout = app.index_layout(cfg.serve, storage.resolve(cfg.run.run_root, cfg.storage).child("index"))[1]
         with PeakRSS() as mem:
             times = with_serve(cfg, paths)
         batching = on_and_off(cfg, lambda urls: alternating(urls, queries, BURST_S))

@@ -486,10 +486,11 @@ class ServeConfig:
     next one waits until it is predicted to end, else up to ``batch_wait_s`` while requests come
     together; a lone request goes at once (``coral.serve.pacing``).
     ``index_in_encoder``: true: each encoder replica holds the index and searches it itself, and no
-    index deployment starts (``serve.index`` unused): one hop fewer a search; false: the index deployment
-    (``serve.index``) holds it; "auto" (the default): in the encoder when the index file is at most
-    ``index_in_encoder_max_mb`` and ``serve.index`` asks for no GPU, more than one replica or autoscaling,
-    else the deployment (``coral.serve.app.index_layout``). ``forever``: keep serving after the stage (``--serve-forever``) instead of
+    index deployment starts (``serve.index`` unused): one hop fewer a search; false: the index
+    deployment (``serve.index``) holds it; "auto" (the default): in the encoder when the index file is
+    at most ``index_in_encoder_max_mb`` (each encoder replica holds a copy) and ``serve.index`` asks for
+    no GPU, more than one replica or autoscaling, else the deployment (``coral.serve.app.index_layout``).
+    ``forever``: keep serving after the stage (``--serve-forever``) instead of
     shutting down once the examples have run."""
 
     checkpoint: str = ""  # "": the one index.json records; another copy is served only if it matches
@@ -523,7 +524,10 @@ class ServeConfig:
         limits = (self.max_body_bytes, self.max_parts, self.max_text_chars, self.max_image_bytes)
         check(min(*limits, self.max_pixels, self.max_top_k) >= 1, "serve limits must be >= 1")
         check(self.route_prefix.startswith("/"), "serve.route_prefix must start with /")
-        check(self.index_in_encoder_max_mb >= 0, "serve.index_in_encoder_max_mb must be >= 0")
+        check(
+            self.index_in_encoder in (True, False, "auto") and self.index_in_encoder_max_mb >= 0,
+            "serve.index_in_encoder must be true, false or auto; serve.index_in_encoder_max_mb >= 0",
+        )
 
 
 @dataclass(frozen=True)

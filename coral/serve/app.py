@@ -131,6 +131,7 @@ class Encoder:
         self.run_many.set_max_batch_size(serve_cfg["batch_size"])
         self.pacing = BatchWait(serve_cfg["batch_wait_s"])
         self.counts = {"batches": 0, "requests": 0}  # what this replica ran (``/v1/info``)
+        self.turn = asyncio.Lock()  # one run at a time
 
     def features(self, role: str, query: api.Query) -> dict:
         images = [self.products.images(i) if isinstance(i, str) else i for i in query.images]
@@ -163,15 +164,17 @@ class Encoder:
         """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0. The model runs in a
         worker thread, so that the replica's event loop (where Serve runs this) keeps taking requests and
         the next batch fills meanwhile: even for a lone request, since one run on the loop would hide
-        the requests that arrive during it, and each would look alone in turn."""
-        self.counts["batches"] += 1
-        self.counts["requests"] += len(items)
-        with self.pacing.running(len(items)):  # the next batch waits about as long as this one runs
-            vectors, wanted, hits = await asyncio.to_thread(self._work, items)
-            if not wanted:
-                return vectors
-            if hits is None:
-                hits = await self.index.search_many.remote(*self._queries(items, vectors, wanted))
+        the requests that arrive during it, and each would look alone in turn. Runs take turns (a
+        lone request's and a batch's would otherwise share the cores)."""
+        async with self.turn:
+            self.counts["batches"] += 1
+            self.counts["requests"] += len(items)
+            with self.pacing.running(len(items)):  # the next batch waits about as long as this runs
+                vectors, wanted, hits = await asyncio.to_thread(self._work, items)
+                if not wanted:
+                    return vectors
+                if hits is None:
+                    hits = await self.index.search_many.remote(*self._queries(items, vectors, wanted))
         out: list = list(vectors)
         for i, h in zip(wanted, hits, strict=True):
             out[i] = h
@@ -258,7 +261,7 @@ class Ingress:
     @app.get("/v1/info", dependencies=[Depends(authorized)])
     async def info(self) -> dict:
         """The app's description, and what the encoder replica that answers has run so far."""
-        return {**self.info_body, "encoder_ran": await self.encoder.ran.remote()}
+        return {**self.info_body, "encoder_ran": await retried(lambda: self.encoder.ran.remote())}
 
     @app.post("/v1/search", dependencies=[Depends(authorized)], response_model=api.SearchResponse)
     async def search(self, body: api.SearchRequest) -> dict:
@@ -316,7 +319,7 @@ def index_layout(cfg: ServeConfig, index_dir: storage.Location) -> tuple[bool, s
     """Whether each encoder replica searches the index itself (``serve.index_in_encoder``), and why.
 
     "auto" keeps a small index in the encoder: the search costs the same in either process, and the
-    hop to another replica and back adds about 2 ms a query on two CPU cores. The index deployment
+    hop to another replica and back adds 2.4-3.2 ms a query on two CPU cores. The index deployment
     earns that hop for an index too large to copy into every encoder replica (over
     ``index_in_encoder_max_mb``), or one that ``serve.index`` gives a GPU, replicas or autoscaling of
     its own."""

@@ -86,6 +86,6 @@ class BatchWait:
         try:
             yield
         finally:
-            if self.batch is mine:  # a lone request's run may overlap a batch's (the index call)
+            if self.batch is mine:  # for a caller whose runs overlap; the encoder's take turns
                 self.batch = None
             self.cost.add(size, self.clock() - start)

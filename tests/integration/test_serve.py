@@ -253,7 +253,8 @@ def test_the_index_deployment_answers_as_the_index_in_the_encoder_does(served):
 def test_concurrent_searches_share_the_encoders_batches(served):
     """16 searches at once run as a few batches, not one by one: a lone request runs the model off the
     event loop too, so that requests arriving meanwhile see company and queue for the next batch."""
-    url, http, root, _ = served
+    url, http, root, config = served
+    assert config.serve.encoder.replicas == 1  # both /v1/info calls count the same replica's runs
     pool = sorted(pool_ids(root))
     before = http.get(f"{url}/v1/info").json()["encoder_ran"]
     queries = [

@@ -57,6 +57,8 @@ def test_s3_roundtrip(s3_bucket):
     storage.write_json(root.child("st", "manifest.json"), {"ok": True})
     storage.write_bytes(root.child("st", "_SUCCESS"), b"")
     assert storage.read_json(root.child("st", "manifest.json")) == {"ok": True}
+    manifest = root.child("st", "manifest.json")
+    assert storage.size(manifest) == len(storage.read_bytes(manifest)) > 0
     objects = storage.boto3_client(cfg).list_objects_v2(Bucket=bucket)["Contents"]
     keys = {o["Key"] for o in objects if not o["Key"].endswith("/")}  # pyarrow keeps directory markers
     assert keys == {"runs/r1/st/manifest.json", "runs/r1/st/_SUCCESS"}
@@ -85,3 +87,11 @@ def test_unreachable_s3_endpoint_fails_fast_and_names_uri():
     assert time.time() - t < 30
     assert "s3://bucket/run" in str(e.value)
     assert "AKIAUNSEEN" not in str(e.value) and "never-shown" not in str(e.value)
+
+
+def test_size_of_a_file_and_a_missing_one_named(tmp_path):
+    loc = storage.resolve(str(tmp_path)).child("index.faiss")
+    storage.write_bytes(loc, b"x" * 1234)
+    assert storage.size(loc) == 1234
+    with pytest.raises(FileNotFoundError, match="nothing.faiss"):
+        storage.size(storage.resolve(str(tmp_path)).child("nothing.faiss"))
