@@ -490,8 +490,8 @@ class ServeConfig:
     deployment (``serve.index``) holds it; "auto" (the default): in the encoder when the index file is
     at most ``index_in_encoder_max_mb`` (each encoder replica holds a copy) and ``serve.index`` asks for
     no GPU, more than one replica or autoscaling, else the deployment (``coral.serve.app.index_layout``).
-    ``forever``: keep serving after the stage (``--serve-forever``) instead of
-    shutting down once the examples have run."""
+    ``forever``: keep serving after the stage (``--serve-forever``) instead of shutting down once the
+    examples have run."""
 
     checkpoint: str = ""  # "": the one index.json records; another copy is served only if it matches
     host: str = "127.0.0.1"

@@ -82,10 +82,9 @@ class BatchWait:
     def running(self, size: int):
         """A batch of ``size`` runs inside; its time goes into the cost model."""
         start = self.clock()
-        self.batch = mine = (start, size)
+        self.batch = (start, size)
         try:
             yield
         finally:
-            if self.batch is mine:  # for a caller whose runs overlap; the encoder's take turns
-                self.batch = None
+            self.batch = None
             self.cost.add(size, self.clock() - start)

@@ -251,8 +251,9 @@ def test_the_index_deployment_answers_as_the_index_in_the_encoder_does(served):
 
 
 def test_concurrent_searches_share_the_encoders_batches(served):
-    """16 searches at once run as a few batches, not one by one: a lone request runs the model off the
-    event loop too, so that requests arriving meanwhile see company and queue for the next batch."""
+    """48 searches from 16 clients at once run as batches, not one by one: a lone request runs the model
+    off the event loop too, so that requests arriving meanwhile see company and queue for the next
+    batch (with the model on the loop, all 48 ran alone)."""
     url, http, root, config = served
     assert config.serve.encoder.replicas == 1  # both /v1/info calls count the same replica's runs
     pool = sorted(pool_ids(root))
