@@ -8,7 +8,7 @@ model searches the index stage's index (its checkpoint checked against ``index.j
 Written under ``{run_root}/evaluate/``: ``metrics.json`` (per model: R@1, R@5, R@10, MRR@10 with 95%
 bootstrap intervals, counts, and the same figures by number of conditions, language and class, and by
 the merit stage's out-of-distribution labels when it wrote them),
-``data/`` (every query's rank and top-10 ids per model), ``report.md`` and its PNG plots. With
+``data/`` (every query's rank, top-10 ids and their scores per model), ``report.md`` and its PNG plots. With
 ``evaluate.gate`` set, a trained metric below its bar fails the stage (outputs kept) and stops the graph.
 """
 
@@ -151,16 +151,15 @@ class EvaluateStage:
                 raise RuntimeError("evaluate: query ids are not unique")
             return emb
 
-        ranked = {}
-        _, top = knn.search(index, embed_queries(uri), cfg.top_k)
-        ranked["trained"] = [[pool[j] for j in row if j >= 0] for row in top]
+        ranked, sims = {}, {}
+        ranked["trained"], sims["trained"] = hits(pool, *knn.search(index, embed_queries(uri), cfg.top_k))
         if cfg.baseline:
             base = index_stage.resolve_model(ctx.config.train.base)
             cand = ray.data.read_parquet(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE])
             cand = cand.map_batches(_in_pool, fn_kwargs={"pool": pool}, batch_format="pyarrow")
             ids, emb = index_stage.embed(cand, len(pool), kind, base, "candidate", icfg, ctx.config.storage)
-            _, top = knn.search(index_stage.build(emb, icfg), embed_queries(base), cfg.top_k)
-            ranked["baseline"] = [[ids[j] for j in row if j >= 0] for row in top]
+            found = knn.search(index_stage.build(emb, icfg), embed_queries(base), cfg.top_k)
+            ranked["baseline"], sims["baseline"] = hits(ids, *found)
         ranks = {
             m: [metrics.first_rank(r, set(q[S.POSITIVE_IDS])) for r, q in zip(rr, rows, strict=True)]
             for m, rr in ranked.items()
@@ -182,6 +181,9 @@ class EvaluateStage:
                 "model": [m for _ in rows for m in ranks],
                 "rank": pa.array([ranks[m][i] for i in range(len(rows)) for m in ranks], pa.int32()),
                 "top_ids": [ranked[m][i][:10] for i in range(len(rows)) for m in ranks],
+                "top_scores": pa.array(
+                    [sims[m][i][:10] for i in range(len(rows)) for m in ranks], pa.list_(pa.float32())
+                ),
             }
         )
         storage.write_parquet(ctx.data(self.name).child("part-00000.parquet"), table)
@@ -195,6 +197,13 @@ class EvaluateStage:
                 "evaluation gate: " + "; ".join(failures) + f" (metrics at {out.uri}/metrics.json)"
             )
         return StageResult(len(rows), len(rows), {}, details={**details, "gate": dict(cfg.gate) or None})
+
+
+def hits(pool: list[str], sim: np.ndarray, top: np.ndarray) -> tuple[list[list[str]], list[list[float]]]:
+    """Each query's retrieved ids and scores, best first (FAISS pads a short list with row -1)."""
+    keep = [row >= 0 for row in top]
+    ids = [[pool[j] for j in row[k]] for row, k in zip(top, keep, strict=True)]
+    return ids, [s[k].tolist() for s, k in zip(sim, keep, strict=True)]
 
 
 def _in_pool(batch: pa.Table, pool: list[str]) -> pa.Table:

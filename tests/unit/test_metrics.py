@@ -16,7 +16,9 @@ def test_merit_ranks_and_metrics_by_hand():
     assert ranks == [1, 3, -1, -1]
     m = metrics.merit_metrics(ranks)
     assert m == {"R@1": 0.25, "R@5": 0.5, "R@10": 0.5, "MRR@10": pytest.approx((1 + 1 / 3) / 4)}
-    assert metrics.merit_metrics([10, -1]) == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.5, "MRR@10": 0.05}
+    assert metrics.merit_metrics([10, -1]) == pytest.approx(
+        {"R@1": 0.0, "R@5": 0.0, "R@10": 0.5, "MRR@10": 0.05}
+    )
     with pytest.raises(ValueError):
         metrics.merit_metrics([])
 

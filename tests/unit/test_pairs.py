@@ -47,7 +47,7 @@ def test_union_records_every_encoder_and_caps_per_query():
     by_key = {(p.query, p.target): p for p in merged}
     assert set(by_key) == {(0, 2), (0, 3), (1, 0)}  # (0, 1): one encoder and lowest similarity -> capped
     assert by_key[(0, 2)].encoders == ["clip", "dino"]
-    assert by_key[(0, 2)].similarities == [0.85, 0.93]
+    assert by_key[(0, 2)].similarities == pytest.approx([0.85, 0.93])
     assert by_key[(0, 2)].hard_negatives == [0, 5, 6]  # from the first encoder that found it
     assert by_key[(0, 3)].hard_negatives == [0, 7, 8]  # found by dino only
     assert by_key[(1, 0)].hard_negatives == [1, 6]  # the target (0) is never its own negative

@@ -68,5 +68,8 @@ def test_features_collated_equal_the_processor_on_the_whole_batch(tiny_models):
         [r.query(QUERY, imgs[0]), r.candidate("Kova mug", imgs[1][0]), r.candidate(None, imgs[2][0])]
     )
     assert set(got) == set(ref)
-    for k in ref:
-        assert torch.equal(got[k], ref[k]), k
+    for k in ref:  # ids, masks and grids exact; pixels (computed per image vs per batch) within a tolerance
+        if ref[k].is_floating_point():
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(got[k], ref[k]), k
