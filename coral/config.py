@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from coral.errors import ConfigError
+from coral.metrics import FAMILIES, metric_names
 from coral.typed import check, from_dict, is_secret, to_dict
 
 
@@ -75,12 +76,14 @@ class RayConfig:
 class CatalogConfig:
     """The product catalog: ``synthetic`` (the embedded default's MERIT-like data) or ``products``, the
     user's own file (``products``: MERIT's candidates JSON or JSON lines of ``{id, title, image, ...}``,
-    image paths relative to its folder; ``coral.catalog.products``). ``seed`` and ``test_fraction`` apply
+    image paths relative to its folder; ``coral.catalog.products``), and optionally ``test_products``, a
+    second such file of held-out products (MERIT's test candidates: the evaluation's pool). ``seed`` and ``test_fraction`` apply
     to both (products: to those without a ``split``, by a seeded hash of the id); the other fields shape
     the synthetic catalog only."""
 
     source: Literal["synthetic", "products"] = "synthetic"
     products: str = ""  # source=products: the products file, local or s3://
+    test_products: str = ""  # source=products: a second file whose products are all held out (``test``)
     seed: int = 0
     num_groups: int = 40
     variants_per_group: int = 3
@@ -197,7 +200,7 @@ class MineConfig:
     band: tuple[float, float] = (0.8, 0.96)
     bands: dict[str, tuple[float, float]] = field(default_factory=dict)  # per-encoder override
     encoders: tuple[str, ...] = ()  # which embedding columns to mine; empty = all
-    splits: tuple[str, ...] = ("train",)  # held-out rows never become pairs
+    splits: tuple[str, ...] = ("train", "test")  # each mined among itself: held-out pairs are for evaluation
     hard_negatives: int = 5  # per pair, the query image first
     max_pairs_per_query: int = 5
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -278,7 +281,7 @@ class AnnotateConfig:
     description_words: tuple[int, int] = (20, 200)
     instruction_words: tuple[int, int] = (3, 40)
     english_only: bool = True  # reject text that is not mostly Latin-script words
-    max_pairs: int = 0  # 0: every mined pair
+    max_pairs: int = 0  # per split (train, test, ...): the first mined pairs of each; 0: every mined pair
     seed: int = 0
 
     def __post_init__(self):
@@ -298,13 +301,21 @@ class AnnotateConfig:
 @dataclass(frozen=True)
 class MeritConfig:
     """MERIT product queries composed from the catalog's attributes (REFERENCE.md section 4): 2-4
-    conditions, exact positives, 0 < positive rate < ``max_rate``; per split, over that split's products."""
+    conditions, exact positives (at least ``min_positives``), 0 < positive rate < ``max_rate``; per split,
+    over that split's products."""
 
     queries: dict[str, int] = field(default_factory=lambda: {"train": 2000, "test": 500})
     cold_start: bool = True  # also one query per near-duplicate pair (one differing attribute)
     max_rate: float = 0.05
+    min_positives: int = 2  # MERIT: a query needs at least 2 positives (cold-start queries need 1)
     max_positives: int = 3
     hard_negatives: int = 5
+    # an image encoder of ``embed.encoders``: positives and hard negatives ranked by the mean cosine of its
+    # vectors to the query products (MERIT step 4; the embed stage runs before merit); None: a seeded draw
+    rerank_by: str | None = None
+    # out of distribution (MERIT step 7): the axes held out of training, among language, attribute and
+    # class, each holding out the values below; evaluate scores their held-out queries apart
+    ood: tuple[str, ...] = ()
     ood_languages: tuple[str, ...] = ("th", "ms", "id")
     ood_attributes: tuple[str, ...] = ("brand", "pattern")
     ood_classes: tuple[str, ...] = ("table", "phone")
@@ -320,7 +331,14 @@ class MeritConfig:
     def __post_init__(self):
         check(0 < self.max_rate <= 1, f"max_rate must be in (0, 1], got {self.max_rate}")
         check(self.max_positives >= 1 and self.hard_negatives >= 0, "max_positives >= 1, hard_negatives >= 0")
+        check(self.min_positives >= 1, f"min_positives must be >= 1, got {self.min_positives}")
+        check(
+            self.max_positives >= self.min_positives,
+            f"max_positives ({self.max_positives}) must be >= min_positives ({self.min_positives})",
+        )
         check(all(n >= 0 for n in self.queries.values()), "queries: counts must be >= 0")
+        axes = ("language", "attribute", "class")
+        check(set(self.ood) <= set(axes), f"ood: axes must be among {list(axes)}, got {list(self.ood)}")
 
 
 @dataclass(frozen=True)
@@ -332,6 +350,8 @@ class ImportConfig:
     format: Literal["merit", "released", "megapairs"] = "merit"
     queries: str = ""  # a JSON list or JSON lines file, local or s3://
     candidates: str | None = None  # merit: the candidates file (id, title, image path)
+    test_queries: str = ""  # the held-out queries' file (MERIT: queries-test.json): their split is test
+    test_candidates: str | None = None  # merit: the held-out candidates file, for its image paths
     split: str = "train"
     test_fraction: float = 0.0  # > 0: each query goes to test with this chance (seeded hash of its id)
     seed: int = 0  # the hash's seed
@@ -442,18 +462,30 @@ class EvaluateConfig:
     optional bars on the trained model's metrics (``{R@1: 0.3}``); below one, the graph stops with a
     non-zero exit code. ``bootstrap``: resamples for the 95% intervals."""
 
-    splits: tuple[str, ...] = ("test",)
+    splits: tuple[str, ...] = ("test",)  # or OOD labels such as ood_language_th (with merit.ood)
     baseline: bool = True
     max_queries: int = 0  # 0: every held-out query
     gate: dict[str, float] = field(default_factory=dict)
     bootstrap: int = 1000
     top_k: int = 10
+    # merit: R@1/5/10 + MRR@10; recall: Recall@K (CIRR, FashionIQ); circo: mAP@k; mmeb: P@1 over each
+    # query's own candidates (its positive and hard negatives)
+    metrics: tuple[str, ...] = ("merit",)
+    recall_k: tuple[int, ...] = (1, 5, 10, 50)
+    map_k: tuple[int, ...] = (5, 10, 25, 50)
 
     def __post_init__(self):
-        known = {"R@1", "R@5", "R@10", "MRR@10"}
         check(
-            set(self.gate) <= known,
-            f"evaluate.gate: metrics must be among {sorted(known)}, got {sorted(self.gate)}",
+            bool(self.metrics)
+            and set(self.metrics) <= set(FAMILIES)
+            and len(set(self.metrics)) == len(self.metrics),
+            f"evaluate.metrics: one or more of {list(FAMILIES)}, each once, got {list(self.metrics)}",
+        )
+        check(min(self.recall_k + self.map_k) >= 1, "evaluate.recall_k and map_k must be >= 1")
+        known = metric_names(self.metrics, self.recall_k, self.map_k)
+        check(
+            set(self.gate) <= set(known),
+            f"evaluate.gate: metrics must be among {known} (evaluate.metrics), got {sorted(self.gate)}",
         )
         check(self.top_k >= 10, "evaluate.top_k must be >= 10 (MERIT's metrics look at the top 10)")
 
@@ -581,23 +613,54 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML file (or only defaults when path is None) and apply overrides; errors name the file."""
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file; errors name the file."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: cannot read the config file: {type(e).__name__}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``: mappings merge key by key, any other value (a list too) replaces, and
+    ``null`` removes the key (its default applies)."""
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict):
+            out[k] = merge(out[k] if isinstance(out.get(k), dict) else {}, v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    overlays: list[str | Path] | tuple[str | Path, ...] = (),
+) -> Config:
+    """Load a YAML file (or only defaults when path is None), merge each overlay file over it (``merge``),
+    then apply the overrides; ``{name}`` in ``run.run_root`` becomes ``run.name``. Errors name the file."""
     source = str(path) if path is not None else "<defaults>"
-    raw: Any = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: cannot read the config file: {type(e).__name__}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    raw: Any = read_yaml(path) if path is not None else {}
+    for overlay in overlays:
+        raw = merge(raw, read_yaml(overlay))
+    if overlays:
+        source += " with " + ", ".join(map(str, overlays))
     try:
         raw = apply_overrides(raw, list(overrides))
+        run = raw.get("run")
+        if isinstance(run, dict) and "{name}" in str(run.get("run_root", "")):
+            run["run_root"] = str(run["run_root"]).replace("{name}", str(run.get("name", RunConfig.name)))
         return from_dict(Config, raw)
     except ConfigError as e:
         where = source + (" (with command-line overrides)" if overrides else "")

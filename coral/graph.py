@@ -19,6 +19,17 @@ from coral.stages import STAGES, StageContext
 log = logging.getLogger(__name__)
 
 
+class EmptyOutput(RuntimeError):
+    """A stage wrote no rows: the next stage would get an empty table."""
+
+
+def empty_output_message(name: str, rejected: dict[str, int], rows_in: int, most: int = 3) -> str:
+    """``{stage} wrote 0 rows (of N in)``, and its most common rejection reasons with their counts."""
+    top = sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))[:most]
+    why = "; ".join(f"{n} x {reason}" for reason, n in top) if top else "nothing was rejected either"
+    return f"{name} wrote 0 rows ({rows_in} in); most common rejections: {why}"
+
+
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, cause: BaseException):
         super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
@@ -109,6 +120,8 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
         storage.delete_tree(stage_dir)
         ray_runtime.connect(ctx.config.ray)
         result = stage.run(ctx)
+        if result.rows_out == 0:
+            raise EmptyOutput(empty_output_message(name, result.rejected, result.rows_in))
         m = manifest.build(
             name, section_dict(section), config_hash, inputs, "complete", started, result=result
         )

@@ -15,6 +15,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+MERIT_NAMES = ("R@1", "R@5", "R@10", "MRR@10")
+FAMILIES = ("merit", "recall", "circo", "mmeb")
+
+
+def metric_names(families, recall_k=(1, 5, 10, 50), map_k=(5, 10, 25, 50)) -> list[str]:
+    """The metrics a list of families gives, in order: ``merit`` R@1/5/10 + MRR@10, ``recall`` Recall@K
+    (CIRR, FashionIQ), ``circo`` mAP@k, ``mmeb`` P@1."""
+    names = {
+        "merit": list(MERIT_NAMES),
+        "recall": [f"Recall@{k}" for k in recall_k],
+        "circo": [f"mAP@{k}" for k in map_k],
+        "mmeb": ["P@1"],
+    }
+    return [n for family in families for n in names[family]]
+
 
 def first_rank(ranked: Sequence, positives: set, cutoff: int = 10) -> int:
     """1-based rank of the best-ranked positive within ``cutoff``, or -1."""
@@ -38,11 +53,17 @@ def merit_metrics(ranks: Sequence[int]) -> dict[str, float]:
     }
 
 
+def recall_per_query(ranked: Sequence[Sequence], positives: Sequence[set], k: int) -> np.ndarray:
+    """1.0 where a positive is in the top ``k``, else 0.0."""
+    return np.array([float(bool(set(r[:k]) & p)) for r, p in zip(ranked, positives, strict=True)])
+
+
 def recall_at(ranked: Sequence[Sequence], positives: Sequence[set], k: int) -> float:
-    return float(np.mean([bool(set(r[:k]) & p) for r, p in zip(ranked, positives, strict=True)]))
+    return float(np.mean(recall_per_query(ranked, positives, k)))
 
 
-def circo_map(ranked: Sequence[Sequence], positives: Sequence[set], k: int) -> float:
+def ap_per_query(ranked: Sequence[Sequence], positives: Sequence[set], k: int) -> np.ndarray:
+    """CIRCO's AP@k of each query."""
     scores = []
     for r, p in zip(ranked, positives, strict=True):
         hits, total = 0, 0.0
@@ -51,7 +72,11 @@ def circo_map(ranked: Sequence[Sequence], positives: Sequence[set], k: int) -> f
                 hits += 1
                 total += hits / i
         scores.append(total / min(len(p), k) if p else 0.0)
-    return float(np.mean(scores))
+    return np.array(scores)
+
+
+def circo_map(ranked: Sequence[Sequence], positives: Sequence[set], k: int) -> float:
+    return float(np.mean(ap_per_query(ranked, positives, k)))
 
 
 def precision_at_1(ranked: Sequence[Sequence], positives: Sequence[set]) -> float:

@@ -59,6 +59,7 @@ PAIRS = pa.schema(
         (ENCODERS, pa.list_(pa.string())),  # every encoder whose band held this pair
         (SIMILARITIES, pa.list_(pa.float32())),  # aligned with encoders
         (HARD_NEGATIVE_IDS, pa.list_(pa.string())),  # the query image first
+        (SPLIT, pa.string()),  # the split of both images: pairs never cross splits
     ]
 )
 

@@ -1,7 +1,8 @@
 """Run the job graph.
 
-    python -m ray_jobs.run --config workflows/demo.yaml [--from STAGE] [--until STAGE] [--serve-forever]
-        [key.path=value ...]
+    python -m ray_jobs.run --config workflows/demo.yaml [--overlay FILE ...] [--from STAGE] [--until STAGE]
+        [--serve-forever] [key.path=value ...]
+    python -m ray_jobs.run --config workflows/megapairs.yaml --overlay workflows/overlays/local.yaml   # in miniature
     ray job submit --working-dir . -- python -m ray_jobs.run --config workflows/<name>.yaml
 
 Exit codes: 0 done, 1 a stage failed (named), 2 bad input (config, storage), 130 interrupted.
@@ -21,6 +22,12 @@ from coral.errors import ConfigError, UserInputError
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.run", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="workflow YAML, e.g. workflows/demo.yaml")
+    p.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        help="a YAML merged over the config (repeatable), e.g. workflows/overlays/local.yaml: any workflow on this machine",
+    )
     p.add_argument("--from", dest="start", help="rerun from this stage on (earlier stages must be complete)")
     p.add_argument("--until", help="stop after this stage")
     p.add_argument("--serve-forever", action="store_true", help="the serve stage keeps serving until Ctrl-C")
@@ -30,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     started, rows = time.time(), []
     try:
         config = load_config(
-            args.config, [*args.overrides, *(["serve.forever=true"] if args.serve_forever else [])]
+            args.config,
+            [*args.overrides, *(["serve.forever=true"] if args.serve_forever else [])],
+            args.overlay,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

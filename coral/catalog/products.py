@@ -110,12 +110,13 @@ def rejection(pid: str, reason: str, image: object = None, item: int | None = No
 
 
 def parse_products(
-    items: list, seed: int = 0, test_fraction: float = 0.0
+    items: list, seed: int = 0, test_fraction: float = 0.0, seen: dict | None = None
 ) -> tuple[list[dict], list[dict], dict]:
     """(entries with their ``item`` position, rejected rows, details): unreadable items, empty ids and
     repeated ids (after the first; the row's ``item`` says which) are rejected. Details count the
-    attribute keys dropped."""
-    entries, rejected, seen = [], [], {}
+    attribute keys dropped. ``seen``: ids already taken (by an earlier file), updated in place."""
+    entries, rejected = [], []
+    seen = {} if seen is None else seen
     dropped: Counter[str] = Counter()
     for n, obj in enumerate(items):
         image = obj.get("image") if isinstance(obj, Mapping) else None

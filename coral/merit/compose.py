@@ -19,12 +19,26 @@ Cold-start text (one product, a near-duplicate pair a -> b differing in ``key``)
 ``Find a product of {class} that have the same product style with <Product 1> <image>\\n{title_a}
 </Product 1> but with {key} {value_b}``.
 
+Annotation (MERIT step 4): a query is kept only with at least ``min_positives`` positives (MERIT: 2); of
+those, up to ``max_positives`` are kept. With a ``similarity`` (``embedding_similarity``: the mean image
+cosine of a candidate to the query products) the positives are re-ranked by it, the most similar kept
+first; group_first's target b still comes first, being the product the query was built for. Hard
+negatives (products meeting all conditions but one, never positives) are ranked the same way: the
+siblings of a query product first, then, inside each tier, the most similar first, since the non-positives
+that look most like the query products are the hardest to tell apart. Without a similarity both are a
+seeded draw.
+
+Cold start (MERIT step 6) is a separate step with its own bound: a cold-start query needs one positive,
+the near duplicate b it is built from (which is always a positive), so ``min_positives`` does not apply
+to it; in a catalog of distinct products b is usually the only one.
+
 Query ``i`` draws from ``np.random.default_rng([seed, i, attempt])`` and products are indexed in id order,
 so a query depends only on (pool, seed, i): any sharding of the indices gives the same rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -57,7 +71,7 @@ class ComposeParams:
     condition_weights: tuple[float, ...] = (0.55, 0.20, 0.25)
     method_weights: tuple[float, ...] = (0.3, 0.2, 0.5)  # in METHODS order
     max_rate: float = 0.05
-    min_positives: int = 1
+    min_positives: int = 2  # MERIT keeps a query only with at least 2 positives (cold start: 1)
     max_positives: int = 3
     hard_negatives: int = 5
     attempts: int = 1  # draws per query index before it is given up
@@ -69,8 +83,13 @@ class ComposeParams:
             raise ValueError("condition_counts must be >= 1 and match condition_weights")
         if len(self.method_weights) != len(METHODS) or sum(self.method_weights) <= 0:
             raise ValueError(f"method_weights needs one weight per method {METHODS}")
-        if not 0 < self.max_rate <= 1 or self.attempts < 1 or self.max_positives < 1:
-            raise ValueError("need 0 < max_rate <= 1, attempts >= 1, max_positives >= 1")
+        if not 0 < self.max_rate <= 1 or self.attempts < 1 or self.min_positives < 1:
+            raise ValueError("need 0 < max_rate <= 1, attempts >= 1, min_positives >= 1")
+        if self.max_positives < self.min_positives:
+            raise ValueError(
+                f"max_positives {self.max_positives} < min_positives {self.min_positives}: a kept row "
+                "would carry fewer positives than a query needs"
+            )
 
 
 class ProductIndex:
@@ -292,6 +311,33 @@ def _group_first(ix: ProductIndex, rng: np.random.Generator, n: int) -> tuple[Co
 METHOD_FNS = {"item": _item, "attribute_pool": _attribute_pool, "group_first": _group_first}
 
 
+def embedding_similarity(ids: Sequence[str], vectors: np.ndarray) -> Similarity:
+    """MERIT's re-ranking score from image embeddings (one row of ``vectors`` per id, normalised here):
+    the mean cosine of each candidate to the query products, ``c . mean(q)``. Query products without a
+    vector are left out of the mean (none left: every score 0, the ranking falls back to id order);
+    candidates without one score -inf and rank last."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise ValueError(f"need one vector per id: {len(ids)} ids, vectors of shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.where(norms > 0, norms, 1)
+    row = {str(pid): i for i, pid in enumerate(ids)}
+
+    def similarity(query_ids: list[str], candidate_ids: list[str]) -> np.ndarray:
+        scores = np.full(len(candidate_ids), -np.inf)
+        query = [row[q] for q in query_ids if q in row]
+        if not query:
+            return np.zeros(len(candidate_ids))
+        centre = unit[query].astype(np.float64).mean(axis=0)
+        have = [(j, row[c]) for j, c in enumerate(candidate_ids) if c in row]
+        if have:
+            at, rows = (list(x) for x in zip(*have, strict=True))
+            scores[at] = unit[rows].astype(np.float64) @ centre
+        return scores
+
+    return similarity
+
+
 def _rank(
     rng: np.random.Generator,
     tiers: Sequence[np.ndarray],
@@ -301,7 +347,7 @@ def _rank(
     similarity: Similarity | None,
 ) -> list[int]:
     """Up to ``k`` positions from sorted arrays, tier by tier; inside a tier the most similar first when
-    ``similarity`` is given, else a seeded draw (all of a tier that fits, in id order)."""
+    ``similarity`` is given (ties in id order), else a seeded draw (all of a tier that fits, in id order)."""
     out: list[int] = []
     for tier in tiers:
         need = k - len(out)
@@ -326,8 +372,10 @@ def select(
     params: ComposeParams,
     similarity: Similarity | None = None,
 ) -> tuple[list[int], list[int]] | str:
-    """(kept positives, hard negatives) for a query, or why it is rejected. Hard negatives satisfy all
-    but one condition and are never positives; those of a query product's group come first."""
+    """(kept positives, hard negatives) for a query, or why it is rejected. Positives: at least
+    ``params.min_positives`` in the pool, up to ``params.max_positives`` kept, ``target`` first, the rest
+    most similar first. Hard negatives satisfy all but one condition and are never positives; those of a
+    query product's group come first, then the most similar (the hardest)."""
     positives, negatives = ix.tally(cls, constraints)
     positives, negatives = (a[~np.isin(a, query)] for a in (positives, negatives))
     rate = len(positives) / len(ix.by_class[cls])
@@ -336,7 +384,7 @@ def select(
     if rate >= params.max_rate:
         return f"positive rate {rate:.4f} >= {params.max_rate}"
     if len(positives) < params.min_positives:
-        return f"{len(positives)} positives < {params.min_positives}"
+        return f"{len(positives)} positives < min_positives {params.min_positives}"
     is_target = positives == (-1 if target is None else target)
     tiers = [positives[is_target], positives[~is_target]]
     kept = _rank(rng, tiers, params.max_positives, ix, query, similarity)
@@ -434,8 +482,9 @@ def cold_start_queries(
 ) -> tuple[list[dict], list[dict]]:
     """One one-product query per near-duplicate pair ``indices`` (default all): "the same product style
     as a but with {key} {b's value}". Positives are the products equal to a on every other key and to b
-    on ``key`` (b always first). ``num_conditions`` is 1 (one product slot), ``condition_keys`` [key]."""
-    params = params or ComposeParams()
+    on ``key`` (b always first). ``num_conditions`` is 1 (one product slot), ``condition_keys`` [key].
+    ``params.min_positives`` does not apply: b is a positive by construction and one is enough."""
+    params = dataclasses.replace(params or ComposeParams(), min_positives=1)
     ix = as_index(products)
     pairs = near_duplicate_pairs(ix)
     rows, rejected = [], []

@@ -25,11 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from coral import schemas as S
+from coral.catalog.vocab import CLASSES
 from coral.merit.compose import ATTRIBUTE_WORDS
 
 CANDIDATE_PREFIX = f"Represent the given product: {S.IMAGE_SLOT}\n"
 IMPORT_SOURCE = "import"
 _KEY_OF_WORD = {w: k for k, w in ATTRIBUTE_WORDS.items()}
+_CLASS_OF_WORD = {words[0]: k for k, words in CLASSES.items()}  # the English word a template names
 _CLASS = re.compile(r"^Find an? (?:product of )?(.+?) (?:that|with) ")
 _CONDITION = re.compile(r"the same (.+?) (?:with|as) <Product (\d+)>")
 _OPEN_TAG = re.compile(r"<Product (\d+)>")
@@ -65,7 +67,8 @@ def parse_query_text(text: str) -> tuple[str, int, list[str]]:
     m = _CLASS.match(text)
     n = len(dict.fromkeys(_OPEN_TAG.findall(text)))
     keys = [_KEY_OF_WORD.get(w, w) for w, _ in _CONDITION.findall(text)]
-    return (m.group(1) if m else ""), n, keys
+    word = m.group(1) if m else ""
+    return _CLASS_OF_WORD.get(word, word), n, keys
 
 
 # --- MERIT ----------------------------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def to_released_query(row: Mapping) -> dict:
 
 
 def from_released_query(
-    obj: Mapping, position: int = 0, split: str = "test", languages: Mapping[str, str] | None = None
+    obj: Mapping, position: int | str = 0, split: str = "test", languages: Mapping[str, str] | None = None
 ) -> dict:
     """A TRIPLETS row from a released query; ``position`` (its place in the file) names it when it has
     no ``idx``/``id``."""

@@ -7,6 +7,9 @@ on the configured engine: ``hf`` or ``openai`` in a Ray Data actor pool, ``vllm`
 ``ray.data.llm``. Every output is validated; a pair whose description or instructions fail goes to
 ``rejected/`` with the reason and the raw text. Output: one triplet per instruction (schema TRIPLETS).
 
+Every triplet keeps its pair's split (``mine`` pairs held-out images among themselves), so the held-out
+instructions are the evaluation's queries; ``annotate.max_pairs`` caps each split.
+
 Units: ``rows_in`` counts pairs, ``rows_out`` pairs annotated, ``rows_rejected`` pairs rejected;
 ``details.triplets`` counts the rows written. Requests and retries per step are in ``details``.
 
@@ -44,6 +47,7 @@ DESCRIBED = pa.schema(
         (S.QUERY_ID, pa.string()),
         (S.TARGET_ID, pa.string()),
         (S.HARD_NEGATIVE_IDS, pa.list_(pa.string())),
+        (S.SPLIT, pa.string()),
         (DESCRIPTION, pa.string()),
     ]
 )
@@ -70,7 +74,7 @@ class Describe:
         reason = parse.check_description(text, self.cfg.description_words, self.cfg.english_only)
         if reason:
             return [], reason
-        keep = {k: row[k] for k in (PAIR_ID, S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS)}
+        keep = {k: row[k] for k in (PAIR_ID, S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS, S.SPLIT)}
         return [{**keep, DESCRIPTION: text.strip()}], None
 
 
@@ -116,7 +120,7 @@ def triplet(row: dict, i: int, instruction: str) -> dict:
         S.POSITIVE_IDS: [row[S.TARGET_ID]],
         S.HARD_NEGATIVE_IDS: list(row[S.HARD_NEGATIVE_IDS]),
         S.SOURCE: "megapairs",
-        S.SPLIT: "train",
+        S.SPLIT: row[S.SPLIT],  # the pair's: held-out pairs give held-out instructions
         S.LANGUAGE: "en",
         S.CLASS: "",
         S.NUM_CONDITIONS: 1,
@@ -301,10 +305,10 @@ class AnnotateStage:
         )
         src = ctx.data("mine")
         pairs = pq.read_table(
-            src.path, filesystem=src.fs, columns=[S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS]
+            src.path, filesystem=src.fs, columns=[S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS, S.SPLIT]
         )
         if cfg.max_pairs:
-            pairs = pairs.slice(0, cfg.max_pairs)
+            pairs = first_per_split(pairs, cfg.max_pairs)
         keys = [
             f"{q}>{t}"
             for q, t in zip(pairs[S.QUERY_ID].to_pylist(), pairs[S.TARGET_ID].to_pylist(), strict=True)
@@ -329,6 +333,17 @@ class AnnotateStage:
         return StageResult(
             len(pairs), annotated, reasons, details={"triplets": triplets, **step_stats(stats)}
         )
+
+
+def first_per_split(pairs: pa.Table, n: int) -> pa.Table:
+    """The first ``n`` pairs of each split, in the mined order (so a cap never starves the held-out split)."""
+    seen: Counter = Counter()
+    keep = []
+    for i, split in enumerate(pairs.column(S.SPLIT).to_pylist()):
+        seen[split] += 1
+        if seen[split] <= n:
+            keep.append(i)
+    return pairs.take(keep)
 
 
 def _query_ids(loc: Location) -> list[str]:

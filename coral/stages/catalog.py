@@ -77,30 +77,52 @@ class CatalogStage:
 
     def run_products(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.catalog
-        items, root = products.read_items(cfg.products, ctx.config.storage)
-        entries, rejected, details = products.parse_products(items, cfg.seed, cfg.test_fraction)
-        out = ctx.data(self.name)
-        shards = products.shards(entries, cfg.num_tasks)
-        pending = [write_products.remote(s, root, ctx.config.storage, out, i) for i, s in enumerate(shards)]
-        total, rows = len(pending), 0
+        files = [("catalog.products", cfg.products, None)]
+        if cfg.test_products:
+            files.append(("catalog.test_products", cfg.test_products, "test"))
+        out, seen, jobs, rejected, count = ctx.data(self.name), {}, [], [], 0
+        dropped: Counter[str] = Counter()
+        for key, uri, split in files:  # one file after the other; an id is kept once, from its first file
+            items, root = products.read_items(uri, ctx.config.storage)
+            if split is not None:  # every product of a test file is held out, whatever its item says
+                items = [{**o, "split": split} if isinstance(o, dict) else o for o in items]
+            entries, bad, info = products.parse_products(items, cfg.seed, cfg.test_fraction, seen)
+            count += len(items)
+            rejected += [mark(r, key, len(files)) for r in bad]
+            dropped.update(info["dropped_attributes"])
+            jobs += [(s, root, key) for s in products.shards(entries, cfg.num_tasks)]
+        refs = {
+            write_products.remote(s, root, ctx.config.storage, out, i): key
+            for i, (s, root, key) in enumerate(jobs)
+        }
+        pending, total, rows = list(refs), len(refs), 0
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             n, bad = ray.get(done[0])
-            rows, rejected = rows + n, rejected + bad
+            rows, rejected = rows + n, rejected + [mark(r, refs[done[0]], len(files)) for r in bad]
             log.info("catalog: %d/%d product shards read (%d products)", total - len(pending), total, rows)
-        rejected.sort(key=lambda r: r[products.ITEM])
+        rejected.sort(key=lambda r: (r[S.REASON].endswith("(catalog.test_products)"), r[products.ITEM]))
         write_rejected(ctx.rejected(self.name), rejected, products.REJECTED)
         if rows == 0:
             raise UserInputError(
-                f"catalog.products: none of the {len(items)} items of {cfg.products} could be used "
-                f"(reasons under {ctx.rejected(self.name).uri})"
+                f"catalog.products: none of the {count} items of {' and '.join(u for _, u, _ in files)} "
+                f"could be used (reasons under {ctx.rejected(self.name).uri})"
             )
         reasons = dict(Counter(r[S.REASON] for r in rejected))
         details = {
             "source": "products",
             "products": cfg.products,
-            "image_root": root.uri,
+            **({"test_products": cfg.test_products} if cfg.test_products else {}),
+            "image_root": jobs[0][1].uri,
             "shards": total,
-            **details,
+            "dropped_attributes": dict(sorted(dropped.items())),
         }
-        return StageResult(len(items), rows, reasons, details=details)
+        return StageResult(count, rows, reasons, details=details)
+
+
+def mark(rejected: dict, key: str, files: int) -> dict:
+    """A rejected product's row; with two files, one from ``catalog.test_products`` says so in its reason
+    (its ``item`` is its position in that file)."""
+    if files == 1 or key == "catalog.products":
+        return rejected
+    return {**rejected, S.REASON: f"{rejected[S.REASON]} ({key})"}

@@ -7,7 +7,8 @@ model searches the index stage's index (its checkpoint checked against ``index.j
 (``train.base``, untrained) embeds the same candidates and queries and searches an index of the same kind.
 Written under ``{run_root}/evaluate/``: ``metrics.json`` (per model: R@1, R@5, R@10, MRR@10 with 95%
 bootstrap intervals, counts, and the same figures by number of conditions, language and class, and by
-the merit stage's out-of-distribution labels when it wrote them),
+the merit stage's out-of-distribution labels when ``merit.ood`` held axes out: each label apart and the
+rest as ``in_distribution``),
 ``data/`` (every query's rank, top-10 ids and their scores per model), ``report.md`` and its PNG plots. With
 ``evaluate.gate`` set, a trained metric below its bar fails the stage (outputs kept) and stops the graph.
 """
@@ -24,21 +25,34 @@ import pyarrow.parquet as pq
 from coral import checkpoint, metrics, report, storage
 from coral import schemas as S
 from coral.config import Config, EvaluateConfig
-from coral.errors import UserInputError
+from coral.errors import ConfigError, UserInputError
 from coral.manifest import StageResult
 from coral.mining import knn
+from coral.stages import heldout
 from coral.stages import index as index_stage
 from coral.stages.base import StageContext
 
-NAMES = ("R@1", "R@5", "R@10", "MRR@10")
-GROUPS = {"conditions": S.NUM_CONDITIONS, "language": S.LANGUAGE, "class": S.CLASS}
+NAMES = metrics.MERIT_NAMES
+GROUPS = {"source": S.SOURCE, "conditions": S.NUM_CONDITIONS, "language": S.LANGUAGE, "class": S.CLASS}
 
 
 class GateFailed(UserInputError):
     pass
 
 
+def metric_names(cfg: EvaluateConfig) -> list[str]:
+    return metrics.metric_names(cfg.metrics, cfg.recall_k, cfg.map_k)
+
+
+def depth(cfg: EvaluateConfig) -> int:
+    """How deep each query is searched: ``top_k``, deeper when Recall@K or mAP@k look further."""
+    recall = cfg.recall_k if "recall" in cfg.metrics else ()
+    circo = cfg.map_k if "circo" in cfg.metrics else ()
+    return max([cfg.top_k, *recall, *circo])
+
+
 def per_query(ranks: list[int]) -> dict[str, np.ndarray]:
+    """MERIT's metrics of each query from its rank (-1 beyond 10); their means are ``merit_metrics``."""
     r = np.asarray(ranks)
     hit = r > 0
     return {
@@ -49,43 +63,81 @@ def per_query(ranks: list[int]) -> dict[str, np.ndarray]:
     }
 
 
-def score(ranks: list[int], rows: list[dict], resamples: int, ood: dict[str, dict] | None = None) -> dict:
-    """MERIT metrics with bootstrap intervals, overall and by group; ``ood``: per kind, query id -> its
-    out-of-distribution label (the merit stage's ``ood/`` tables), scored per label."""
-    out = {**metrics.merit_metrics(ranks), "queries": len(ranks)}
-    values = per_query(ranks)
-    out["intervals"] = {k: [round(x, 4) for x in metrics.bootstrap_ci(values[k], resamples)] for k in NAMES}
+def per_query_values(
+    cfg: EvaluateConfig, ranked: list[list[str]], rows: list[dict], p_at_1: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Every configured metric's value for each query (the metric is their mean)."""
+    positives = [set(r[S.POSITIVE_IDS]) for r in rows]
+    out: dict[str, np.ndarray] = {}
+    for family in cfg.metrics:
+        if family == "merit":
+            out.update(per_query([metrics.first_rank(r, p) for r, p in zip(ranked, positives, strict=True)]))
+        elif family == "recall":
+            out.update({f"Recall@{k}": metrics.recall_per_query(ranked, positives, k) for k in cfg.recall_k})
+        elif family == "circo":
+            out.update({f"mAP@{k}": metrics.ap_per_query(ranked, positives, k) for k in cfg.map_k})
+        else:
+            out["P@1"] = p_at_1
+    return out
+
+
+def summarise(values: dict[str, np.ndarray], idx: list[int] | None = None) -> dict:
+    """Each metric's mean over the queries ``idx`` (all when None), and their count."""
+    n = len(next(iter(values.values())))
+    idx = list(range(n)) if idx is None else idx
+    return {k: float(np.mean(v[idx])) for k, v in values.items()} | {"queries": len(idx)}
+
+
+def score(
+    ranks: list[int],
+    rows: list[dict],
+    resamples: int,
+    ood: dict[str, dict] | None = None,
+    values: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """The metrics (``values``, per query; MERIT's from ``ranks`` when None) with bootstrap intervals,
+    overall and by group; ``ood``: per axis, query id -> its out-of-distribution label: each label's
+    queries scored apart, and the queries with no such label as ``in_distribution``."""
+    values = per_query(ranks) if values is None else values
+    out = summarise(values)
+    out["intervals"] = {
+        k: [round(x, 4) for x in metrics.bootstrap_ci(v, resamples)] for k, v in values.items()
+    }
     out["by"] = {}
     for group, column in GROUPS.items():
         members: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             members[str(r[column])].append(i)
-        out["by"][group] = {
-            g: {**metrics.merit_metrics([ranks[i] for i in idx]), "queries": len(idx)}
-            for g, idx in sorted(members.items())
-        }
+        out["by"][group] = {g: summarise(values, idx) for g, idx in sorted(members.items())}
+    labelled: set[int] = set()
     for kind, labels in (ood or {}).items():
         members = defaultdict(list)
         for i, r in enumerate(rows):
             if labels.get(r[S.QUERY_ID], "").startswith("ood_"):
                 members[labels[r[S.QUERY_ID]]].append(i)
-        out.setdefault("ood", {})[kind] = {
-            g: {**metrics.merit_metrics([ranks[i] for i in idx]), "queries": len(idx)}
-            for g, idx in sorted(members.items())
-        }
+                labelled.add(i)
+        out.setdefault("ood", {})[kind] = {g: summarise(values, idx) for g, idx in sorted(members.items())}
+    if ood:
+        inside = [i for i in range(len(rows)) if i not in labelled]
+        out["in_distribution"] = summarise(values, inside) if inside else {"queries": 0}
     return out
 
 
-def ood_labels(ctx: StageContext) -> dict[str, dict]:
-    """The merit stage's out-of-distribution labels, when it ran and wrote them."""
-    if "merit" not in ctx.config.train.data:
-        return {}
-    out = {}
-    for kind in ("language", "attribute", "class"):
-        loc = ctx.stage_dir("merit").child("ood", kind)
-        if storage.list_files(loc, ".parquet"):
-            t = pq.read_table(loc.path, filesystem=loc.fs)
-            out[kind] = dict(zip(t[S.QUERY_ID].to_pylist(), t[S.SPLIT].to_pylist(), strict=True))
+def precision_at_1(
+    q_emb: np.ndarray, rows: list[dict], cand_ids: list[str], cand_emb: np.ndarray
+) -> np.ndarray:
+    """MMEB's P@1 of each query over its own candidate list (its first positive, then its hard
+    negatives; those outside the pool are left out): 1.0 when the positive scores highest. A query
+    whose positive is outside the pool scores 0."""
+    where = {c: i for i, c in enumerate(cand_ids)}
+    out = np.zeros(len(rows))
+    for n, (q, r) in enumerate(zip(q_emb, rows, strict=True)):
+        pos = r[S.POSITIVE_IDS][0] if r[S.POSITIVE_IDS] else None
+        if pos not in where:
+            continue
+        negs = [where[h] for h in r[S.HARD_NEGATIVE_IDS] if h in where and h not in r[S.POSITIVE_IDS]]
+        scores = cand_emb[[where[pos], *negs]] @ q
+        out[n] = float(scores[0] > scores[1:].max()) if negs else 1.0
     return out
 
 
@@ -107,16 +159,31 @@ class EvaluateStage:
         return config.evaluate
 
     def validate(self, config: Config) -> None:
+        axes = set(config.merit.ood)
+        for split in config.evaluate.splits:
+            if split.startswith("ood_"):
+                axis = split.split("_")[1]
+                if axis not in axes or "merit" not in config.train.data:
+                    raise ConfigError(
+                        f"evaluate.splits: {split} needs the merit stage in train.data and '{axis}' in "
+                        f"merit.ood (now {list(config.merit.ood)}): only a held-out axis has OOD queries"
+                    )
         if config.evaluate.baseline:
             from coral.models import loader
 
             loader.resolve(config.train.base)
 
-    def queries(self, ctx: StageContext) -> list[dict]:
+    def queries(self, ctx: StageContext, labels: dict[str, dict[str, str]]) -> list[dict]:
+        """The held-out rows of ``train.data`` whose split, or OOD label, is in ``evaluate.splits``."""
         cfg = ctx.config.evaluate
         tables = [pq.read_table(ctx.data(s).path, filesystem=ctx.data(s).fs) for s in ctx.config.train.data]
-        rows = pa.concat_tables(tables)
-        held = rows.filter(pc.is_in(rows[S.SPLIT], pa.array(list(cfg.splits)))).sort_by(S.QUERY_ID)
+        rows = pa.concat_tables(tables).sort_by(S.QUERY_ID)
+        wanted = set(cfg.splits)
+        keep = [
+            bool(heldout.query_splits(q, s, labels) & wanted)
+            for q, s in zip(rows[S.QUERY_ID].to_pylist(), rows[S.SPLIT].to_pylist(), strict=True)
+        ]
+        held = rows.filter(pa.array(keep, pa.bool_()))
         if cfg.max_queries:
             held = held.slice(0, cfg.max_queries)
         if held.num_rows == 0:
@@ -134,7 +201,8 @@ class EvaluateStage:
         index_dir = ctx.stage_dir("index")
         index, meta, candidates = index_stage.load(index_dir, icfg)
         checkpoint.check_bound(meta, ckpt, index_dir.uri)
-        rows = self.queries(ctx)
+        ood = heldout.ood_labels(ctx)
+        rows = self.queries(ctx, ood)
         pool = candidates[S.ID].to_pylist()
         src = ctx.data("catalog")
         catalog = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE])
@@ -151,21 +219,28 @@ class EvaluateStage:
                 raise RuntimeError("evaluate: query ids are not unique")
             return emb
 
-        ranked, sims = {}, {}
-        ranked["trained"], sims["trained"] = hits(pool, *knn.search(index, embed_queries(uri), cfg.top_k))
+        ranked, sims, p1 = {}, {}, {}
+        q_emb = embed_queries(uri)
+        ranked["trained"], sims["trained"] = hits(pool, *knn.search(index, q_emb, depth(cfg)))
+        if "mmeb" in cfg.metrics:
+            pool_emb = np.asarray(candidates["embedding"].combine_chunks().flatten(), np.float32)
+            p1["trained"] = precision_at_1(q_emb, rows, pool, pool_emb.reshape(len(pool), -1))
         if cfg.baseline:
             base = index_stage.resolve_model(ctx.config.train.base)
             cand = ray.data.read_parquet(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE])
             cand = cand.map_batches(_in_pool, fn_kwargs={"pool": pool}, batch_format="pyarrow")
             ids, emb = index_stage.embed(cand, len(pool), kind, base, "candidate", icfg, ctx.config.storage)
-            found = knn.search(index_stage.build(emb, icfg), embed_queries(base), cfg.top_k)
+            q_base = embed_queries(base)
+            found = knn.search(index_stage.build(emb, icfg), q_base, depth(cfg))
             ranked["baseline"], sims["baseline"] = hits(ids, *found)
+            if "mmeb" in cfg.metrics:
+                p1["baseline"] = precision_at_1(q_base, rows, ids, emb)
         ranks = {
             m: [metrics.first_rank(r, set(q[S.POSITIVE_IDS])) for r, q in zip(rr, rows, strict=True)]
             for m, rr in ranked.items()
         }
-        ood = ood_labels(ctx)
-        scores = {m: score(r, rows, cfg.bootstrap, ood) for m, r in ranks.items()}
+        values = {m: per_query_values(cfg, ranked[m], rows, p1.get(m)) for m in ranked}
+        scores = {m: score(ranks[m], rows, cfg.bootstrap, ood, values[m]) for m in ranked}
         out = ctx.stage_dir(self.name)
         result = {
             "models": scores,
@@ -173,6 +248,7 @@ class EvaluateStage:
             "baseline_model": ctx.config.train.base if cfg.baseline else None,
             "index": {"spec": meta["spec"], "count": meta["count"]},
             "splits": list(cfg.splits),
+            "metrics": metric_names(cfg),
         }
         storage.write_json(out.child("metrics.json"), result)
         table = pa.table(
@@ -187,9 +263,10 @@ class EvaluateStage:
             }
         )
         storage.write_parquet(ctx.data(self.name).child("part-00000.parquet"), table)
-        write_report(out, scores, ranks, meta)
+        names = metric_names(cfg)
+        write_report(out, scores, ranks, meta, names)
         details = {
-            m: {k: round(s[k], 4) for k in NAMES} | {"queries": s["queries"]} for m, s in scores.items()
+            m: {k: round(s[k], 4) for k in names} | {"queries": s["queries"]} for m, s in scores.items()
         }
         failures = gate_failures(cfg.gate, scores["trained"])
         if failures:
@@ -210,8 +287,8 @@ def _in_pool(batch: pa.Table, pool: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch[S.ID], pa.array(pool)))
 
 
-def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict) -> None:
-    models = list(scores)
+def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict, names: list[str]) -> None:
+    models, head = list(scores), names[0]
     lines = [
         "# Evaluation",
         "",
@@ -219,8 +296,8 @@ def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict) -
         f"`{meta['spec']}` over {meta['count']} candidates; {scores['trained']['queries']} queries.",
         "",
         report.markdown_table(
-            ["model", *NAMES, "R@1 95% interval"],
-            [[m, *(scores[m][k] for k in NAMES), str(scores[m]["intervals"]["R@1"])] for m in models],
+            ["model", *names, f"{head} 95% interval"],
+            [[m, *(scores[m][k] for k in names), str(scores[m]["intervals"][head])] for m in models],
         ),
         "",
         "![ranks](ranks.png)",
@@ -236,12 +313,12 @@ def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict) -
     )
     for group in GROUPS:
         cats = sorted(scores["trained"]["by"][group])
-        series = {m: [scores[m]["by"][group][c]["R@1"] for c in cats] for m in models}
+        series = {m: [scores[m]["by"][group][c][head] for c in cats] for m in models}
         storage.write_bytes(
-            out.child(f"r1_by_{group}.png"), report.bars_png(cats, series, f"R@1 by {group}", 1.0)
+            out.child(f"r1_by_{group}.png"), report.bars_png(cats, series, f"{head} by {group}", 1.0)
         )
         lines += [
-            f"## R@1 by {group}",
+            f"## {head} by {group}",
             "",
             report.markdown_table(
                 [group, "queries", *models],
@@ -251,19 +328,29 @@ def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict) -
                 ],
             ),
             "",
-            f"![R@1 by {group}](r1_by_{group}.png)",
+            f"![{head} by {group}](r1_by_{group}.png)",
             "",
         ]
-    for kind, groups in scores["trained"].get("ood", {}).items():
-        labels = sorted(groups)
+    if "in_distribution" in scores["trained"]:
+        inside = scores["trained"]["in_distribution"]
         lines += [
-            f"## Out of distribution: {kind}",
+            "## In distribution and out of distribution",
+            "",
+            "Training held out the values of `merit.ood`; the queries about them are scored apart.",
             "",
             report.markdown_table(
-                ["label", "queries", *(f"{m} R@1" for m in models)],
+                ["queries of", "queries", *(f"{m} {head}" for m in models)],
                 [
-                    [g, groups[g]["queries"], *(scores[m]["ood"][kind][g]["R@1"] for m in models)]
-                    for g in labels
+                    [
+                        "in distribution",
+                        inside["queries"],
+                        *(scores[m]["in_distribution"].get(head, "") for m in models),
+                    ]
+                ]
+                + [
+                    [g, groups[g]["queries"], *(scores[m]["ood"][kind][g][head] for m in models)]
+                    for kind, groups in scores["trained"].get("ood", {}).items()
+                    for g in sorted(groups)
                 ],
             ),
             "",
@@ -276,11 +363,16 @@ def summary_table(config: Config) -> str | None:
     loc = storage.resolve(config.run.run_root, config.storage).child("evaluate", "metrics.json")
     if not storage.exists(loc):
         return None
-    models = storage.read_json(loc)["models"]
-    lines = [f"{'model':<10}" + "".join(f"{k:>9}" for k in NAMES) + f"{'queries':>9}  R@1 95% interval"]
+    result = storage.read_json(loc)
+    models, names = result["models"], result.get("metrics", list(NAMES))
+    w = max(9, *(len(k) + 2 for k in names))
+    head = names[0]
+    lines = [f"{'model':<10}" + "".join(f"{k:>{w}}" for k in names) + f"{'queries':>9}  {head} 95% interval"]
     for m, s in sorted(models.items(), key=lambda kv: kv[0] != "trained"):
-        lo, hi = s["intervals"]["R@1"]
+        lo, hi = s["intervals"][head]
         lines.append(
-            f"{m:<10}" + "".join(f"{s[k]:>9.3f}" for k in NAMES) + f"{s['queries']:>9}  [{lo:.3f}, {hi:.3f}]"
+            f"{m:<10}"
+            + "".join(f"{s[k]:>{w}.3f}" for k in names)
+            + f"{s['queries']:>9}  [{lo:.3f}, {hi:.3f}]"
         )
     return "\n".join(lines)

@@ -7,10 +7,19 @@ plus, with ``cold_start``, one query per near-duplicate pair. The draws are spre
 query index; each query depends only on (pool, seed, index), so the output does not depend on the
 sharding. Draws that give no valid query go to ``rejected/`` with the reason.
 
+MERIT step 4: a query is kept only with at least ``min_positives`` positives (cold-start queries: 1,
+``coral.merit.compose``). With ``rerank_by`` set to an image encoder of ``embed.encoders``, the stage reads
+the embed stage's vectors (``emb_{encoder}``) and ranks the kept positives and the hard negatives by their
+mean cosine to the query products; the vectors of each split's products go to the Ray tasks through the
+object store, and each task builds the similarity function from them. The optional rewrite step keeps
+only the positives that carry an attribute value the rewrite adds (``coral.merit.llm``).
+
 Units: ``rows_in`` counts query draws, ``rows_out`` queries written, ``rows_rejected`` draws rejected.
-Also written: out-of-distribution split labels under ``ood/{language,attribute,class}/`` (query id ->
-``train`` or ``ood_{kind}_{value}``), and with ``export`` MERIT's JSON files and the images they name
-under ``export/``.
+Also written: for each axis ``merit.ood`` holds out of training, out-of-distribution split labels under
+``ood/{language,attribute,class}/`` (query id -> ``train`` or ``ood_{kind}_{value}``; the train stage
+drops the rows that touch a held-out value, evaluate scores the labelled queries apart), and with
+``export`` MERIT's layout under ``export/``: ``queries-{split}.json``, ``candidates-{split}.json`` (the
+products of each split) and the images they name.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -29,6 +39,7 @@ from coral.config import Config, MeritConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult
 from coral.merit import compose, formats, llm, ood
+from coral.models.kinds import modality
 from coral.stages.annotate import step_stats
 from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
 
@@ -40,6 +51,7 @@ def params(cfg: MeritConfig, split: str, n: int) -> compose.ComposeParams:
     return compose.ComposeParams(
         num_queries=n,
         max_rate=cfg.max_rate,
+        min_positives=cfg.min_positives,
         max_positives=cfg.max_positives,
         hard_negatives=cfg.hard_negatives,
         id_prefix=f"merit-{split}-",
@@ -47,26 +59,45 @@ def params(cfg: MeritConfig, split: str, n: int) -> compose.ComposeParams:
     )
 
 
+Embeddings = tuple[list[str], np.ndarray]  # product ids, one float32 row per id
+
+
 @ray.remote
-def _compose(pool: list[dict], p: compose.ComposeParams, seed: int, lo: int, hi: int, cold: bool):
+def _compose(
+    pool: list[dict],
+    p: compose.ComposeParams,
+    seed: int,
+    lo: int,
+    hi: int,
+    cold: bool,
+    embeddings: Embeddings | None = None,
+):
     index = compose.ProductIndex(pool)
+    similarity = None if embeddings is None else compose.embedding_similarity(*embeddings)
     fn = compose.cold_start_queries if cold else compose.compose_table
-    return fn(index, p, seed, range(lo, hi))
+    return fn(index, p, seed, range(lo, hi), similarity)
 
 
 def compose_split(
-    pool: list[dict], p: compose.ComposeParams, seed: int, tasks: int, cold: bool
+    pool: list[dict],
+    p: compose.ComposeParams,
+    seed: int,
+    tasks: int,
+    cold: bool,
+    embeddings: Embeddings | None = None,
 ) -> tuple[list, list, int]:
     """(rows, rejected, draws) for one split's pool: composed queries, then (with ``cold``) one cold-start
-    query per near-duplicate pair, each kind sharded by index over at most ``tasks`` Ray tasks."""
+    query per near-duplicate pair, each kind sharded by index over at most ``tasks`` Ray tasks. With
+    ``embeddings`` (the pool's image vectors) positives and hard negatives are ranked by similarity."""
     pool_ref = ray.put(pool)
+    emb_ref = None if embeddings is None else ray.put(embeddings)
     counts = [(False, p.num_queries), (True, len(compose.near_duplicate_pairs(pool)) if cold else 0)]
     jobs = []
     for is_cold, n in counts:
         bounds = np.linspace(0, n, max(1, min(tasks, n)) + 1).astype(int)
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             if hi > lo:
-                jobs.append(_compose.remote(pool_ref, p, seed, int(lo), int(hi), is_cold))
+                jobs.append(_compose.remote(pool_ref, p, seed, int(lo), int(hi), is_cold, emb_ref))
     rows, rejected = [], []
     for r, bad in ray.get(jobs):
         rows += r
@@ -74,19 +105,44 @@ def compose_split(
     return rows, rejected, sum(n for _, n in counts)
 
 
+def load_embeddings(ctx: StageContext, encoder: str) -> dict[str, np.ndarray]:
+    """product id -> its vector in the embed stage's column ``emb_{encoder}``."""
+    src, column = ctx.data("embed"), S.embedding_column(encoder)
+    table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, column])
+    ids = table.column(S.ID).to_pylist()
+    lists = table.column(column).combine_chunks()
+    if len(lists) == 0:
+        return {}
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    if lists.null_count or lengths.min() != lengths.max() or lengths[0] == 0:
+        raise RuntimeError(f"merit: embed column {column} is not one non-empty vector per row")
+    matrix = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
+    return dict(zip(ids, matrix, strict=True))
+
+
+def pool_embeddings(vectors: dict[str, np.ndarray], pool: list[dict]) -> tuple[Embeddings, int]:
+    """(the pool's ids that have a vector with their vectors, how many products have none)."""
+    ids = [p[S.ID] for p in pool if p[S.ID] in vectors]
+    dim = len(next(iter(vectors.values()))) if vectors else 0
+    matrix = np.stack([vectors[i] for i in ids]) if ids else np.zeros((0, dim), np.float32)
+    return (ids, matrix), len(pool) - len(ids)
+
+
 def ood_labels(cfg: MeritConfig, rows: list[dict], languages: dict[str, str]) -> dict[str, list]:
-    return {
-        "language": ood.language_ood(rows, languages, cfg.ood_languages),
-        "attribute": ood.attribute_ood(rows, cfg.ood_attributes),
-        "class": ood.class_ood(rows, cfg.ood_classes),
+    """Labels of the axes ``merit.ood`` holds out (training leaves their values out; none when empty)."""
+    labellers = {
+        "language": lambda: ood.language_ood(rows, languages, cfg.ood_languages),
+        "attribute": lambda: ood.attribute_ood(rows, cfg.ood_attributes),
+        "class": lambda: ood.class_ood(rows, cfg.ood_classes),
     }
+    return {axis: labellers[axis]() for axis in cfg.ood}
 
 
 class MeritStage:
     name = "merit"
 
     def inputs(self, config: Config) -> tuple[str, ...]:
-        return ("catalog",)
+        return ("catalog", "embed") if config.merit.rerank_by else ("catalog",)
 
     def section(self, config: Config) -> MeritConfig:
         return config.merit
@@ -97,6 +153,22 @@ class MeritStage:
             raise ConfigError(
                 f"merit.ood_attributes: unknown {sorted(unknown)} (known: {list(S.ATTRIBUTE_KEYS)})"
             )
+        name = config.merit.rerank_by
+        if name is not None:
+            encoders = {e.name: e for e in config.embed.encoders}
+            if name not in encoders:
+                raise ConfigError(
+                    f"merit.rerank_by: '{name}' is not an encoder of embed.encoders (known: {list(encoders)})"
+                )
+            if modality(encoders[name].kind) != "image":
+                raise ConfigError(
+                    f"merit.rerank_by: '{name}' is a {encoders[name].kind} encoder; MERIT re-ranks by image "
+                    "similarity, name an image encoder"
+                )
+            if config.embed.source != "catalog":
+                raise ConfigError(
+                    "merit.rerank_by needs embed.source: catalog (the vectors must be the products')"
+                )
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.merit
@@ -111,19 +183,24 @@ class MeritStage:
         missing = sorted(s for s, n in cfg.queries.items() if n and s not in by_split)
         if missing:
             raise ConfigError(f"merit.queries: the catalog has no products in split(s) {missing}")
+        vectors = load_embeddings(ctx, cfg.rerank_by) if cfg.rerank_by else None
         rows, rejected, draws, per_split = [], [], 0, {}
         for split, n in sorted(cfg.queries.items()):
             pool = by_split.get(split, [])
-            r, bad, d = compose_split(pool, params(cfg, split, n), cfg.seed, cfg.num_tasks, cfg.cold_start)
+            embeddings, unembedded = pool_embeddings(vectors, pool) if vectors is not None else (None, 0)
+            p = params(cfg, split, n)
+            r, bad, d = compose_split(pool, p, cfg.seed, cfg.num_tasks, cfg.cold_start, embeddings)
             rows, rejected, draws = rows + r, rejected + bad, draws + d
             per_split[split] = {
                 "draws": d,
                 "queries": len(r),
                 "cold_start": sum(x[S.SOURCE] == "merit_cold" for x in r),
             }
+            if vectors is not None:
+                per_split[split]["without_vector"] = unembedded  # ranked last, left out of query means
         write_rejected(ctx.rejected(self.name), rejected)
         if cfg.rewrite is not None or cfg.judge is not None:
-            rows = llm_steps(ctx, rows)
+            rows = llm_steps(ctx, rows, products)
         out = ctx.data(self.name)
         storage.write_parquet(out.child("part-00000.parquet"), pa.Table.from_pylist(rows, schema=S.TRIPLETS))
         languages = {p[S.ID]: p[S.LANGUAGE] for p in products}
@@ -148,6 +225,8 @@ class MeritStage:
             "languages": dict(Counter(r[S.LANGUAGE] for r in rows)),
             "ood": ood_counts,
         }
+        if cfg.rerank_by:
+            details["rerank_by"] = cfg.rerank_by
         if label_details:
             details["label"] = label_details
         if cfg.rewrite is not None or cfg.judge is not None:
@@ -192,13 +271,21 @@ def label(ctx: StageContext, products: list[dict]) -> tuple[list[dict], dict]:
     return card_lib.filter_labels(out), details
 
 
-def llm_steps(ctx: StageContext, rows: list[dict]) -> list[dict]:
-    """The optional rewrite and judge steps over the composed queries, on their engines."""
+def llm_steps(ctx: StageContext, rows: list[dict], products: list[dict]) -> list[dict]:
+    """The optional rewrite and judge steps over the composed queries, on their engines. The rewrite step
+    gets the attributes of the rows' positives and the values of each class, to check what it adds."""
     from coral.stages.annotate import run_step
 
     cfg, stage = ctx.config.merit, ctx.stage_dir("merit")
     rejected, stats = ctx.rejected("merit"), stage.child("stats")
-    steps = [(llm.Rewrite(stage.child("rewrites")), cfg.rewrite), (llm.Judge(), cfg.judge)]
+    positives = {pid for r in rows for pid in r[S.POSITIVE_IDS]}
+    rewrite = llm.Rewrite(
+        stage.child("rewrites"),
+        attributes={p[S.ID]: p[S.ATTRIBUTES] for p in products if p[S.ID] in positives},
+        values=llm.attribute_values(products),
+        min_positives=cfg.min_positives,
+    )
+    steps = [(rewrite, cfg.rewrite), (llm.Judge(), cfg.judge)]
     steps = [(step, engine) for step, engine in steps if engine is not None]
     batch = min(engine.batch_size for _, engine in steps)
     table = pa.Table.from_pylist([llm.keyed(r) for r in rows], schema=llm.Rewrite.out_schema)
@@ -209,7 +296,8 @@ def llm_steps(ctx: StageContext, rows: list[dict]) -> list[dict]:
 
 
 def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> None:
-    """MERIT's JSON: queries-{split}.json, candidates-test.json, and the images they name (PNG)."""
+    """MERIT's layout: queries-{split}.json and candidates-{split}.json (conversation format, what MERIT's
+    training and inference scripts read), and every image they name (PNG), under ``merit/export/``."""
     root = ctx.stage_dir("merit").child("export")
 
     def path_of(pid: str) -> str:
@@ -218,12 +306,11 @@ def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> None:
     for split in sorted({r[S.SPLIT] for r in rows}):
         items = [formats.to_merit_query(r, path_of) for r in rows if r[S.SPLIT] == split]
         storage.write_bytes(root.child(f"queries-{split}.json"), formats.dumps(items).encode())
-    test = [p for p in products if p[S.SPLIT] == "test"]
-    items = [formats.to_merit_candidate(p[S.ID], p[S.TITLE], path_of(p[S.ID])) for p in test]
-    storage.write_bytes(root.child("candidates-test.json"), formats.dumps(items).encode())
-    named = {i for r in rows for i in r[S.QUERY_IMAGE_IDS]} | {p[S.ID] for p in test}
+    for split in sorted({p[S.SPLIT] for p in products}):
+        pool = [p for p in products if p[S.SPLIT] == split]
+        items = [formats.to_merit_candidate(p[S.ID], p[S.TITLE], path_of(p[S.ID])) for p in pool]
+        storage.write_bytes(root.child(f"candidates-{split}.json"), formats.dumps(items).encode())
     src = ctx.data("catalog")
     table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.IMAGE])
     for pid, image in zip(table.column(S.ID).to_pylist(), table.column(S.IMAGE).to_pylist(), strict=True):
-        if pid in named:
-            storage.write_bytes(root.child(posixpath.join("images", f"{pid}.png")), image)
+        storage.write_bytes(root.child(posixpath.join("images", f"{pid}.png")), image)

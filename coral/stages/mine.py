@@ -1,17 +1,20 @@
 """mine: MegaPairs pair mining over the embed stage's table.
 
-Per encoder: a FAISS index over the rows of the configured splits, top-k for every row (queries spread
+Each configured split is mined among itself (``mine.splits``, train and test by default: the held-out
+images get pairs among held-out images only, for evaluation, and a pair or hard negative never crosses
+splits). Per split and encoder: a FAISS index over that split's rows, top-k for every row (queries spread
 over Ray tasks), pairs inside that encoder's similarity band. Then the union across encoders, a cap per
-query, and hard negatives for the kept pairs. Units in the manifest: ``rows_in`` counts query images
+query, and hard negatives for the kept pairs; every pair carries its split. Units in the manifest: ``rows_in`` counts query images
 (rows of the mined splits), ``rows_out`` counts pairs, ``rows_rejected`` counts query images left without
 any pair (recorded in ``rejected/``).
-Statistics (pairs per encoder, overlap, similarity histograms, also as PNG under ``stats/``) go to
-the manifest.
+Statistics (pairs per encoder, overlap, similarity histograms per split, also as PNG under ``stats/``)
+go to the manifest.
 """
 
 from __future__ import annotations
 
 import posixpath
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -63,15 +66,46 @@ class MineStage:
         )
         total = table.num_rows
         table = table.filter(pc.is_in(table.column(S.SPLIT), pa.array(list(cfg.splits)))).sort_by(S.ID)
-        ids = table.column(S.ID).to_pylist()
-        if len(ids) < 2:
-            raise ConfigError(f"mine: {len(ids)} rows in splits {list(cfg.splits)}; at least 2 are needed")
+        if table.num_rows < 2:
+            raise ConfigError(
+                f"mine: {table.num_rows} rows in splits {list(cfg.splits)}; at least 2 are needed"
+            )
+        stats = {"rows": table.num_rows, "rows_outside_splits": total - table.num_rows, "splits": {}}
+        stats["encoders"] = {n: {"band": list(cfg.band_for(n)), "pairs_in_band": 0} for n in names}
+        kept, lonely = [], []
+        for split in cfg.splits:  # each split among itself: a pair never crosses splits
+            part = table.filter(pc.equal(table.column(S.SPLIT), split))
+            ids = part.column(S.ID).to_pylist()
+            if len(ids) < 2:
+                stats["splits"][split] = {"rows": len(ids), "pairs": 0}
+                lonely += [{S.ID: i, S.REASON: f"alone in split {split}"} for i in ids]
+                continue
+            got, split_stats = self._mine(ctx, part, ids, names, split)
+            kept += [(split, ids, p) for p in got]
+            with_pairs = {p.query for p in got}
+            lonely += [
+                {S.ID: ids[i], S.REASON: "no neighbour inside any band"}
+                for i in range(len(ids))
+                if i not in with_pairs
+            ]
+            stats["splits"][split] = split_stats
+            for n in names:
+                stats["encoders"][n]["pairs_in_band"] += split_stats["encoders"][n]["pairs_in_band"]
+        stats["pairs_by_encoders"] = pairs.overlap([p for _, _, p in kept])
+        self._write(ctx, kept)
+        write_rejected(ctx.rejected(self.name), lonely)
+        stats["queries_with_pairs"] = table.num_rows - len(lonely)
+        reasons = dict(Counter(r[S.REASON] for r in lonely))
+        return StageResult(table.num_rows, len(kept), reasons, stats)
 
-        per_encoder, neighbours = {}, {}
-        stats = {"rows": len(ids), "rows_outside_splits": total - len(ids), "encoders": {}}
+    def _mine(self, ctx: StageContext, part: pa.Table, ids: list[str], names: list[str], split: str):
+        """One split's pairs (rows index ``ids``) and its statistics."""
+        cfg = ctx.config.mine
+        per_encoder, neighbours, stats = {}, {}, {"rows": len(ids), "encoders": {}}
         for name in names:
-            vectors = as_matrix(table.column(S.embedding_column(name)))
-            sims, rows = knn.knn(vectors, cfg.k + 1, cfg.index, cfg.query_tasks, cfg.seed)  # +1: itself
+            vectors = as_matrix(part.column(S.embedding_column(name)))
+            k = min(cfg.k + 1, len(ids))  # +1: itself
+            sims, rows = knn.knn(vectors, k, cfg.index, cfg.query_tasks, cfg.seed)
             band = cfg.band_for(name)
             per_encoder[name] = pairs.mine_encoder(sims, rows, band)
             neighbours[name] = (sims, rows, band[1])
@@ -81,8 +115,10 @@ class MineStage:
             hi = max(1.0, float(values.max())) if values.size else 1.0  # float error can exceed 1
             counts, edges = plots.histogram(values, lo=min(lo, band[0] - 0.05), hi=hi)
             storage.write_bytes(
-                ctx.stage_dir(self.name).child("stats", f"sims_{name}.png"),
-                plots.histogram_png(counts, edges, band, f"{name}: similarity of top-{cfg.k} neighbours"),
+                ctx.stage_dir(self.name).child("stats", f"sims_{split}_{name}.png"),
+                plots.histogram_png(
+                    counts, edges, band, f"{name} ({split}): similarity of top-{cfg.k} neighbours"
+                ),
             )
             stats["encoders"][name] = {
                 "band": list(band),
@@ -90,23 +126,11 @@ class MineStage:
                 "pairs_in_band": len(per_encoder[name]),
                 "histogram": {"counts": counts, "edges": edges},
             }
-
         kept = pairs.union(per_encoder, cfg.max_pairs_per_query, neighbours, cfg.hard_negatives)
-        stats["pairs_by_encoders"] = pairs.overlap(kept)
-        self._write(ctx, ids, kept)
-        with_pairs = {p.query for p in kept}
-        lonely = [
-            {S.ID: ids[i], S.REASON: "no neighbour inside any band"}
-            for i in range(len(ids))
-            if i not in with_pairs
-        ]
-        write_rejected(ctx.rejected(self.name), lonely)
-        stats["queries_with_pairs"] = len(with_pairs)
-        return StageResult(
-            len(ids), len(kept), {"no neighbour inside any band": len(lonely)} if lonely else {}, stats
-        )
+        stats["pairs"] = len(kept)
+        return kept, stats
 
-    def _write(self, ctx: StageContext, ids: list[str], kept: list[pairs.Pair]) -> None:
+    def _write(self, ctx: StageContext, kept: list[tuple[str, list[str], pairs.Pair]]) -> None:
         out = ctx.data(self.name)
         if not out.is_s3:
             out.fs.create_dir(out.path, recursive=True)
@@ -114,11 +138,12 @@ class MineStage:
             chunk = kept[start : start + CHUNK]
             table = pa.table(
                 {
-                    S.QUERY_ID: [ids[p.query] for p in chunk],
-                    S.TARGET_ID: [ids[p.target] for p in chunk],
-                    S.ENCODERS: [p.encoders for p in chunk],
-                    S.SIMILARITIES: [p.similarities for p in chunk],
-                    S.HARD_NEGATIVE_IDS: [[ids[h] for h in p.hard_negatives] for p in chunk],
+                    S.QUERY_ID: [ids[p.query] for _, ids, p in chunk],
+                    S.TARGET_ID: [ids[p.target] for _, ids, p in chunk],
+                    S.ENCODERS: [p.encoders for _, _, p in chunk],
+                    S.SIMILARITIES: [p.similarities for _, _, p in chunk],
+                    S.HARD_NEGATIVE_IDS: [[ids[h] for h in p.hard_negatives] for _, ids, p in chunk],
+                    S.SPLIT: [split for split, _, _ in chunk],
                 },
                 schema=S.PAIRS,
             )

@@ -1,6 +1,8 @@
 """train: a retriever trained with Ray Train (``TorchTrainer``) and DeepSpeed on the stages' triplets.
 
-Training rows: the ``train`` split of every stage in ``train.data``. Validation: up to
+Training rows: the ``train`` split of every stage in ``train.data``, less those that touch a value
+``merit.ood`` holds out (``coral.stages.heldout``); written to ``train/data/`` (the rows trained on) and
+counted per stage and source in the manifest (``rows_by_source``). Validation: up to
 ``validation_queries`` held-out (``test`` split) MERIT queries against every test product, scored at the
 start and the end with the evaluation's metric code. Checkpoints go to ``{run_root}/_checkpoints/train``
 (outside the stage folder, so a rerun after an interruption resumes from the last one); the exported
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +29,7 @@ from coral import storage
 from coral.config import Config, TrainConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult, stable_hash
+from coral.stages import heldout
 from coral.stages.base import StageContext
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,9 +97,13 @@ class TrainStage:
             raise ConfigError("train: LoRA (lora_rank > 0) with ZeRO-3 is not supported; use a ZeRO-2 config")
 
     def run(self, ctx: StageContext) -> StageResult:
-        tables = [pq.read_table(ctx.data(s).path, filesystem=ctx.data(s).fs) for s in ctx.config.train.data]
-        rows = pa.concat_tables(tables)
-        train = rows.filter(pc.equal(rows[S.SPLIT], "train")).select(list(S.TRIPLETS.names))
+        tables = {
+            s: pq.read_table(ctx.data(s).path, filesystem=ctx.data(s).fs).select(list(S.TRIPLETS.names))
+            for s in ctx.config.train.data
+        }
+        rows = pa.concat_tables(tables.values())
+        train, sources = training_table(ctx, tables)
+        storage.write_parquet(ctx.data(self.name).child("part-00000.parquet"), train)
         cfg0 = ctx.config.train
         if train.num_rows < cfg0.batch_size * cfg0.num_workers * cfg0.gradient_accumulation:
             raise ConfigError(f"train: {train.num_rows} training rows, fewer than one step needs")
@@ -128,7 +136,7 @@ class TrainStage:
         # the loss history and the export check's probe go to metrics.json only, not the manifest
         extra = [{k: r.pop(k) for k in ("history", "probe")} for r in results]
         first = results[0]
-        details = dict(first)
+        details = dict(first) | sources
         if len(results) > 1:
             details["compare"] = results[1:]
             details["side_by_side"] = {
@@ -139,6 +147,27 @@ class TrainStage:
             metrics["compare"] = [{**r, **e} for r, e in zip(results[1:], extra[1:], strict=True)]
         storage.write_json(ctx.stage_dir(self.name).child("metrics.json"), metrics)
         return StageResult(train.num_rows, first["steps"], {}, details=details)
+
+
+def training_table(ctx: StageContext, tables: dict[str, pa.Table]) -> tuple[pa.Table, dict]:
+    """The rows trained on, of every ``train.data`` stage: its ``train`` split, less the rows that touch
+    a value ``merit.ood`` holds out; and their counts per stage and source (and per OOD axis dropped)."""
+    axes = heldout.ood_axes(ctx.config)
+    products = heldout.product_info(ctx) if axes else {}
+    kept, by_source, dropped = [], {}, {}
+    for stage, table in tables.items():
+        train = table.filter(pc.equal(table[S.SPLIT], "train"))
+        if axes:
+            rows, out = heldout.training_rows(train.to_pylist(), axes, products)
+            train = pa.Table.from_pylist(rows, schema=S.TRIPLETS)
+            for axis, n in out.items():
+                dropped[axis] = dropped.get(axis, 0) + n
+        kept.append(train)
+        by_source[stage] = dict(sorted(Counter(train[S.SOURCE].to_pylist()).items()))
+    details = {"rows_by_source": by_source}
+    if axes:
+        details["ood_held_out"] = {"axes": {a: list(v) for a, v in axes.items()}, "rows_dropped": dropped}
+    return pa.concat_tables(kept), details
 
 
 def runs(cfg: TrainConfig) -> list[TrainConfig]:

@@ -17,6 +17,10 @@ def overrides(root, tiny_models) -> list[str]:
         "merit.queries={train: 600, test: 700}",  # about 120 kept: 100 go over HTTP
         "merit.cold_start=false",
         "merit.export=false",
+        "merit.ood=[language, attribute, class]",  # every axis held out of training, scored apart
+        "merit.ood_languages=[th]",  # one value each: enough rows are left to train on
+        "merit.ood_attributes=[brand]",
+        "merit.ood_classes=[phone]",
         f"train.base={tiny_models['qwen2_vl']}",
         "train.steps=40",
         "train.checkpoint_every=40",

@@ -8,6 +8,7 @@ import pytest
 from coral import graph, manifest, storage
 from coral import schemas as S
 from coral.config import load_config
+from coral.stages.annotate import first_per_split
 from tests.conftest import REPO, annotate_override, encoders_override
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -31,12 +32,13 @@ def test_annotate_writes_triplets_from_mined_pairs(ray_local, tiny_models, tmp_p
     rows = graph.run_graph(cfg)
     assert [r.status for r in rows] == ["ran"] * 4
     m = manifest.read_complete(storage.resolve(cfg.run.run_root).child("annotate"))
-    pairs = pq.read_table(tmp_path / "run" / "mine" / "data").to_pylist()[: cfg.annotate.max_pairs]
+    mined = pq.read_table(tmp_path / "run" / "mine" / "data")
+    pairs = first_per_split(mined, cfg.annotate.max_pairs).to_pylist()  # max_pairs caps each split
     by_key = {f"{p[S.QUERY_ID]}>{p[S.TARGET_ID]}": p for p in pairs}
-    assert m["rows_in"] == len(pairs) == 12
+    assert m["rows_in"] == len(pairs) == 2 * 12 and {p[S.SPLIT] for p in pairs} == {"train", "test"}
     assert m["rows_out"] + m["rows_rejected"] == m["rows_in"]
-    assert m["details"]["describe"]["requests"] == 12
-    assert m["details"]["instruct"]["requests"] == 12 - sum(
+    assert m["details"]["describe"]["requests"] == 24
+    assert m["details"]["instruct"]["requests"] == 24 - sum(
         n for reason, n in m["rejected_reasons"].items() if reason.startswith("describe:")
     )
     instruct = m["details"]["instruct"]  # the hf prefix cache: distinct prompt heads per batch, counted
@@ -54,6 +56,7 @@ def test_annotate_writes_triplets_from_mined_pairs(ray_local, tiny_models, tmp_p
         assert t[S.QUERY_IMAGE_IDS] == [pair[S.QUERY_ID]] and t[S.POSITIVE_IDS] == [pair[S.TARGET_ID]]
         assert t[S.HARD_NEGATIVE_IDS] == pair[S.HARD_NEGATIVE_IDS]
         assert t[S.SOURCE] == "megapairs" and t[S.NUM_CONDITIONS] == 1
+        assert t[S.SPLIT] == pair[S.SPLIT]  # held-out pairs give held-out instructions
     assert len(annotated) == m["rows_out"]
     rejected_dir = tmp_path / "run" / "annotate" / "rejected"
     rejected = pq.read_table(rejected_dir).to_pylist() if rejected_dir.exists() else []
@@ -73,10 +76,13 @@ def test_default_validation_rejects_a_random_models_text(ray_local, tiny_models,
         "annotate.description_words=[20, 200]",
         "annotate.max_pairs=4",
     )
-    graph.run_graph(cfg)
-    m = manifest.read_complete(storage.resolve(cfg.run.run_root).child("annotate"))
-    assert m["rows_in"] == 4 and m["rows_out"] == 0 and m["rows_rejected"] == 4
+    with pytest.raises(
+        graph.StageFailed, match=r"annotate wrote 0 rows \(8 in\); most common rejections: \d+ x describe: "
+    ):
+        graph.run_graph(cfg)  # nothing to train on: the graph stops here, naming why
+    assert not (tmp_path / "run" / "annotate" / "_SUCCESS").exists()
     rejected = pq.read_table(tmp_path / "run" / "annotate" / "rejected").to_pylist()
+    assert len(rejected) == 8  # 4 pairs of each split
     assert all(r[S.REASON].startswith("describe: ") and r[S.RAW] for r in rejected)
 
 
@@ -102,9 +108,9 @@ def test_openai_engine_survives_a_misbehaving_server(ray_local, tiny_models, tmp
     finally:
         stop_server(proc)
     m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("annotate"))
-    assert m["rows_in"] == 12 and m["rows_out"] + m["rows_rejected"] == 12
+    assert m["rows_in"] == 24 and m["rows_out"] + m["rows_rejected"] == 24
     d = m["details"]
-    assert d["describe"]["requests"] == 12 and d["describe"]["retries"] > 0
+    assert d["describe"]["requests"] == 24 and d["describe"]["retries"] > 0
     requests = d["describe"]["attempts"] + d.get("instruct", {}).get("attempts", 0)
     assert requests == stats["requests"]  # every attempt the client counted reached the server
     for outcome in ("500", "429", "timeout", "malformed", "empty"):

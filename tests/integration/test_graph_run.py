@@ -72,9 +72,14 @@ def check_pairs(root, cfg, n) -> None:
     assert len(per_query) + m["rows_rejected"] == n
     assert set(m["details"]["encoders"]) == {"clip_image", "caption"}
     assert sum(m["details"]["pairs_by_encoders"].values()) == table.num_rows
-    for name in ("clip_image", "caption"):
-        png = root.child("mine", "stats", f"sims_{name}.png")
-        assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    for split in cfg.mine.splits:
+        for name in ("clip_image", "caption"):
+            png = root.child("mine", "stats", f"sims_{split}_{name}.png")
+            assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    split_of = {r[S.ID]: r[S.SPLIT] for r in emb}
+    for row in table.to_pylist():  # each split is mined among itself: nothing crosses
+        named = {row[S.QUERY_ID], row[S.TARGET_ID], *row[S.HARD_NEGATIVE_IDS]}
+        assert {split_of[i] for i in named} == {row[S.SPLIT]}, row
 
 
 def test_local_run_then_rerun_skips_everything(tmp_path, tiny_models, ray_local):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +15,9 @@ import pytest
 
 from coral import checkpoint, manifest, storage
 from coral import schemas as S
+from coral.errors import ConfigError
 from coral.mining import knn
+from coral.stages import STAGES, StageContext, heldout
 from coral.stages import index as index_stage
 from tests.conftest import REPO
 from tests.integration.conftest import overrides
@@ -62,10 +65,12 @@ def test_evaluation_writes_trained_and_baseline_rows(run):
         lo, hi = s["intervals"]["R@1"]
         assert lo <= s["R@1"] <= hi
         assert sum(g["queries"] for g in s["by"]["conditions"].values()) == len(held)
-        assert set(s["by"]) == {"conditions", "language", "class"}
+        assert set(s["by"]) == {"source", "conditions", "language", "class"}
         assert set(s["ood"]) == {"language", "attribute", "class"}  # the merit stage's OOD labels
         assert all(label.startswith("ood_") for kind in s["ood"].values() for label in kind)
         assert sum(g["queries"] for g in s["ood"]["language"].values()) > 0
+        labelled = {q for kind in ("language", "attribute", "class") for q in ood_ids(root, kind)}
+        assert s["in_distribution"]["queries"] == len(held) - len(labelled & {r[S.QUERY_ID] for r in held})
     ranks = pq.read_table(root / "evaluate" / "data").to_pylist()
     assert len(ranks) == 2 * len(held)
     trained = [r["rank"] for r in ranks if r["model"] == "trained"]
@@ -75,6 +80,41 @@ def test_evaluation_writes_trained_and_baseline_rows(run):
     assert (root / "evaluate" / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = manifest.read_complete(storage.resolve(str(root)).child("evaluate"))
     assert row["details"]["trained"]["queries"] == len(held)
+
+
+def ood_ids(root, kind: str) -> set[str]:
+    """The held-out queries the merit stage labelled out of distribution on ``kind``."""
+    labels = pq.read_table(root / "merit" / "ood" / kind).to_pylist()
+    return {x[S.QUERY_ID] for x in labels if x[S.SPLIT].startswith("ood_")}
+
+
+def test_no_training_row_carries_an_ood_label_and_ood_splits_are_evaluated(run, tiny_models):
+    root, cfg = run
+    trained = pq.read_table(root / "train" / "data").to_pylist()
+    assert trained and {t[S.SPLIT] for t in trained} == {"train"}
+    m = manifest.read_complete(storage.resolve(str(root)).child("train"))
+    assert set(m["details"]["ood_held_out"]["axes"]) == {"language", "attribute", "class"}
+    assert sum(m["details"]["ood_held_out"]["rows_dropped"].values()) > 0
+    catalog = {p[S.ID]: p for p in pq.read_table(root / "catalog" / "data").to_pylist()}
+    for t in trained:  # nothing of a held-out language, class or attribute was trained on
+        named = [*t[S.QUERY_IMAGE_IDS], *t[S.POSITIVE_IDS], *t[S.HARD_NEGATIVE_IDS]]
+        assert not {catalog[i][S.LANGUAGE] for i in named} & set(cfg.merit.ood_languages), t[S.QUERY_ID]
+        assert not {catalog[i][S.CLASS] for i in named} & set(cfg.merit.ood_classes), t[S.QUERY_ID]
+        assert not set(t[S.CONDITION_KEYS]) & set(cfg.merit.ood_attributes), t[S.QUERY_ID]
+    for kind in ("language", "attribute", "class"):  # and the merit stage labelled every one "train"
+        labels = {x[S.QUERY_ID]: x[S.SPLIT] for x in pq.read_table(root / "merit" / "ood" / kind).to_pylist()}
+        assert all(labels.get(t[S.QUERY_ID]) == "train" for t in trained), kind
+    # evaluate.splits takes an OOD label: exactly that label's held-out queries are scored
+    labels = pq.read_table(root / "merit" / "ood" / "language").to_pylist()
+    thai = {x[S.QUERY_ID] for x in labels if x[S.SPLIT] == "ood_language_th"}
+    assert thai
+    only = replace(cfg, evaluate=replace(cfg.evaluate, splits=("ood_language_th",)))
+    STAGES["evaluate"].validate(only)
+    ctx = StageContext(only, storage.resolve(str(root)))
+    got = STAGES["evaluate"].queries(ctx, heldout.ood_labels(ctx))
+    assert {q[S.QUERY_ID] for q in got} == thai
+    with pytest.raises(ConfigError, match="merit.ood"):
+        STAGES["evaluate"].validate(replace(only, merit=replace(cfg.merit, ood=("class",))))
 
 
 def test_gate_below_the_figures_stops_the_graph_with_exit_code_1(run, tiny_models):

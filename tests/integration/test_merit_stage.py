@@ -1,17 +1,23 @@
-"""The merit stage on a real catalog: exact positives, slots, OOD labels, export, sharding invariance."""
+"""The merit stage on a real catalog: exact positives, slots, OOD labels, export, sharding invariance,
+re-ranking by the embed stage's vectors, and the model steps' accounting."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from coral import graph, manifest, storage
 from coral import schemas as S
 from coral.config import load_config
+from coral.errors import ConfigError
+from coral.manifest import StageResult
 from coral.merit import formats
-from tests.conftest import REPO
+from coral.stages.base import StageContext
+from coral.stages.merit import MeritStage
+from tests.conftest import REPO, encoders_override
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -25,9 +31,17 @@ def config(run_root, *extra):
             "catalog.num_groups=300",
             "merit.queries={train: 600, test: 200}",
             "merit.export=true",
+            "merit.ood=[language, attribute, class]",
             *extra,
         ],
     )
+
+
+def run_merit(cfg) -> StageResult:
+    """The catalog through the graph, then the merit stage itself: its counts even when every query is
+    dropped (a random model's answers), which the graph turns into a failed stage."""
+    graph.run_graph(cfg, until="catalog")
+    return MeritStage().run(StageContext(cfg, storage.resolve(cfg.run.run_root)))
 
 
 def test_merit_queries_are_exact_and_complete(ray_local, tmp_path):
@@ -43,7 +57,8 @@ def test_merit_queries_are_exact_and_complete(ray_local, tmp_path):
     for r in rows:
         query = [catalog[i] for i in r[S.QUERY_IMAGE_IDS]]
         assert r[S.QUERY_TEXT].count(S.IMAGE_SLOT) == len(query) == r[S.QUERY_TEXT].count("</Product")
-        assert 1 <= len(r[S.POSITIVE_IDS]) <= cfg.merit.max_positives
+        least = cfg.merit.min_positives if r[S.SOURCE] == "merit" else 1  # cold start: one is enough
+        assert least <= len(r[S.POSITIVE_IDS]) <= cfg.merit.max_positives
         for pid in r[S.POSITIVE_IDS] + r[S.HARD_NEGATIVE_IDS]:
             p = catalog[pid]
             assert p[S.SPLIT] == r[S.SPLIT] and p[S.CLASS] == r[S.CLASS] and pid not in r[S.QUERY_IMAGE_IDS]
@@ -93,12 +108,14 @@ def test_rewrite_and_judge_run_on_an_engine(ray_local, tiny_models, tmp_path):
         f"merit.rewrite={engine}",
         f"merit.judge={engine}",
     )
-    graph.run_graph(cfg)
-    m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("merit"))
-    assert m["rows_in"] == 50 and m["rows_out"] + m["rows_rejected"] == 50
-    composed = m["rows_in"] - sum(n for r, n in m["rejected_reasons"].items() if not r.startswith("judge:"))
-    llm = m["details"]["llm"]
-    assert llm["rewrite"]["requests"] == llm["judge"]["requests"] == composed > 0
+    m = run_merit(cfg)
+    assert m.rows_in == 50 and m.rows_out + m.rows_rejected == 50
+    composed = m.rows_in - sum(
+        n for r, n in m.rejected.items() if not r.startswith(("judge:", "rewrite: rewrite added"))
+    )
+    llm = m.details["llm"]
+    added = sum(n for r, n in m.rejected.items() if r.startswith("rewrite: rewrite added"))
+    assert llm["rewrite"]["requests"] == composed > 0 and llm["judge"]["requests"] == composed - added
     assert 0 <= llm["rewrites_failed"] <= composed
     for r in pq.read_table(tmp_path / "run" / "merit" / "data").to_pylist():
         assert r[S.QUERY_TEXT].count(S.IMAGE_SLOT) == len(r[S.QUERY_IMAGE_IDS])
@@ -115,11 +132,10 @@ def test_label_step_asks_for_every_product_and_accounts_for_each(ray_local, tiny
         "merit.label_products=all",
         f"merit.label={engine}",
     )
-    graph.run_graph(cfg)
-    m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("merit"))
-    label = m["details"]["label"]
+    m = run_merit(cfg)
+    label = m.details["label"]
     assert label["requests"] == 120 and label["labelled"] + label["failed"] == 120
-    assert m["rows_out"] + m["rows_rejected"] == m["rows_in"] == 25
+    assert m.rows_out + m.rows_rejected == m.rows_in == 25
     failed_dir = tmp_path / "run" / "merit" / "label_rejected"
     failed = pq.read_table(failed_dir).to_pylist() if failed_dir.exists() else []
     assert len(failed) == label["failed"] and all(r[S.REASON].startswith("label: ") for r in failed)
@@ -128,3 +144,87 @@ def test_label_step_asks_for_every_product_and_accounts_for_each(ray_local, tiny
     graph.run_graph(cfg)
     m = manifest.read_complete(storage.resolve(str(tmp_path / "run2")).child("merit"))
     assert m["details"]["label"] == {"requests": 0}
+
+
+def test_rerank_needs_an_image_encoder_of_the_embed_stage(tmp_path):
+    cfg = config(tmp_path / "run", "run.stages=[catalog, merit, embed]", "merit.rerank_by=clip_image")
+    assert MeritStage().inputs(cfg) == ("catalog", "embed")
+    with pytest.raises(ConfigError, match="stage 'merit' needs 'embed' before it"):
+        graph.select(cfg)
+    for name, why in [("nope", "'nope' is not an encoder of embed.encoders"), ("caption", "image encoder")]:
+        with pytest.raises(ConfigError, match=why):
+            MeritStage().validate(config(tmp_path / "run", f"merit.rerank_by={name}"))
+    assert MeritStage().inputs(config(tmp_path / "run")) == ("catalog",)
+
+
+def unit_rows(path, column: str) -> dict[str, np.ndarray]:
+    table = pq.read_table(path, columns=[S.ID, column]).to_pylist()
+    return {r[S.ID]: np.asarray(r[column], np.float64) / np.linalg.norm(r[column]) for r in table}
+
+
+def test_rerank_by_an_encoder_after_embed(ray_local, tiny_models, tmp_path):
+    """Positives and hard negatives ranked by the mean cosine of the embed stage's vectors to the query
+    products, recomputed here from its Parquet; every composed query has at least two positives."""
+    cfg = config(
+        tmp_path / "run",
+        "run.stages=[catalog, embed, merit]",
+        "catalog.num_groups=200",
+        encoders_override(tiny_models, ("clip_image",)),
+        "merit.rerank_by=clip_image",
+        "merit.min_positives=2",
+        "merit.queries={train: 300}",
+        "merit.max_rate=0.1",
+        "merit.cold_start=false",
+        "merit.export=false",
+    )
+    assert [r.status for r in graph.run_graph(cfg)] == ["ran", "ran", "ran"]
+    run = tmp_path / "run"
+    m = manifest.read_complete(storage.resolve(str(run)).child("merit"))
+    assert (
+        m["details"]["rerank_by"] == "clip_image" and m["details"]["splits"]["train"]["without_vector"] == 0
+    )
+    catalog = pq.read_table(
+        run / "catalog" / "data", columns=[S.ID, S.GROUP_ID, S.CLASS, S.ATTRIBUTES, S.SPLIT]
+    )
+    products = {p[S.ID]: p for p in catalog.to_pylist() if p[S.SPLIT] == "train"}
+    unit = unit_rows(run / "embed" / "data", S.embedding_column("clip_image"))
+    rows = pq.read_table(run / "merit" / "data").to_pylist()
+    assert len(rows) >= 10
+
+    def sims(query: list[str], ids) -> np.ndarray:
+        centre = np.mean([unit[q] for q in query], axis=0)
+        return np.array([unit[i] @ centre for i in ids])
+
+    best_first = 0
+    for r in rows:
+        query, kept, hard = r[S.QUERY_IMAGE_IDS], r[S.POSITIVE_IDS], r[S.HARD_NEGATIVE_IDS]
+        assert len(kept) >= 2
+        conditions = [
+            (products[q][S.ATTRIBUTES][k], k) for q, k in zip(query, r[S.CONDITION_KEYS], strict=True)
+        ]
+        met = {
+            pid: sum(p[S.ATTRIBUTES][k] == v for v, k in conditions)
+            for pid, p in products.items()
+            if p[S.CLASS] == r[S.CLASS] and pid not in query
+        }
+        positives = [pid for pid, n in met.items() if n == len(conditions)]
+        near = [pid for pid, n in met.items() if n == len(conditions) - 1]
+        score = dict(zip(positives + near, sims(query, positives + near), strict=True))
+        top = max(score[p] for p in positives)
+        if score[kept[0]] >= top - 1e-5:
+            best_first += 1
+            rest = positives
+        else:  # group_first's target, kept first by design: a variant of the first query product
+            assert products[kept[0]][S.GROUP_ID] == products[query[0]][S.GROUP_ID]
+            rest = [p for p in positives if p != kept[0]]
+            kept = kept[1:]
+        want = sorted((score[p] for p in rest), reverse=True)[: len(kept)]
+        np.testing.assert_allclose([score[p] for p in kept], want, atol=1e-5)
+        groups = {products[q][S.GROUP_ID] for q in query}
+        tiers = [
+            [n for n in near if (products[n][S.GROUP_ID] in groups) == sibling] for sibling in (True, False)
+        ]
+        want = [s for tier in tiers for s in sorted((score[n] for n in tier), reverse=True)][: len(hard)]
+        assert len(hard) == min(cfg.merit.hard_negatives, len(near))
+        np.testing.assert_allclose([score[n] for n in hard], want, atol=1e-5)
+    assert best_first >= len(rows) // 2  # most queries are not group_first's

@@ -12,7 +12,6 @@ from PIL import Image
 
 from coral import graph, manifest, storage
 from coral import schemas as S
-from coral.catalog.products import hashed_split
 from coral.config import load_config
 from coral.errors import ConfigError
 from coral.merit import formats
@@ -69,12 +68,11 @@ def overrides(root: str, data: str) -> list[str]:
         "run.stages=[catalog, import_triplets]",
         "catalog.source=products",
         f"catalog.products={data}/candidates.json",
-        "catalog.test_fraction=0.5",
+        "catalog.test_fraction=0.0",  # every product trainable: the queries name any of them
         "catalog.num_tasks=2",  # two Ray tasks read the images
         "imports.format=merit",
         f"imports.queries={data}/queries.json",
         f"imports.candidates={data}/candidates.json",
-        "imports.test_fraction=0.3",
     ]
 
 
@@ -90,7 +88,7 @@ def check_run(root: storage.Location, files: dict[str, bytes]) -> None:
     assert dict(zip(ids, catalog[S.IMAGE].to_pylist(), strict=True)) == {
         str(1001 + i): files[f"images/{1001 + i}.png"] for i in range(N)
     }
-    assert catalog[S.SPLIT].to_pylist() == [hashed_split(0, i, 0.5) for i in ids]
+    assert catalog[S.SPLIT].to_pylist() == ["train"] * len(ids)
     assert set(catalog[S.CLASS].to_pylist()) == {"product"} and set(catalog[S.LANGUAGE].to_pylist()) == {"en"}
     rejected = read("catalog", "rejected").to_pylist()
     assert len(rejected) == 1
@@ -104,9 +102,8 @@ def check_run(root: storage.Location, files: dict[str, bytes]) -> None:
     assert len(triplets) == 30
     for t in triplets:
         assert set(t[S.QUERY_IMAGE_IDS]) | set(t[S.POSITIVE_IDS]) <= set(ids), t[S.QUERY_ID]
-        assert t[S.SPLIT] == hashed_split(0, t[S.QUERY_ID], 0.3)
-    splits = [t[S.SPLIT] for t in triplets]
-    assert 0 < splits.count("test") < len(splits)  # held-out queries for evaluate
+        assert t[S.SPLIT] == "train"
+    assert manifest.read_complete(root.child("import_triplets"))["details"]["checked_against_catalog"]
     # what train/index/evaluate do with the catalog: every product a triplet names decodes
     products = step.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
     for t in triplets:
@@ -151,11 +148,12 @@ def test_imported_data_graph_is_accepted(tiny_models):
     base = [
         "catalog.source=products",
         "catalog.products=/data/merit/candidates.json",
-        "imports.queries=/data/merit/queries.json",
-        "imports.test_fraction=0.2",
+        "catalog.test_products=/data/merit/candidates-test.json",
+        "imports.queries=/data/merit/queries-train.json",
+        "imports.test_queries=/data/merit/queries-test.json",
         "train.data=[import_triplets]",
         f"train.base={tiny_models['qwen2_vl']}",
-        "index.candidates=all",
+        "index.candidates=test",
     ]
     cfg = load_config(None, [stages, *base])
     names = graph.select(cfg)

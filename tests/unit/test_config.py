@@ -170,3 +170,52 @@ def test_train_section_errors_name_the_setting(tmp_path, tiny_models):
         TrainStage().validate(
             load_config(None, [f"train.base={qwen}", f"train.compare=[{{model: mmret_mllm, base: {clip}}}]"])
         )
+
+
+def test_an_overlay_merges_over_the_workflow_then_overrides_apply(tmp_path):
+    from coral.config import merge
+
+    assert merge(
+        {"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"c": [3]}, "d": None, "e": {"f": None, "g": 2}}
+    ) == {
+        "a": {"b": 1, "c": [3]},  # a list replaces
+        "e": {"g": 2},  # null restores the default, also in a new mapping
+    }
+    overlay = tmp_path / "local.yaml"
+    overlay.write_text("run: {run_root: 'runs/{name}-local'}\ntrain: {steps: 20, use_gpu: false}\n")
+    cfg = load_config(REPO / "workflows" / "merit.yaml", ["train.steps=5"], [overlay])
+    assert cfg.run.run_root == "runs/merit-local" and cfg.train.steps == 5 and cfg.train.use_gpu is False
+    assert cfg.train.base == "Qwen/Qwen2.5-VL-3B-Instruct"  # the rest is the workflow's
+    with pytest.raises(ConfigError, match=r"merit.yaml with .*local.yaml.*train\.nope"):
+        overlay.write_text("train: {nope: 1}\n")
+        load_config(REPO / "workflows" / "merit.yaml", [], [overlay])
+
+
+@pytest.mark.parametrize("workflow", ["megapairs.yaml", "merit.yaml"])
+def test_the_local_overlay_leaves_no_gpu_no_hub_id_and_no_bucket(workflow):
+    from coral import graph
+
+    cluster = load_config(REPO / "workflows" / workflow)
+    cfg = load_config(REPO / "workflows" / workflow, [], [REPO / "workflows" / "overlays" / "local.yaml"])
+    assert graph.select(cfg) == list(cluster.run.stages)  # the same stages
+    assert cfg.evaluate.metrics == cluster.evaluate.metrics and cfg.evaluate.splits == cluster.evaluate.splits
+    assert not cfg.run.run_root.startswith("s3://") and not cfg.train.use_gpu
+    for section in (*cfg.embed.encoders, cfg.annotate.describe, cfg.annotate.instruct, cfg.index):
+        assert section.num_gpus == 0 and section.accelerator_type == ""
+        assert getattr(section, "kind", "hf") != "vllm"
+    for dep in (cfg.serve.encoder, cfg.serve.index, cfg.serve.ingress):
+        assert dep.num_gpus == 0 and not dep.autoscaling
+    assert cfg.serve.host == "127.0.0.1"
+    models = [e.model for e in cfg.embed.encoders] + [cfg.annotate.describe.model, cfg.train.base]
+    assert all(m.startswith("models/tiny/") for m in models)
+
+
+def test_evaluate_metrics_and_gate_are_checked():
+    cfg = load_config(None, ["evaluate.metrics=[circo, merit]", "evaluate.gate={mAP@5: 0.1}"])
+    assert cfg.evaluate.metrics == ("circo", "merit")
+    with pytest.raises(ConfigError, match="evaluate.metrics"):
+        load_config(None, ["evaluate.metrics=[cirr]"])
+    with pytest.raises(ConfigError, match="evaluate.gate"):
+        load_config(None, ["evaluate.gate={mAP@5: 0.1}"])  # merit only by default
+    with pytest.raises(ConfigError, match=r"merit: ood: axes must be among"):
+        load_config(None, ["merit.ood=[colour]"])

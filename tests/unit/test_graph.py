@@ -128,3 +128,19 @@ def test_summary_table_lists_every_stage():
     header, rule, row = text.splitlines()
     assert header.split() == ["stage", "status", "rows_in", "rows_out", "rejected", "seconds"]
     assert row.split() == ["catalog", "ran", "0", "240", "1", "2.2"]
+
+
+def test_a_stage_that_writes_nothing_fails_with_its_top_rejection_reasons(tmp_path, stages):
+    def nothing(ctx):
+        return StageResult(rows_in=9, rows_out=0, rejected={"judge said no": 6, "no positive": 2, "odd": 1})
+
+    stages["b"].run = nothing
+    with pytest.raises(graph.StageFailed) as e:
+        graph.run_graph(cfg(tmp_path))
+    assert "stage 'b' failed: EmptyOutput: b wrote 0 rows (9 in)" in str(e.value)
+    assert "6 x judge said no; 2 x no positive; 1 x odd" in str(e.value)
+    d = tmp_path / "run" / "b"
+    assert (
+        not (d / "_SUCCESS").exists() and json.loads((d / "manifest.json").read_text())["status"] == "failed"
+    )
+    assert not (tmp_path / "run" / "c").exists()  # the next stage never saw an empty table

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from coral import checkpoint
+from coral import schemas as S
 from coral.config import IndexConfig, IndexStageConfig
 from coral.mining import knn
 from coral.stages import evaluate
@@ -70,10 +71,55 @@ def test_gate_names_metric_value_and_bar():
 
 def test_scores_by_group_count_every_query():
     rows = [
-        {"num_conditions": c, "language": lang, "class": "mug"}
+        {"source": "merit", "num_conditions": c, "language": lang, "class": "mug"}
         for c, lang in [(2, "en"), (3, "th"), (2, "en")]
     ]
     s = evaluate.score([1, -1, 4], rows, resamples=100)
     assert s["queries"] == 3 and s["R@1"] == pytest.approx(1 / 3)
     assert s["by"]["conditions"]["2"] == {"R@1": 0.5, "R@5": 1.0, "R@10": 1.0, "MRR@10": 0.625, "queries": 2}
     assert s["by"]["language"]["th"]["R@10"] == 0.0
+
+
+def test_scores_in_and_out_of_distribution_apart_and_any_metric_family():
+    from coral.config import EvaluateConfig
+
+    rows = [
+        {
+            S.QUERY_ID: q,
+            "source": "merit",
+            "num_conditions": 2,
+            "language": "en",
+            "class": "mug",
+            S.POSITIVE_IDS: p,
+        }
+        for q, p in [("q1", ["x"]), ("q2", ["y", "z"]), ("q3", ["w"])]
+    ]
+    ranked = [["x", "a", "b"], ["a", "z", "y"], ["a", "b", "c"]]
+    cfg = EvaluateConfig(metrics=("circo", "recall", "merit"), recall_k=(1, 3), map_k=(3,))
+    values = evaluate.per_query_values(cfg, ranked, rows)
+    assert list(values) == ["mAP@3", "Recall@1", "Recall@3", "R@1", "R@5", "R@10", "MRR@10"]
+    ranks = [1, 2, -1]
+    ood = {"language": {"q2": "ood_language_th", "q1": "train"}}
+    s = evaluate.score(ranks, rows, 50, ood, values)
+    assert s["mAP@3"] == pytest.approx((1 + (1 / 2 + 2 / 3) / 2 + 0) / 3)
+    assert s["Recall@1"] == pytest.approx(1 / 3) and s["Recall@3"] == pytest.approx(2 / 3)
+    assert s["in_distribution"]["queries"] == 2 and s["in_distribution"]["R@1"] == pytest.approx(0.5)
+    assert s["ood"]["language"] == {
+        "ood_language_th": pytest.approx({**{k: v[1] for k, v in values.items()}, "queries": 1})
+    }
+    assert set(s["by"]) == {"source", "conditions", "language", "class"}
+
+
+def test_mmeb_precision_at_1_over_each_querys_own_candidates():
+    import numpy as np
+
+    cands = ["p", "n1", "n2", "q"]
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]], np.float32)
+    rows = [
+        {S.POSITIVE_IDS: ["p"], S.HARD_NEGATIVE_IDS: ["n1", "n2"]},  # query along p: right
+        {S.POSITIVE_IDS: ["p"], S.HARD_NEGATIVE_IDS: ["n1"]},  # query along n1: wrong
+        {S.POSITIVE_IDS: ["gone"], S.HARD_NEGATIVE_IDS: ["n1"]},  # positive outside the pool: a miss
+        {S.POSITIVE_IDS: ["q"], S.HARD_NEGATIVE_IDS: ["missing"]},  # no negative in the pool: right
+    ]
+    q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    assert evaluate.precision_at_1(q, rows, cands, emb).tolist() == [1.0, 0.0, 0.0, 1.0]

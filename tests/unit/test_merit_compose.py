@@ -45,7 +45,10 @@ def catalog(cls: str, n: int, prefix: str, split: str = "train", languages=("en"
 
 POOL = catalog("mug", 120, "m") + catalog("hat", 60, "h")
 BY_ID = {p["id"]: p for p in POOL}
-WIDE = C.ComposeParams(num_queries=300, max_rate=0.2, max_positives=10_000, hard_negatives=10_000)
+# every positive and near miss kept, queries with one positive too (four-condition queries have few)
+WIDE = C.ComposeParams(
+    num_queries=300, max_rate=0.2, min_positives=1, max_positives=10_000, hard_negatives=10_000
+)
 
 
 def satisfied(product: dict, row: dict) -> int:
@@ -166,6 +169,118 @@ def test_similarity_picks_the_most_similar_positives():
     assert all(r[S.QUERY_IMAGE_IDS] in calls for r in rows)  # scored against each kept query's products
 
 
+def two_condition_pool(matches: int) -> list[dict]:
+    """60 mugs: q1 (red, solid), q2 (blue, striped), ``matches`` red striped ones, the rest blue solid."""
+
+    def mug(pid, colour, pattern):
+        attrs = {"colour": colour, "pattern": pattern}
+        return {
+            "id": pid,
+            "group_id": pid,
+            "class": "mug",
+            "attributes": attrs,
+            "title": pid,
+            "split": "train",
+        }
+
+    rows = [mug("q1", "red", "solid"), mug("q2", "blue", "striped")]
+    rows += [mug(f"r{i}", "red", "striped") for i in range(matches)]
+    return rows + [mug(f"f{i:02d}", "blue", "solid") for i in range(60 - len(rows))]
+
+
+def test_min_positives_rejects_one_positive_and_keeps_two():
+    constraints = [("colour", "red"), ("pattern", "striped")]
+    assert C.ComposeParams().min_positives == 2  # MERIT's bound is the default
+    for matches, want in [(1, "1 positives < min_positives 2"), (2, None)]:
+        ix = C.ProductIndex(two_condition_pool(matches))
+        query = [ix.position["q1"], ix.position["q2"]]
+        found = C.select(ix, np.random.default_rng(0), "mug", constraints, query, None, C.ComposeParams())
+        if want is None:
+            kept, _ = found
+            assert sorted(ix.ids[p] for p in kept) == ["r0", "r1"]
+        else:
+            assert found == want
+    # with a bound of 1 the single positive is kept
+    ix = C.ProductIndex(two_condition_pool(1))
+    query = [ix.position["q1"], ix.position["q2"]]
+    one = C.ComposeParams(min_positives=1)
+    kept, _ = C.select(ix, np.random.default_rng(0), "mug", constraints, query, None, one)
+    assert [ix.ids[p] for p in kept] == ["r0"]
+    with pytest.raises(ValueError, match="max_positives 1 < min_positives 2"):
+        C.ComposeParams(max_positives=1)
+
+
+def test_min_positives_drops_exactly_the_queries_with_one_positive():
+    """Same seed, bound 1 vs 2: the draws are the same, the bound only drops rows (with the reason)."""
+    loose, _ = C.compose_table(POOL, C.ComposeParams(num_queries=200, max_rate=0.2, min_positives=1), seed=9)
+    strict, rejected = C.compose_table(POOL, C.ComposeParams(num_queries=200, max_rate=0.2), seed=9)
+    single = [r for r in loose if len(brute_force(r)[0]) == 1]
+    assert single and strict
+    assert strict == [r for r in loose if len(brute_force(r)[0]) >= 2]
+    reasons = {r[S.ID]: r[S.REASON] for r in rejected}
+    for r in single:
+        assert reasons[r[S.QUERY_ID]].endswith(": 1 positives < min_positives 2")
+    assert all(len(r[S.POSITIVE_IDS]) >= 2 for r in strict)
+
+
+def test_similarity_puts_a_preferred_positive_first():
+    params = C.ComposeParams(num_queries=80, method_weights=(1, 0, 0), max_rate=0.2)
+    plain, _ = C.compose_table(POOL, params, seed=4)
+    favourite = {tuple(r[S.QUERY_IMAGE_IDS]): max(brute_force(r)[0]) for r in plain}  # the last id
+
+    def similarity(query_ids, candidate_ids):
+        return [1.0 if c == favourite[tuple(query_ids)] else 0.0 for c in candidate_ids]
+
+    ranked, _ = C.compose_table(POOL, params, seed=4, similarity=similarity)
+    assert [r[S.QUERY_IMAGE_IDS] for r in ranked] == [r[S.QUERY_IMAGE_IDS] for r in plain]  # same draws
+    assert sum(r[S.POSITIVE_IDS][0] != favourite[tuple(r[S.QUERY_IMAGE_IDS])] for r in plain) > 5
+    for r in ranked:
+        assert r[S.POSITIVE_IDS][0] == favourite[tuple(r[S.QUERY_IMAGE_IDS])]
+        # the rest tie at 0: in id order
+        assert r[S.POSITIVE_IDS][1:] == sorted(brute_force(r)[0] - {r[S.POSITIVE_IDS][0]})[:2]
+
+
+def mean_cosine(vectors: dict[str, np.ndarray], query: list[str], candidates) -> np.ndarray:
+    unit = {k: v / np.linalg.norm(v) for k, v in vectors.items()}
+    centre = np.mean([unit[q] for q in query], axis=0)
+    return np.array([float(unit[c] @ centre) for c in candidates])
+
+
+def test_embedding_similarity_ranks_positives_and_hard_negatives():
+    rng = np.random.default_rng(0)
+    vectors = {p["id"]: rng.normal(size=8).astype(np.float32) for p in POOL}
+    ids = sorted(vectors)
+    similarity = C.embedding_similarity(ids, np.stack([vectors[i] for i in ids]))
+    params = C.ComposeParams(num_queries=120, method_weights=(1, 1, 0), max_rate=0.2, hard_negatives=4)
+    rows, _ = C.compose_table(POOL, params, seed=11, similarity=similarity)
+    assert len(rows) > 10
+    for r in rows:
+        query = r[S.QUERY_IMAGE_IDS]
+        positives, near = brute_force(r)
+        kept = mean_cosine(vectors, query, r[S.POSITIVE_IDS])
+        best = np.sort(mean_cosine(vectors, query, positives))[::-1][: len(kept)]
+        np.testing.assert_allclose(kept, best, atol=1e-6)  # the most similar, most similar first
+        groups = {BY_ID[q]["group_id"] for q in query}
+        siblings = [n for n in near if BY_ID[n]["group_id"] in groups]
+        others = [n for n in near if BY_ID[n]["group_id"] not in groups]
+        want = np.concatenate(
+            [-np.sort(-mean_cosine(vectors, query, tier)) for tier in (siblings, others) if tier]
+        )[: params.hard_negatives]
+        np.testing.assert_allclose(mean_cosine(vectors, query, r[S.HARD_NEGATIVE_IDS]), want, atol=1e-6)
+    assert any(len(r[S.HARD_NEGATIVE_IDS]) == params.hard_negatives for r in rows)
+
+
+def test_embedding_similarity_known_values():
+    sim = C.embedding_similarity(["a", "b", "c"], np.array([[1, 0], [0, 2], [1, 1]], np.float32))
+    got = sim(["a", "b"], ["c", "d", "a"])
+    np.testing.assert_allclose(got[[0, 2]], [np.sqrt(0.5), 0.5], atol=1e-6)
+    assert got[1] == -np.inf  # no vector: ranked last
+    np.testing.assert_allclose(sim(["a", "missing"], ["b", "c"]), [0.0, np.sqrt(0.5)], atol=1e-6)
+    assert list(sim(["missing"], ["a", "b"])) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="one vector per id"):
+        C.embedding_similarity(["a"], np.zeros((2, 3)))
+
+
 def test_text_forms():
     assert C.query_text("mug", [("colour", "A"), ("pattern", "B"), ("size", "C")]) == (
         "Find a product of mug that have the same colour with <Product 1> <image>\nA </Product 1> "
@@ -186,7 +301,7 @@ def test_cold_start_from_near_duplicate_pairs():
     mugs = catalog("mug", 120, "m")
     pairs = C.near_duplicate_pairs(mugs)
     assert len(pairs) == 120 and pairs[:2] == [("m0000", "m0001", "colour"), ("m0001", "m0000", "colour")]
-    rows, rejected = C.cold_start_queries(mugs, seed=0)
+    rows, rejected = C.cold_start_queries(mugs, seed=0)  # min_positives (2 by default) does not apply
     assert len(rows) == 120 and not rejected
     row = rows[0]
     assert row[S.QUERY_ID] == "merit_cold-00000000" and row[S.SOURCE] == "merit_cold"
