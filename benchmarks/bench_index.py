@@ -105,6 +105,8 @@ def evaluate_end_to_end() -> dict:
                 "merit.queries={train: 100, test: 16000}",  # about two thirds are kept
                 "merit.cold_start=false",
                 "merit.export=false",
+                "merit.rerank_by=null",  # no embed stage here: positives in seeded order
+                "train.data=[merit]",
                 f"index.model={base}",
                 "index.kind=mmret_mllm",
                 "index.num_actors=2",

@@ -65,6 +65,8 @@ def main() -> dict:
                 f"run.run_root={tmp}/run",
                 "run.stages=[catalog, merit, train]",
                 "merit.export=false",
+                "merit.rerank_by=null",  # no embed stage here: positives in seeded order
+                "train.data=[merit]",
                 f"train.base={base}",
                 f"train.steps={STEPS}",
                 f"train.checkpoint_every={STEPS}",
