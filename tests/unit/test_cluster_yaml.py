@@ -18,6 +18,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from tests.dockerfile import base_images
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "cluster.yaml"
 DOCKERFILE = REPO / "cluster" / "Dockerfile"
@@ -56,20 +58,7 @@ def pins() -> dict[str, str]:
 
 
 def dockerfile_from() -> list[str]:
-    """The images of the Dockerfile's FROM lines (continuations joined, comments dropped)."""
-    images, pending = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        instruction, _, rest = pending.strip().partition(" ")
-        if instruction.upper() == "FROM":
-            images.append(rest.split()[0])
-        pending = ""
-    return images
+    return base_images(DOCKERFILE)
 
 
 def ray_image(image: str) -> re.Match:

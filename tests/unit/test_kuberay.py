@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.dockerfile import steps
+
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "cluster" / "kuberay"
 DOCKERFILE = REPO / "cluster" / "Dockerfile"
@@ -275,20 +277,7 @@ def test_rayservice_matches_the_workflow():
 
 
 def dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comment lines dropped."""
-    out, pending = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        if pending.strip():
-            instruction, _, rest = pending.strip().partition(" ")
-            out.append((instruction.upper(), rest.strip()))
-        pending = ""
-    return out
+    return steps(DOCKERFILE)
 
 
 def test_dockerfile():
