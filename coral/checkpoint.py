@@ -4,7 +4,8 @@ content hash, its embedding size, and the index bound to it.
 A checkpoint is an exported Hugging Face dir (model + processor) on local disk or object storage, or a hub
 id. Its hash is the SHA-256 of its files' names and bytes (a hub id hashes to the id itself): two dirs with
 the same weights and processor have the same hash wherever they live. ``local_dir`` copies an ``s3://``
-dir once into a local cache, so every actor on every node can load it through the one loader.
+dir once into a local cache keyed by its content, so every actor on every node can load it through the
+one loader and a rewritten checkpoint is never served from a stale copy.
 """
 
 from __future__ import annotations
@@ -57,12 +58,26 @@ def content_hash(uri: str, cfg: StorageConfig | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def local_dir(uri: str, cfg: StorageConfig | None = None) -> str:
-    """A local dir (or hub id) the loader can read: ``s3://`` dirs are copied once into a cache."""
+def listing_fingerprint(uri: str, cfg: StorageConfig | None = None) -> str:
+    """A cheap stand-in for the content hash: every file's name, size and modification time (rewriting
+    an object on S3 changes its time), without reading the bytes."""
+    loc, files = _files(uri, cfg)
+    infos = loc.fs.get_file_info(files)
+    h = hashlib.sha256()
+    for info in sorted(infos, key=lambda i: i.path):
+        h.update(f"{posixpath.relpath(info.path, loc.path)}\0{info.size}\0{info.mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def local_dir(uri: str, cfg: StorageConfig | None = None, content: str | None = None) -> str:
+    """A local dir (or hub id) the loader can read: an ``s3://`` dir is copied once into a cache keyed by
+    its URI and its content (``content``, the checkpoint's hash when the caller has it, else the listing's
+    fingerprint), so a checkpoint rewritten at the same URI is fetched again, never served stale."""
     if not uri.startswith("s3://"):
         return uri
+    key = content or listing_fingerprint(uri, cfg)
     cache = os.path.join(
-        tempfile.gettempdir(), "coral-checkpoints", hashlib.sha1(uri.encode()).hexdigest()[:16]
+        tempfile.gettempdir(), "coral-checkpoints", hashlib.sha1(f"{uri}\0{key}".encode()).hexdigest()[:16]
     )
     done = os.path.join(cache, ".complete")
     if not os.path.exists(done):
@@ -93,7 +108,8 @@ def embedding_dim(model_dir: str) -> int:
 
 
 def describe(uri: str, kind: str, cfg: StorageConfig | None = None) -> Checkpoint:
-    return Checkpoint(uri, kind, content_hash(uri, cfg), embedding_dim(local_dir(uri, cfg)))
+    digest = content_hash(uri, cfg)
+    return Checkpoint(uri, kind, digest, embedding_dim(local_dir(uri, cfg, digest)))
 
 
 class IndexMismatch(ConfigError):

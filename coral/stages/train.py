@@ -55,12 +55,14 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return ds
 
 
-def resume_key(cfg: TrainConfig) -> str:
-    """What a checkpoint must share with the run to be resumed from: everything but the step budget and
-    the resources (a longer run continues a shorter one; a different model or data starts over)."""
+def resume_key(cfg: TrainConfig, inputs: dict[str, str]) -> str:
+    """What a checkpoint must share with the run to be resumed from: the train section but the step budget
+    and the resources, and the lineage hashes of its inputs (``inputs``: stage -> manifest hash). A longer
+    run on the same data continues a shorter one; another model, setting or data starts over."""
     from coral.config import section_hash_dict
 
-    return stable_hash({k: v for k, v in section_hash_dict(cfg).items() if k != "steps"})
+    section = {k: v for k, v in section_hash_dict(cfg).items() if k != "steps"}
+    return stable_hash({"train": section, "inputs": dict(sorted(inputs.items()))})
 
 
 def latest_checkpoint(root, key: str) -> ray.train.Checkpoint | None:
@@ -200,7 +202,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
     from coral.train.loop import train_loop
 
     cfg = dataclasses.replace(cfg, base=loader.resolve(cfg.base))  # workers' cwd differs
-    key = resume_key(cfg)
+    key = resume_key(cfg, {i: ctx.manifest(i)["hash"] for i in TrainStage().inputs(ctx.config)})
     checkpoints = ctx.root.child("_checkpoints", "train")
     if not checkpoints.is_s3:
         checkpoints.fs.create_dir(checkpoints.path, recursive=True)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from coral import graph, manifest, storage
+from coral import checkpoint, graph, manifest, storage
 from coral import schemas as S
 from coral.config import load_config
 from coral.models import loader
@@ -20,7 +20,7 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def config(root, tiny_models, steps):
+def config(root, tiny_models, steps, *extra):
     return load_config(
         REPO / "workflows" / "ci_small.yaml",
         [
@@ -34,6 +34,7 @@ def config(root, tiny_models, steps):
             "train.checkpoint_every=10",
             "train.batch_size=4",
             "train.validation_queries=40",
+            *extra,
         ],
     )
 
@@ -80,6 +81,12 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
     assert m["rows_out"] == 30 and m["details"]["resumed_from_step"] == 20
     assert len(json.loads((root / "train" / "metrics.json").read_text())["history"]) == 30
+    # new data (another merit seed: other queries) trains from step 0, never from the old data's checkpoint
+    before = checkpoint.content_hash(str(root / "train" / "model"))
+    graph.run_graph(config(root, tiny_models, 10, "merit.seed=5"))
+    m = manifest.read_complete(storage.resolve(str(root)).child("train"))
+    assert m["rows_out"] == 10 and m["details"]["resumed_from_step"] == 0
+    assert checkpoint.content_hash(str(root / "train" / "model")) != before
 
 
 def test_zero3_export_holds_every_full_tensor(ray_local, tiny_models, tmp_path):

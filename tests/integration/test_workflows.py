@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from coral import manifest, storage
+from coral import graph, manifest, storage
 from coral import schemas as S
 from coral.config import load_config
 from tests.conftest import REPO, annotate_override, encoders_override, free_port
@@ -36,8 +36,8 @@ def tiny(tiny_models) -> list[str]:
 
 
 def run(workflow: str, overrides: list[str]) -> subprocess.CompletedProcess:
-    """``python -m ray_jobs.run --config workflows/{workflow}.yaml --overlay workflows/overlays/local.yaml ...``, as
-    a user types it."""
+    """``python -m ray_jobs.run --config workflows/{workflow}.yaml --overlay workflows/overlays/local.yaml
+    ...``, as a user types it."""
     cmd = [sys.executable, "-m", "ray_jobs.run", "--config", f"workflows/{workflow}.yaml"]
     return subprocess.run(
         [*cmd, "--overlay", str(OVERLAY), *overrides], cwd=REPO, capture_output=True, text=True, timeout=840
@@ -75,7 +75,7 @@ def draw(shape: str, colour: tuple, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def image_folder(folder: Path, n: int = 96) -> Path:
+def image_folder(folder: Path, n: int = 64) -> Path:
     """``n`` PNGs under ``images/`` and ``products.jsonl`` of ``{id, title (the caption), image}``."""
     (folder / "images").mkdir(parents=True)
     lines = []
@@ -88,21 +88,29 @@ def image_folder(folder: Path, n: int = 96) -> Path:
     return folder / "products.jsonl"
 
 
-def test_megapairs_yaml_runs_in_miniature_and_evaluates_held_out_images_only(tiny_models, tmp_path):
+def test_the_command_line_merges_the_overlay_over_the_workflow():
+    """``--overlay`` reaches the config: a bad key anywhere is reported against the workflow and the
+    overlay, exit code 2, before Ray starts."""
+    r = run("megapairs", ["train.no_such_key=1"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "workflows/megapairs.yaml with" in r.stderr and "overlays/local.yaml" in r.stderr
+    assert "train.no_such_key" in r.stderr
+
+
+def test_megapairs_yaml_runs_in_miniature_and_evaluates_held_out_images_only(
+    ray_local, tiny_models, tmp_path
+):
     products = image_folder(tmp_path / "data")
     root = tmp_path / "run"
-    r = run(
-        "megapairs",
-        [
-            f"run.run_root={root}",
-            f"catalog.products={products}",
-            "catalog.test_fraction=0.3",  # 96 images: a held-out part large enough to pair among itself
-            f"serve.port={free_port()}",
-            *tiny(tiny_models),
-        ],
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    config = load_config(REPO / "workflows" / "megapairs.yaml", [], [OVERLAY])
+    overrides = [
+        f"run.run_root={root}",
+        f"catalog.products={products}",
+        "catalog.test_fraction=0.3",  # 64 images: a held-out part large enough to pair among itself
+        f"serve.port={free_port()}",
+        *tiny(tiny_models),
+    ]
+    config = load_config(REPO / "workflows" / "megapairs.yaml", overrides, [OVERLAY])
+    assert [r.status for r in graph.run_graph(config)] == ["ran"] * len(config.run.stages)
     m = manifests(root, config.run.stages)
     for stage in ("catalog", "embed", "annotate", "index", "evaluate", "serve"):
         assert m[stage]["rows_in"] == m[stage]["rows_out"] + m[stage]["rows_rejected"], stage
@@ -146,15 +154,13 @@ def test_megapairs_yaml_runs_in_miniature_and_evaluates_held_out_images_only(tin
 def merit_release(ray_local, folder: Path) -> Path:
     """MERIT's released layout (queries-{train,test}.json, candidates-{train,test}.json, images/), written
     by the project's own MERIT export of a synthetic catalog."""
-    from coral import graph
-
     cfg = load_config(
         REPO / "workflows" / "ci_small.yaml",
         [
             f"run.run_root={folder / 'source'}",
             "run.stages=[catalog, merit]",
             "catalog.num_groups=120",
-            "merit.queries={train: 400, test: 300}",
+            "merit.queries={train: 200, test: 200}",
             "merit.max_rate=0.15",  # 90 test products over 14 classes: 2 positives need more than 5%
             "merit.export=true",
         ],
@@ -174,22 +180,19 @@ def test_merit_yaml_runs_in_miniature_on_merits_protocol(ray_local, tiny_models,
         "queries-train.json",
     ]
     root = tmp_path / "run"
-    r = run(
-        "merit",
-        [
-            f"run.run_root={root}",
-            f"catalog.products={export / 'candidates-train.json'}",
-            f"catalog.test_products={export / 'candidates-test.json'}",
-            f"imports.queries={export / 'queries-train.json'}",
-            f"imports.candidates={export / 'candidates-train.json'}",
-            f"imports.test_queries={export / 'queries-test.json'}",
-            f"imports.test_candidates={export / 'candidates-test.json'}",
-            f"serve.port={free_port()}",
-            *tiny(tiny_models),
-        ],
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    config = load_config(REPO / "workflows" / "merit.yaml", [], [OVERLAY])
+    overrides = [
+        f"run.run_root={root}",
+        f"catalog.products={export / 'candidates-train.json'}",
+        f"catalog.test_products={export / 'candidates-test.json'}",
+        f"imports.queries={export / 'queries-train.json'}",
+        f"imports.candidates={export / 'candidates-train.json'}",
+        f"imports.test_queries={export / 'queries-test.json'}",
+        f"imports.test_candidates={export / 'candidates-test.json'}",
+        f"serve.port={free_port()}",
+        *tiny(tiny_models),
+    ]
+    config = load_config(REPO / "workflows" / "merit.yaml", overrides, [OVERLAY])  # in this process's Ray
+    assert [r.status for r in graph.run_graph(config)] == ["ran"] * len(config.run.stages)
     m = manifests(root, config.run.stages)
     for stage in ("catalog", "import_triplets", "index", "evaluate", "serve"):
         assert m[stage]["rows_in"] == m[stage]["rows_out"] + m[stage]["rows_rejected"], stage

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from coral import checkpoint
+from coral import checkpoint, storage
 from coral import schemas as S
 from coral.config import IndexConfig, IndexStageConfig
 from coral.mining import knn
@@ -123,3 +123,24 @@ def test_mmeb_precision_at_1_over_each_querys_own_candidates():
     ]
     q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
     assert evaluate.precision_at_1(q, rows, cands, emb).tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_an_s3_checkpoint_rewritten_in_place_is_fetched_again(s3_bucket):
+    """The node-local copy of an ``s3://`` checkpoint is keyed by its content: new weights at the same URI
+    are never served from the old copy."""
+    from pathlib import Path
+
+    cfg, bucket = s3_bucket
+    client = storage.boto3_client(cfg)
+    uri = f"s3://{bucket}/ckpt"
+    client.put_object(Bucket=bucket, Key="ckpt/model.safetensors", Body=b"old weights")
+    client.put_object(Bucket=bucket, Key="ckpt/config.json", Body=b"{}")
+    first = checkpoint.local_dir(uri, cfg)
+    assert (Path(first) / "model.safetensors").read_bytes() == b"old weights"
+    assert checkpoint.local_dir(uri, cfg) == first  # unchanged: the copy is reused
+    old_hash = checkpoint.content_hash(uri, cfg)
+    client.put_object(Bucket=bucket, Key="ckpt/model.safetensors", Body=b"new weights, longer")
+    second = checkpoint.local_dir(uri, cfg)
+    assert second != first and (Path(second) / "model.safetensors").read_bytes() == b"new weights, longer"
+    new_hash = checkpoint.content_hash(uri, cfg)
+    assert new_hash != old_hash and checkpoint.local_dir(uri, cfg, new_hash) != first
