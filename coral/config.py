@@ -395,6 +395,9 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     compare: tuple[dict[str, str], ...] = ()
     checkpoint_every: int = 100
+    keep_checkpoints: int = field(
+        default=2, metadata={"rerun": False}
+    )  # the newest kept (Ray Train num_to_keep)
     validation_queries: int = 200  # held-out (test split) queries scored at start and end
     num_workers: int = field(default=2, metadata={"rerun": False})
     cpus_per_worker: float = field(default=1.0, metadata={"rerun": False})
@@ -408,8 +411,8 @@ class TrainConfig:
     def __post_init__(self):
         check(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1")
         check(
-            self.hard_negatives >= 0 and self.checkpoint_every >= 1,
-            "hard_negatives >= 0, checkpoint_every >= 1",
+            self.hard_negatives >= 0 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
+            "hard_negatives >= 0, checkpoint_every >= 1, keep_checkpoints >= 1",
         )
         check(
             0 <= self.vision_mask_ratio < 1 and 0 <= self.text_mask_ratio < 1, "mask ratios must be in [0, 1)"

@@ -194,7 +194,7 @@ def check_base(cfg: TrainConfig) -> None:
 
 def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out) -> dict:
     """Train one model with Ray Train; export it to ``out``; its figures."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from coral.models import loader
@@ -229,6 +229,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
             storage_path=checkpoints.path,
             storage_filesystem=checkpoints.fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
         datasets={"train": data.pipeline(train, shared["catalog"], cfg)},
     )

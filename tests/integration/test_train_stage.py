@@ -81,6 +81,8 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
     assert m["rows_out"] == 30 and m["details"]["resumed_from_step"] == 20
     assert len(json.loads((root / "train" / "metrics.json").read_text())["history"]) == 30
+    kept = [p for p in (root / "_checkpoints" / "train").rglob("state.json")]
+    assert 1 <= len(kept) <= 2, kept  # train.keep_checkpoints: the older ones are deleted
     # new data (another merit seed: other queries) trains from step 0, never from the old data's checkpoint
     before = checkpoint.content_hash(str(root / "train" / "model"))
     graph.run_graph(config(root, tiny_models, 10, "merit.seed=5"))
