@@ -12,7 +12,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from coral import manifest, schemas, storage
@@ -59,6 +61,18 @@ class Stage(Protocol):
 
     def run(self, ctx: StageContext) -> manifest.StageResult:
         """Do the work, write data and rejected rows, and say what happened."""
+
+
+def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of equal-length float lists (embeddings) -> (n, d) float32, without a Python object per
+    value; ValueError when a row is null or the lengths differ."""
+    flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(flat) == 0:
+        return np.zeros((0, 0), np.float32)
+    lengths = pc.list_value_length(flat).to_numpy(zero_copy_only=False)
+    if flat.null_count or lengths.min() != lengths.max():
+        raise ValueError("not one vector of one length per row")
+    return np.asarray(pc.list_flatten(flat), dtype=np.float32).reshape(len(flat), -1)
 
 
 def count_rows(loc: Location) -> int:

@@ -30,7 +30,7 @@ from coral.manifest import StageResult
 from coral.mining import knn
 from coral.stages import heldout
 from coral.stages import index as index_stage
-from coral.stages.base import StageContext
+from coral.stages.base import StageContext, as_matrix
 
 NAMES = metrics.MERIT_NAMES
 GROUPS = {"source": S.SOURCE, "conditions": S.NUM_CONDITIONS, "language": S.LANGUAGE, "class": S.CLASS}
@@ -223,8 +223,7 @@ class EvaluateStage:
         q_emb = embed_queries(uri)
         ranked["trained"], sims["trained"] = hits(pool, *knn.search(index, q_emb, depth(cfg)))
         if "mmeb" in cfg.metrics:
-            pool_emb = np.asarray(candidates["embedding"].combine_chunks().flatten(), np.float32)
-            p1["trained"] = precision_at_1(q_emb, rows, pool, pool_emb.reshape(len(pool), -1))
+            p1["trained"] = precision_at_1(q_emb, rows, pool, as_matrix(candidates["embedding"]))
         if cfg.baseline:
             base = index_stage.resolve_model(ctx.config.train.base)
             cand = ray.data.read_parquet(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE])

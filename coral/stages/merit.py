@@ -29,7 +29,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -41,7 +40,7 @@ from coral.manifest import StageResult
 from coral.merit import compose, formats, llm, ood
 from coral.models.kinds import modality
 from coral.stages.annotate import step_stats
-from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
+from coral.stages.base import StageContext, as_matrix, count_rejected, count_rows, write_rejected
 
 PRODUCT_COLUMNS = [S.ID, S.GROUP_ID, S.CLASS, S.ATTRIBUTES, S.TITLE, S.LANGUAGE, S.SPLIT]
 OOD = pa.schema([(S.QUERY_ID, pa.string()), (S.SPLIT, pa.string())])
@@ -109,15 +108,11 @@ def load_embeddings(ctx: StageContext, encoder: str) -> dict[str, np.ndarray]:
     """product id -> its vector in the embed stage's column ``emb_{encoder}``."""
     src, column = ctx.data("embed"), S.embedding_column(encoder)
     table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, column])
-    ids = table.column(S.ID).to_pylist()
-    lists = table.column(column).combine_chunks()
-    if len(lists) == 0:
-        return {}
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    if lists.null_count or lengths.min() != lengths.max() or lengths[0] == 0:
-        raise RuntimeError(f"merit: embed column {column} is not one non-empty vector per row")
-    matrix = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
-    return dict(zip(ids, matrix, strict=True))
+    try:
+        matrix = as_matrix(table.column(column))
+    except ValueError as e:
+        raise RuntimeError(f"merit: embed column {column} at {src.uri}: {e}") from None
+    return dict(zip(table.column(S.ID).to_pylist(), matrix, strict=True))
 
 
 def pool_embeddings(vectors: dict[str, np.ndarray], pool: list[dict]) -> tuple[Embeddings, int]:

@@ -27,7 +27,7 @@ from coral.config import Config, MineConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult
 from coral.mining import knn, pairs, plots
-from coral.stages.base import StageContext, write_rejected
+from coral.stages.base import StageContext, as_matrix, write_rejected
 
 CHUNK = 200_000  # pairs per Parquet file
 
@@ -35,12 +35,6 @@ CHUNK = 200_000  # pairs per Parquet file
 def encoder_names(config: Config) -> list[str]:
     embedded = [e.name for e in config.embed.encoders]
     return list(config.mine.encoders) or embedded
-
-
-def as_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A list<float32> column -> (n, d) float32 without a Python object per value."""
-    flat = column.combine_chunks()
-    return np.asarray(pc.list_flatten(flat), dtype=np.float32).reshape(len(flat), -1)
 
 
 class MineStage:
