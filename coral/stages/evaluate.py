@@ -64,14 +64,18 @@ def per_query(ranks: list[int]) -> dict[str, np.ndarray]:
 
 
 def per_query_values(
-    cfg: EvaluateConfig, ranked: list[list[str]], rows: list[dict], p_at_1: np.ndarray | None = None
+    cfg: EvaluateConfig,
+    ranked: list[list[str]],
+    rows: list[dict],
+    ranks: list[int],
+    p_at_1: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every configured metric's value for each query (the metric is their mean)."""
+    """Every configured metric's value for each query (the metric is their mean); ``ranks``: MERIT's."""
     positives = [set(r[S.POSITIVE_IDS]) for r in rows]
     out: dict[str, np.ndarray] = {}
     for family in cfg.metrics:
         if family == "merit":
-            out.update(per_query([metrics.first_rank(r, p) for r, p in zip(ranked, positives, strict=True)]))
+            out.update(per_query(ranks))
         elif family == "recall":
             out.update({f"Recall@{k}": metrics.recall_per_query(ranked, positives, k) for k in cfg.recall_k})
         elif family == "circo":
@@ -127,8 +131,8 @@ def precision_at_1(
     q_emb: np.ndarray, rows: list[dict], cand_ids: list[str], cand_emb: np.ndarray
 ) -> np.ndarray:
     """MMEB's P@1 of each query over its own candidate list (its first positive, then its hard
-    negatives; those outside the pool are left out): 1.0 when the positive scores highest. A query
-    whose positive is outside the pool scores 0."""
+    negatives; those outside the pool are left out): 1.0 when the positive scores highest, so a query
+    left with no negative in the pool scores 1. A query whose positive is outside the pool scores 0."""
     where = {c: i for i, c in enumerate(cand_ids)}
     out = np.zeros(len(rows))
     for n, (q, r) in enumerate(zip(q_emb, rows, strict=True)):
@@ -238,7 +242,7 @@ class EvaluateStage:
             m: [metrics.first_rank(r, set(q[S.POSITIVE_IDS])) for r, q in zip(rr, rows, strict=True)]
             for m, rr in ranked.items()
         }
-        values = {m: per_query_values(cfg, ranked[m], rows, p1.get(m)) for m in ranked}
+        values = {m: per_query_values(cfg, ranked[m], rows, ranks[m], p1.get(m)) for m in ranked}
         scores = {m: score(ranks[m], rows, cfg.bootstrap, ood, values[m]) for m in ranked}
         out = ctx.stage_dir(self.name)
         result = {

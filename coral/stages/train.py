@@ -156,19 +156,21 @@ def training_table(ctx: StageContext, tables: dict[str, pa.Table]) -> tuple[pa.T
     a value ``merit.ood`` holds out; and their counts per stage and source (and per OOD axis dropped)."""
     axes = heldout.ood_axes(ctx.config)
     products = heldout.product_info(ctx) if axes else {}
-    kept, by_source, dropped = [], {}, {}
+    kept, by_source, dropped = [], {}, Counter()
     for stage, table in tables.items():
         train = table.filter(pc.equal(table[S.SPLIT], "train"))
         if axes:
             rows, out = heldout.training_rows(train.to_pylist(), axes, products)
             train = pa.Table.from_pylist(rows, schema=S.TRIPLETS)
-            for axis, n in out.items():
-                dropped[axis] = dropped.get(axis, 0) + n
+            dropped.update(out)
         kept.append(train)
         by_source[stage] = dict(sorted(Counter(train[S.SOURCE].to_pylist()).items()))
     details = {"rows_by_source": by_source}
     if axes:
-        details["ood_held_out"] = {"axes": {a: list(v) for a, v in axes.items()}, "rows_dropped": dropped}
+        details["ood_held_out"] = {
+            "axes": {a: list(v) for a, v in axes.items()},
+            "rows_dropped": dict(dropped),
+        }
     return pa.concat_tables(kept), details
 
 

@@ -96,9 +96,9 @@ def test_scores_in_and_out_of_distribution_apart_and_any_metric_family():
     ]
     ranked = [["x", "a", "b"], ["a", "z", "y"], ["a", "b", "c"]]
     cfg = EvaluateConfig(metrics=("circo", "recall", "merit"), recall_k=(1, 3), map_k=(3,))
-    values = evaluate.per_query_values(cfg, ranked, rows)
-    assert list(values) == ["mAP@3", "Recall@1", "Recall@3", "R@1", "R@5", "R@10", "MRR@10"]
     ranks = [1, 2, -1]
+    values = evaluate.per_query_values(cfg, ranked, rows, ranks)
+    assert list(values) == ["mAP@3", "Recall@1", "Recall@3", "R@1", "R@5", "R@10", "MRR@10"]
     ood = {"language": {"q2": "ood_language_th", "q1": "train"}}
     s = evaluate.score(ranks, rows, 50, ood, values)
     assert s["mAP@3"] == pytest.approx((1 + (1 / 2 + 2 / 3) / 2 + 0) / 3)
