@@ -12,6 +12,7 @@ import torch
 
 from coral import checkpoint
 from coral.config import StorageConfig
+from coral.device import pick
 
 
 class Embedder:
@@ -27,16 +28,13 @@ class Embedder:
         from coral.train import retrievers
 
         src = checkpoint.local_dir(model, storage_cfg)
-        self.device = loader.pick_device(device)
+        self.device = pick(device)
         self.model = loader.load_model(src, self.device, dtype).eval()
         self.retriever = retrievers.make(kind, loader.load_processor(src))
 
     def __call__(self, features: list[dict]) -> np.ndarray:
         """(len(features), dim) embeddings of the retriever's ``query`` / ``candidate`` features."""
-        batch = {
-            k: v.to(self.device, self.model.dtype if v.is_floating_point() else None)
-            for k, v in self.retriever.collate(features).items()
-        }
+        batch = self.retriever.collate(features)  # on the CPU: ``embed`` moves it to the model
         with torch.inference_mode():
             emb = torch.nn.functional.normalize(self.retriever.embed(self.model, batch).float(), dim=-1)
         return emb.cpu().numpy().astype(np.float32)

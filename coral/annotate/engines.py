@@ -71,10 +71,11 @@ class HFEngine:
     def __init__(self, cfg: EngineConfig):
         import torch
 
+        from coral.device import pick
         from coral.models import loader
 
         self.cfg, self.torch = cfg, torch
-        self.device = loader.pick_device(cfg.device)
+        self.device = pick(cfg.device)
         self.vlm = loader.model_type(cfg.model) in VLM_TYPES
         if self.vlm:
             self.processor = loader.load_processor(cfg.model)
@@ -142,6 +143,8 @@ class HFEngine:
         return [Generation(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def _generate_cached(self, splits: list[tuple[str, str]]) -> list[Generation]:
+        from coral.device import to_model
+
         encode = self.tokenizer([t for s in splits for t in s], add_special_tokens=False)["input_ids"]
         heads, tails = [tuple(h) for h in encode[0::2]], encode[1::2]
         ids, mask, groups = prefix.assemble(heads, tails, self.tokenizer.pad_token_id)
@@ -149,9 +152,11 @@ class HFEngine:
         cache = prefix.prefill_tails(self.model, heads, tails, states, self.cfg.max_new_tokens)
         rows = [r.to(self.device) for _, r in groups]
         with prefix.sharing(self.model, [states[h] for h, _ in groups], rows):
-            return self._generate(cache, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+            inputs = to_model({"input_ids": ids, "attention_mask": mask}, self.model)
+            return self._generate(cache, **inputs)
 
     def generate(self, prompts: list[list[dict]]) -> list[Generation]:
+        from coral.device import to_model
         from coral.images import decode_image
 
         if not prompts:
@@ -169,7 +174,7 @@ class HFEngine:
         batch = (
             self.processor(**kwargs) if self.vlm else self.tokenizer(texts, return_tensors="pt", padding=True)
         )
-        return self._generate(**batch.to(self.device))
+        return self._generate(**to_model(batch, self.model))
 
 
 class RateLimiter:

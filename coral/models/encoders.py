@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from coral.config import EncoderConfig
+from coral.device import pick, to_model
 from coral.errors import ConfigError
 from coral.models import loader
 from coral.models.kinds import ENCODER_KINDS
@@ -27,21 +28,20 @@ class _Base:
     def __init__(self, cfg: EncoderConfig):
         self.cfg = cfg
         self.modality = ENCODER_KINDS[cfg.kind][0]
-        self.device = loader.pick_device(cfg.device)
+        self.device = pick(cfg.device)
         self.model = loader.load_model(cfg.model, self.device, cfg.dtype)
         self.processor = loader.load_processor(cfg.model)
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         ip = getattr(self.processor, "image_processor", self.processor)
-        pixels = ip(images=images, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, dtype=self.model.dtype)
+        return to_model(ip(images=images, return_tensors="pt"), self.model)["pixel_values"]
 
     def _tokens(self, texts: list[str]) -> dict:
         tok = getattr(self.processor, "tokenizer", self.processor)
         # SigLIP was trained on max-length padding and pools the last position: pad every text alike
         padding = "max_length" if self.model.config.model_type == "siglip" else True
         batch = tok(texts, padding=padding, truncation=True, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return to_model(batch, self.model)
 
 
 class ClipImage(_Base):
@@ -81,7 +81,7 @@ class SentenceTransformer(_Base):
 
     def __init__(self, cfg: EncoderConfig):
         self.cfg = cfg
-        self.device = loader.pick_device(cfg.device)
+        self.device = pick(cfg.device)
         self.model = loader.load_model(cfg.model, self.device, cfg.dtype, generic=True)
         self.processor = loader.load_tokenizer(cfg.model)
         self.pooling = sentence_transformers_pooling(loader.resolve(cfg.model))

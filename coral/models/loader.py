@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from coral.device import pick
 from coral.errors import ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,12 +69,6 @@ def model_type(ref: str) -> str:
     return AutoConfig.from_pretrained(src).model_type
 
 
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def load_model(
     ref: str, device: str = "cpu", dtype: str = "float32", generic: bool = False
 ) -> torch.nn.Module:
@@ -89,7 +84,7 @@ def load_model(
     hf_logging.disable_progress_bar()  # one bar per actor per load is noise
     cls = AutoModel if generic else classes[kind]
     model = cls.from_pretrained(resolve(ref), dtype=DTYPES[dtype])
-    return model.to(pick_device(device)).eval()
+    return model.to(pick(device)).eval()
 
 
 def load_causal_lm(ref: str, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
@@ -99,7 +94,7 @@ def load_causal_lm(ref: str, device: str = "cpu", dtype: str = "float32") -> tor
 
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(resolve(ref), dtype=DTYPES[dtype])
-    return model.to(pick_device(device)).eval()
+    return model.to(pick(device)).eval()
 
 
 def load_tokenizer(ref: str):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coral.device import to_model
 from coral.train.heads import last_token
 
 
@@ -110,8 +111,9 @@ def encode(
 ) -> Encoded:
     """The embedding of each row of a processor ``batch`` (left padded); with ``heads``, also the two
     Coral losses (None for a term with nothing to mask)."""
+    batch = to_model(batch, model)
     ids, attention = batch["input_ids"], batch["attention_mask"]
-    inner = model.model
+    device, inner = ids.device, model.model
     embeds = inner.get_input_embeddings()(ids)
     images, kept_images, masks = [], [], []
     mask_vector = (
@@ -121,9 +123,9 @@ def encode(
         images = _image_rows(model, batch["pixel_values"], batch["image_grid_thw"])
         for rows in images:
             m = (
-                torch.rand(len(rows), generator=generator) < vision_mask_ratio
+                draw(len(rows), generator, device) < vision_mask_ratio
                 if heads is not None
-                else torch.zeros(len(rows), dtype=torch.bool)
+                else torch.zeros(len(rows), dtype=torch.bool, device=device)
             )
             masks.append(m)
             kept_images.append(
@@ -133,10 +135,10 @@ def encode(
         embeds = embeds.masked_scatter(slots[..., None], torch.cat(kept_images).to(embeds.dtype))
     mlm_positions = None
     if heads is not None and text_mask_ratio > 0:
-        special = torch.tensor(sorted(special_ids or set()), dtype=ids.dtype)
+        special = torch.tensor(sorted(special_ids or set()), dtype=ids.dtype, device=device)
         text = attention.bool() & ~torch.isin(ids, special)
-        mlm_positions = text & (torch.rand(ids.shape, generator=generator) < text_mask_ratio)
-        pad_id = torch.tensor([model.config.text_config.pad_token_id or 0], device=ids.device)
+        mlm_positions = text & (draw(ids.shape, generator, device) < text_mask_ratio)
+        pad_id = torch.tensor([model.config.text_config.pad_token_id or 0], device=device)
         pad = inner.get_input_embeddings()(pad_id)[0]
         embeds = torch.where(mlm_positions[..., None], pad.to(embeds.dtype), embeds)
     kwargs = {k: v for k, v in batch.items() if k in ("image_grid_thw", "mm_token_type_ids")}
@@ -148,8 +150,8 @@ def encode(
     if images and any(m.any() for m in masks):
         owner = _image_owner(ids, model.config.image_token_id, [len(r) for r in images])
         length = max(len(r) for r in images)
-        seqs = torch.zeros(len(images), length, embedding.shape[1], dtype=embedding.dtype)
-        pad = torch.ones(len(images), length, dtype=torch.bool)
+        seqs = torch.zeros(len(images), length, embedding.shape[1], dtype=embedding.dtype, device=device)
+        pad = torch.ones(len(images), length, dtype=torch.bool, device=device)
         for i, rows in enumerate(kept_images):
             seqs[i, : len(rows)], pad[i, : len(rows)] = rows, False
         recon = heads.reconstruct(seqs, pad, embedding[owner])
@@ -168,5 +170,10 @@ def encode(
 def _image_owner(ids: torch.Tensor, image_token: int, sizes: list[int]) -> torch.Tensor:
     """For each image (in order of appearance), the row of the batch it belongs to."""
     rows = (ids == image_token).nonzero()[:, 0]  # one entry per placeholder, row-major order
-    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    starts = torch.tensor([0, *sizes[:-1]], device=ids.device).cumsum(0)
     return rows[starts]
+
+
+def draw(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) draws from ``generator`` (a CPU generator: the same masks on any device) on ``device``."""
+    return torch.rand(shape, generator=generator).to(device)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from coral import schemas as S
+from coral.device import to_model
 from coral.train import collate
 from coral.train.heads import fuse
 
@@ -79,7 +80,7 @@ class MLLMRetriever:
     def embed(self, model, batch: dict) -> torch.Tensor:
         from coral.train.coral import encode
 
-        return encode(model, batch).embedding
+        return encode(model, batch).embedding  # ``encode`` moves the batch to the model
 
 
 class ClipRetriever:
@@ -134,15 +135,15 @@ class ClipRetriever:
         return batch
 
     def embed(self, model, batch: dict) -> torch.Tensor:
+        batch = to_model(batch, model)
         kwargs = {} if self.siglip else {"attention_mask": batch["attention_mask"]}
         text = model.get_text_features(input_ids=batch["input_ids"], **kwargs).pooler_output
         image = None
         if "pixel_values" in batch:
-            pixels = batch["pixel_values"].to(model.dtype)
-            per_image = model.get_image_features(pixel_values=pixels).pooler_output
+            per_image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
             image = torch.zeros(len(text), per_image.shape[1], dtype=per_image.dtype, device=per_image.device)
-            image = image.index_add(0, batch["image_owner"].to(per_image.device), per_image)
-        return fuse(text, image, batch["has_text"].to(text.device), batch["has_image"].to(text.device))
+            image = image.index_add(0, batch["image_owner"], per_image)
+        return fuse(text, image, batch["has_text"], batch["has_image"])
 
 
 RETRIEVERS = {"mmret_mllm": MLLMRetriever, "coral": MLLMRetriever, "mmret_clip": ClipRetriever}

@@ -132,6 +132,6 @@ def validate(
     q = embed_all(model, retriever, [query_features(retriever, r, products) for r in rows], batch_size)
     c = embed_all(model, retriever, [candidate_features(retriever, i, products) for i in pool], batch_size)
     model.train(was_training)
-    ranked = metrics.rank_candidates(q.float().numpy(), c.float().numpy(), list(pool), k=10)
+    ranked = metrics.rank_candidates(q.float().cpu().numpy(), c.float().cpu().numpy(), list(pool), k=10)
     ranks = [metrics.first_rank(r, set(row[S.POSITIVE_IDS])) for r, row in zip(ranked, rows, strict=True)]
     return {**metrics.merit_metrics(ranks), "queries": len(rows), "candidates": len(pool)}
