@@ -28,12 +28,21 @@ QWEN_SPECIAL = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+# Qwen2-VL's own chat template (its hub chat_template.json): a default system prompt when the messages bring
+# none, each image as <|vision_start|><|image_pad|><|vision_end|>
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -239,8 +248,19 @@ def _qwen_token_ids(tok) -> dict:
     )
 
 
-def build_qwen(out: Path, version: str = "2", hidden: int = 64, layers: int = 2) -> None:
-    """Tiny Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"); benchmarks pass a wider, deeper text model."""
+def build_qwen(
+    out: Path,
+    version: str = "2",
+    hidden: int = 64,
+    layers: int = 2,
+    sizes: dict | None = None,
+    max_pixels: int = 224 * 224,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> None:
+    """Tiny Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"); benchmarks pass a wider, deeper text model,
+    or ``sizes``: {"text": {...}, "vision": {...}, other top-level config keys} laid over the tiny
+    config (a real model's sizes; the GPU check's Qwen2-VL-2B), built on ``device``, saved in ``dtype``."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from coral.models import processors
@@ -278,13 +298,16 @@ def build_qwen(out: Path, version: str = "2", hidden: int = 64, layers: int = 2)
             temporal_patch_size=2,
         )
         proc_cls = processors.Qwen2_5_VLImageOnlyProcessor
-    cfg = Cfg(
-        text_config=_qwen_text_config(tok, hidden, layers), vision_config=vision, **_qwen_token_ids(tok)
-    )
+    sizes = dict(sizes or {})
+    text = {**_qwen_text_config(tok, hidden, layers), **sizes.pop("text", {})}
+    vision = {**vision, **sizes.pop("vision", {})}
+    cfg = Cfg(text_config=text, vision_config=vision, **_qwen_token_ids(tok), **sizes)
     torch.manual_seed(0)
-    model = Model(cfg)
-    model.save_pretrained(out)
-    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
+    with torch.device(device):  # where the weights are initialised: a GPU for a real-size model
+        model = Model(cfg)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    del model
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)
     proc_cls(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(out)
 
 

@@ -200,7 +200,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
     from ray.train.torch import TorchTrainer
 
     from coral.models import loader
-    from coral.train import data
+    from coral.train import curves, data
     from coral.train.loop import train_loop
 
     cfg = dataclasses.replace(cfg, base=loader.resolve(cfg.base))  # workers' cwd differs
@@ -241,6 +241,13 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
         if not out.is_s3:
             out.fs.create_dir(out.path, recursive=True)
         pafs.copy_files(str(Path(d) / "export"), out.path, destination_filesystem=out.fs)
+        board = ctx.stage_dir("train").child(
+            curves.FOLDER, cfg.model
+        )  # tensorboard --logdir <run_root>/train
+        if (Path(d) / curves.FOLDER).is_dir():
+            if not board.is_s3:
+                board.fs.create_dir(board.path, recursive=True)
+            pafs.copy_files(str(Path(d) / curves.FOLDER), board.path, destination_filesystem=board.fs)
     history = state["history"]
     first, last = history[: min(10, len(history))], history[-min(10, len(history)) :]
     return {
@@ -258,6 +265,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
         "losses_first_10": {k: round(sum(h[k] for h in first) / len(first), 4) for k in first[0]},
         "losses_last_10": {k: round(sum(h[k] for h in last) / len(last), 4) for k in last[0]},
         "export": out.uri,
+        "curves": board.uri,
         "history": history,
         "probe": state.get("probe"),
     }

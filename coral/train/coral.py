@@ -7,8 +7,8 @@ For the query and its positive, Coral adds:
   embeddings is replaced by a learned mask vector before the language model runs; a small randomly
   initialised transformer decoder sees the masked visual sequence with the final-token embedding as its
   memory and regresses the original (detached) visual embeddings; the loss is the MSE on masked positions;
-- masked language modelling: a share ``text_mask_ratio`` of the text tokens (never special tokens, pads or
-  image placeholders) is replaced by the pad token; the model's own LM head predicts the original tokens
+- masked language modelling: a share ``text_mask_ratio`` of the text tokens (never special tokens, pads,
+  image placeholders or the final token, whose state is the embedding) is replaced by the pad token; the model's own LM head predicts the original tokens
   at those positions; the loss is their cross-entropy.
 
 ``CoralHeads`` holds the mask vector and the decoder: they are trained with the model and left out of the
@@ -135,8 +135,7 @@ def encode(
         embeds = embeds.masked_scatter(slots[..., None], torch.cat(kept_images).to(embeds.dtype))
     mlm_positions = None
     if heads is not None and text_mask_ratio > 0:
-        special = torch.tensor(sorted(special_ids or set()), dtype=ids.dtype, device=device)
-        text = attention.bool() & ~torch.isin(ids, special)
+        text = maskable(ids, attention, {*(special_ids or ()), model.config.image_token_id})
         mlm_positions = text & (draw(ids.shape, generator, device) < text_mask_ratio)
         pad_id = torch.tensor([model.config.text_config.pad_token_id or 0], device=device)
         pad = inner.get_input_embeddings()(pad_id)[0]
@@ -165,6 +164,19 @@ def encode(
         logits = model.lm_head(hidden[mlm_positions])
         mlm_loss = F.cross_entropy(logits.float(), ids[mlm_positions])
     return Encoded(embedding, vision_loss, mlm_loss)
+
+
+def maskable(ids: torch.Tensor, attention: torch.Tensor, never: set[int]) -> torch.Tensor:
+    """(B, T) True where MLM may mask a token: a real token, not one of ``never`` (special tokens, image
+    placeholders), not a row's final token (its state is the embedding)."""
+    never_ids = torch.tensor(sorted(never), dtype=ids.dtype, device=ids.device)
+    return attention.bool() & ~torch.isin(ids, never_ids) & ~last_position(attention)
+
+
+def last_position(attention: torch.Tensor) -> torch.Tensor:
+    """(B, T) True at each row's final real token (the embedding token), left or right padded."""
+    at = attention.long().cumsum(1) == attention.long().sum(1, keepdim=True)
+    return at & attention.bool()
 
 
 def _image_owner(ids: torch.Tensor, image_token: int, sizes: list[int]) -> torch.Tensor:

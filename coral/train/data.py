@@ -18,6 +18,7 @@ import pickle
 import pyarrow as pa
 import ray
 
+from coral import schemas as S
 from coral.config import TrainConfig
 from coral.train import retrievers, step
 
@@ -25,10 +26,10 @@ EXAMPLE = "example"
 
 
 class Featurize:
-    def __init__(self, kind: str, base: str, catalog: list, k: int):
+    def __init__(self, kind: str, base: str, catalog: list, k: int, max_image_tokens: int = 0):
         from coral.models import loader
 
-        self.retriever = retrievers.make(kind, loader.load_processor(base))
+        self.retriever = retrievers.make(kind, loader.load_processor(base), max_image_tokens)
         self.products = step.products_from(ray.get(catalog[0]))  # [ref]: a bare ref would be resolved early
         self.k = k
 
@@ -43,14 +44,31 @@ def examples(batch: pa.Table) -> list[dict]:
     return [pickle.loads(b) for b in batch.column(EXAMPLE).to_pylist()]
 
 
+def groups(rows: pa.Table) -> list[list[int]]:
+    """Row indices by training example: a MegaPairs pair's instructions (query ids ``{pair}#{i}``) form one
+    group, any other row is its own."""
+    out: dict[str, list[int]] = {}
+    ids, sources = rows.column(S.QUERY_ID).to_pylist(), rows.column(S.SOURCE).to_pylist()
+    for i, (qid, source) in enumerate(zip(ids, sources, strict=True)):
+        out.setdefault(qid.rsplit("#", 1)[0] if source == "megapairs" else qid, []).append(i)
+    return list(out.values())
+
+
 def schedule(rows: pa.Table, n: int, seed: int) -> pa.Table:
-    """The first ``n`` rows of an endless sequence of epochs, each a permutation of ``rows`` seeded by
-    (seed, epoch): a longer run's rows start with a shorter run's."""
+    """The first ``n`` rows of an endless sequence of epochs seeded by (seed, epoch): an epoch holds each
+    group (``groups``) once, in a random order, as one of its rows drawn at random (MegaPairs: one of a
+    pair's instructions per epoch, as its dataset card says to train). A longer run's rows start with a
+    shorter run's."""
     import numpy as np
 
-    epochs = -(-n // rows.num_rows)
-    order = [np.random.default_rng([seed, e]).permutation(rows.num_rows) for e in range(epochs)]
-    return rows.take(pa.array(np.concatenate(order)[:n]))
+    members = groups(rows)
+    order: list[int] = []
+    epoch = 0
+    while len(order) < n:
+        rng = np.random.default_rng([seed, epoch])
+        order += [members[g][rng.integers(len(members[g]))] for g in rng.permutation(len(members))]
+        epoch += 1
+    return rows.take(pa.array(order[:n], pa.int64()))
 
 
 def rows_per_run(cfg: TrainConfig) -> int:
@@ -72,6 +90,7 @@ def pipeline(rows: pa.Table, catalog: dict, cfg: TrainConfig) -> ray.data.Datase
             "base": cfg.base,
             "catalog": [ray.put(catalog)],
             "k": cfg.hard_negatives,
+            "max_image_tokens": cfg.max_image_tokens,
         },
         batch_format="pyarrow",
         batch_size=per_block,

@@ -22,7 +22,7 @@ from torch import nn
 
 from coral import schemas as S
 from coral.config import TrainConfig
-from coral.train import data, retrievers, step
+from coral.train import curves, data, retrievers, step
 from coral.train.coral import CoralHeads
 
 STATE = "state.json"
@@ -94,6 +94,24 @@ def scalars_to_buffers(model: nn.Module) -> list[str]:
     return moved
 
 
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at optimizer step ``step`` over ``cfg.lr``: a linear warm-up over ``warmup_ratio``
+    of the steps, then ``lr_schedule`` (linear to 0 at the last step, half a cosine, or constant)."""
+    import math
+
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    done = (step - warmup) / max(1, cfg.steps - warmup)
+    return max(0.0, 1.0 - done) if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def schedule(optimizer, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
 def with_lora(model, cfg: TrainConfig):
     """(the model to train, the peft wrapper or None): LoRA adapters on ``lora_target_modules`` when
     ``lora_rank`` > 0, everything else frozen; the model keeps its own class, so encoding is unchanged."""
@@ -121,7 +139,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     model = loader.load_model(cfg.base)
     processor = loader.load_processor(cfg.base)
-    retriever = retrievers.make(cfg.model, processor)
+    retriever = retrievers.make(cfg.model, processor, cfg.max_image_tokens)
     scalars_to_buffers(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -136,17 +154,32 @@ def train_loop(config: dict) -> None:
     ds_config.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x accumulation x workers
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    scheduler = schedule(optimizer, cfg)  # stepped by DeepSpeed with the optimizer, saved in its checkpoints
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     zero_stage = engine.zero_optimization_stage()
 
     state = {"step": 0, "history": [], "validation": {}, "resume_key": config["resume_key"]}
+    log_dir = tempfile.mkdtemp(prefix="coral-curves-")
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")  # a restart, else a rerun's
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=TAG)
             with open(os.path.join(d, STATE)) as f:
                 state = json.load(f)
+            curves.restore(d, log_dir)
         state["resumed_from_step"] = state["step"]
+    board = (
+        curves.Curves(
+            log_dir,
+            cfg.mlflow_tracking_uri,
+            cfg.mlflow_experiment,
+            f"{cfg.model}-{config['resume_key'][:12]}",
+        )
+        if rank == 0
+        else None
+    )
     products = step.products_from(config["catalog"])  # the held-out queries' and pool's products
     special = set(processor.tokenizer.all_special_ids)
     held_out, pool = config["validation_rows"], config["validation_pool"]
@@ -186,8 +219,29 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 with open(os.path.join(tmp, STATE), "w") as f:
                     json.dump(state, f)
+                board.save(tmp)
             metrics = {"step": state["step"], **(state["history"][-1] if state["history"] else {})}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    window = {"started": time.perf_counter(), "samples": 0}
+
+    def log(n: int) -> None:
+        """Every ``log_every`` steps: the window's mean loss terms, the learning rate, the gradient norm
+        and samples/s (all workers), to Ray Train and the curves."""
+        recent = state["history"][-cfg.log_every :]
+        values = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
+        norm = engine.get_global_grad_norm()
+        values |= {
+            "lr": window["lr"],
+            "grad_norm": float(norm) if norm is not None else None,
+            "samples_per_s": window["samples"]
+            * ctx.get_world_size()
+            / (time.perf_counter() - window["started"]),
+        }
+        window.update(started=time.perf_counter(), samples=0)
+        if board is not None:
+            board.log(n, values)
+        ray.train.report({"step": n, **{k: v for k, v in values.items() if v is not None}})
 
     bar = None
     if rank == 0:  # Ray's tqdm draws workers' bars on the driver's console
@@ -214,6 +268,7 @@ def train_loop(config: dict) -> None:
             t2 = time.perf_counter()
             engine.backward(out["loss"])
             t3 = time.perf_counter()
+            window["lr"] = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves on)
             engine.step()
             terms.append({k: v.item() for k, v in out.items()})
             if n > first:  # where a worker's time goes, the first step (start-up) apart
@@ -223,17 +278,23 @@ def train_loop(config: dict) -> None:
                     seconds[part] += dt
         if n == first:  # the rate counts from the end of the first step: the pipeline's start-up is apart
             started = time.perf_counter()
+            window["started"] = started
         else:
             samples += cfg.batch_size * cfg.gradient_accumulation
+            window["samples"] += cfg.batch_size * cfg.gradient_accumulation
         state["step"] = n + 1
         state["optimizer_steps"] = engine.global_steps
         state["history"].append({k: round(sum(t[k] for t in terms) / len(terms), 5) for k in terms[0]})
         if bar is not None:
             bar.set_description(f"train (loss {state['history'][-1]['loss']:.3f})")
             bar.update(1)
+        if state["step"] % cfg.log_every == 0 and n > first:
+            log(state["step"])
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
             save(last=state["step"] == cfg.steps)
     if bar is not None:
         bar.close()
     if first >= cfg.steps:  # resumed from a finished run: export again
         save(last=True)
+    if board is not None:
+        board.close()

@@ -34,10 +34,29 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(t), dim=0)
 
 
-def info_nce(queries: torch.Tensor, candidates: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
+def gather_ids(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate an int tensor (no gradient) from every worker in rank order (same shape on every one)."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return t
+    device = t.device if dist.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+    parts = [torch.empty_like(t, device=device) for _ in range(size)]
+    dist.all_gather(parts, t.to(device))
+    return torch.cat(parts).to(t.device)
+
+
+def info_nce(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float = 0.02,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean over local queries of -log softmax(q . c / temperature)[positive], over all workers' candidates.
 
     queries: (B, D) and candidates: (B * (K + 1), D), both L2-normalised, positive of query i at i * (K + 1).
+    exclude: (B, W * B * (K + 1)) True for logits left out (a query's other positives: no false negatives).
     """
     b = queries.shape[0]
     if b == 0 or candidates.shape[0] % b:
@@ -46,5 +65,7 @@ def info_nce(queries: torch.Tensor, candidates: torch.Tensor, temperature: float
     rank, _ = world()
     everything = gather(candidates)  # (W * B * (K + 1), D)
     logits = queries @ everything.T / temperature  # (B, W * B * (K + 1))
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float("-inf"))
     targets = (rank * b + torch.arange(b, device=queries.device)) * per_query
     return F.cross_entropy(logits, targets)

@@ -10,8 +10,10 @@ A retriever wraps a processor and does three things:
 Kinds:
 
 - ``mmret_mllm`` and ``coral`` (the same embedding model; Coral adds training-only heads): Qwen2-VL /
-  Qwen2.5-VL through its chat template (``collate.query_message`` / ``candidate_message``), left padded,
-  embedding = the final token's last-layer state (``coral.encode``).
+  Qwen2.5-VL through its chat template with the generation prompt, each kind's messages built as its
+  released checkpoint builds them (``collate``), left padded, embedding = the final token's last-layer
+  state (``coral.encode``). ``max_image_tokens`` caps the visual tokens of an image (the processor's
+  ``longest_edge`` pixels; MERIT infers with at most 576), saved with the processor of an export.
 - ``mmret_clip``: CLIP / SigLIP score fusion. The text is the query with its image slots removed (a
   candidate's title), truncated to the text tower's length; the embedding is
   normalize(text features + the sum of the image features) (``heads.fuse``); an input with only text or
@@ -46,24 +48,26 @@ def _pad(rows: list[np.ndarray], value: int, left: bool) -> torch.Tensor:
 class MLLMRetriever:
     """Qwen2-VL / Qwen2.5-VL, last-token embedding (MMRet-MLLM; Coral's embedding model)."""
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, processor, style: str = "coral", max_image_tokens: int | None = None):
+        self.processor, self.style = processor, style
         processor.tokenizer.padding_side = "left"
         self.pad_id = processor.tokenizer.pad_token_id or 0
+        if max_image_tokens:
+            image_token_budget(processor, max_image_tokens)
 
     def _features(self, message: list[dict], images: list) -> dict[str, np.ndarray]:
         slots = sum(p["type"] == "image" for m in message for p in m["content"])
         if slots != len(images):
             raise ValueError(f"a message has {slots} image slots but {len(images)} images")
-        text = self.processor.apply_chat_template(message, add_generation_prompt=False, tokenize=False)
+        text = self.processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
         out = self.processor(text=[text], images=images or None, return_tensors="np")
         return {k: (v[0] if k in SEQUENCE_KEYS else v) for k, v in out.items()}
 
     def query(self, text: str, images: list) -> dict[str, np.ndarray]:
-        return self._features(collate.query_message(text), images)
+        return self._features(collate.query_message(text, self.style), images)
 
     def candidate(self, title: str | None, image) -> dict[str, np.ndarray]:
-        return self._features(collate.candidate_message(title), [image])
+        return self._features(collate.candidate_message(title, self.style), [image])
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """Left padded (the final token of every row at the last position); images concatenated in order."""
@@ -146,6 +150,16 @@ class ClipRetriever:
         return fuse(text, image, batch["has_text"], batch["has_image"])
 
 
+def image_token_budget(processor, max_tokens: int) -> None:
+    """At most ``max_tokens`` visual tokens per image: the Qwen image processor's ``longest_edge`` (its
+    max_pixels) set to ``max_tokens`` merged patches; ``shortest_edge`` (min_pixels) kept below it."""
+    from transformers.image_processing_utils import SizeDict
+
+    ip = processor.image_processor
+    most = max_tokens * (ip.patch_size * ip.merge_size) ** 2
+    ip.size = SizeDict(shortest_edge=min(ip.size.shortest_edge, most), longest_edge=most)
+
+
 RETRIEVERS = {"mmret_mllm": MLLMRetriever, "coral": MLLMRetriever, "mmret_clip": ClipRetriever}
 BASES = {
     "mmret_mllm": ("qwen2_vl", "qwen2_5_vl"),
@@ -154,5 +168,8 @@ BASES = {
 }
 
 
-def make(kind: str, processor) -> MLLMRetriever | ClipRetriever:
-    return RETRIEVERS[kind](processor)
+def make(kind: str, processor, max_image_tokens: int | None = None) -> MLLMRetriever | ClipRetriever:
+    """``max_image_tokens``: Qwen's image-token budget (None: the processor's own, as saved with it)."""
+    if kind == "mmret_clip":
+        return ClipRetriever(processor)
+    return MLLMRetriever(processor, kind, max_image_tokens)

@@ -2,7 +2,8 @@
 
 A step takes B triplet rows, already turned into features by ``featurize`` (in the Ray Data pipeline);
 each query brings its positive and K hard negatives (MegaPairs' layout: the positive of query i at
-candidate i * (K + 1); a row with fewer than K negatives repeats them). The
+candidate i * (K + 1); a row with fewer than K negatives repeats them). A query's positives are never
+its negatives: wherever one of them sits among the gathered candidates, that logit is left out. The
 contrastive term is InfoNCE over every candidate of every worker (``loss.info_nce``). For ``coral`` the
 query and its positive are encoded a second time with masked visual and text tokens, and their
 reconstruction and MLM terms are added with their weights. Every term is returned by name.
@@ -11,6 +12,7 @@ reconstruction and MLM terms are added with their weights. Every term is returne
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,10 +48,35 @@ def products_from(catalog: dict, cached: int = 4096) -> Products:
 
 
 def candidates(rows: Sequence[dict], k: int) -> list[str]:
+    """Per row its first positive, then K hard negatives: the row's own, repeated when it has fewer (a
+    product that is also one of its positives is never one). A row with none fills its K slots with its
+    positive, which the loss then leaves out (``false_negatives``): only the other queries' candidates
+    are its negatives."""
     out = []
     for r in rows:
-        negs = list(r[S.HARD_NEGATIVE_IDS]) or list(r[S.POSITIVE_IDS])
+        positives = set(r[S.POSITIVE_IDS])
+        negs = [n for n in r[S.HARD_NEGATIVE_IDS] if n not in positives] or [r[S.POSITIVE_IDS][0]]
         out += [r[S.POSITIVE_IDS][0], *(negs * k)[:k]]
+    return out
+
+
+def key(pid: str) -> int:
+    """A product id as a stable int64, to compare ids across workers as a tensor."""
+    return int.from_bytes(hashlib.blake2b(pid.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def false_negatives(examples: Sequence[dict], k: int) -> torch.Tensor:
+    """(B, W * B * (K + 1)) True where a candidate of any worker's batch is one of the query's positives
+    other than its own target slot: those logits are left out of the InfoNCE denominator."""
+    from coral.train.loss import gather_ids, world
+
+    rank, _ = world()
+    mine = torch.tensor([key(c) for e in examples for c in e["candidate_ids"]], dtype=torch.long)
+    every = gather_ids(mine)
+    out = torch.zeros(len(examples), len(every), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        out[i] = torch.isin(every, torch.tensor([key(p) for p in e["positive_ids"]], dtype=torch.long))
+        out[i, (rank * len(examples) + i) * (k + 1)] = False
     return out
 
 
@@ -62,14 +89,20 @@ def candidate_features(retriever, pid: str, products: Products) -> dict:
 
 
 def featurize(retriever, rows: Sequence[dict], products: Products, k: int) -> list[dict]:
-    """Per triplet row: {"query": features, "candidates": [positive, K hard negatives] features}."""
-    return [
-        {
-            "query": query_features(retriever, r, products),
-            "candidates": [candidate_features(retriever, c, products) for c in candidates([r], k)],
-        }
-        for r in rows
-    ]
+    """Per triplet row: {"query": features, "candidates": [positive, K hard negatives] features, and the
+    ids of those candidates and of every positive}."""
+    out = []
+    for r in rows:
+        ids = candidates([r], k)
+        out.append(
+            {
+                "query": query_features(retriever, r, products),
+                "candidates": [candidate_features(retriever, c, products) for c in ids],
+                "candidate_ids": ids,
+                "positive_ids": list(r[S.POSITIVE_IDS]),
+            }
+        )
+    return out
 
 
 def losses(
@@ -87,7 +120,8 @@ def losses(
     queries = retriever.collate([e["query"] for e in examples])
     q = retriever.embed(model, queries)
     c = retriever.embed(model, retriever.collate(cands))
-    out = {"contrastive_loss": info_nce(q, c, cfg.temperature)}
+    exclude = false_negatives(examples, k).to(q.device)
+    out = {"contrastive_loss": info_nce(q, c, cfg.temperature, exclude)}
     total = out["contrastive_loss"]
     if heads is not None:
         vision, mlm = [], []

@@ -14,7 +14,7 @@ from coral import checkpoint, graph, manifest, storage
 from coral import schemas as S
 from coral.config import load_config
 from coral.models import loader
-from coral.train import retrievers, step
+from coral.train import curves, retrievers, step
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -59,7 +59,8 @@ def assert_export_embeds_like_the_trained_model(root, metrics: dict, kind: str, 
 
 def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     root = tmp_path / "run"
-    graph.run_graph(config(root, tiny_models, 20))
+    cfg = config(root, tiny_models, 20)
+    graph.run_graph(cfg)
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
     assert m["rows_out"] == 20 and m["details"]["resumed_from_step"] == 0
     metrics = json.loads((root / "train" / "metrics.json").read_text())
@@ -75,12 +76,29 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     assert changed  # the export holds the trained weights, every tensor present
     assert set(trained) == {n for n, _ in base.named_parameters()}
     assert_export_embeds_like_the_trained_model(root, metrics, "coral")
+    board = curves.read(
+        str(root / "train" / "tensorboard" / "coral")
+    )  # tensorboard --logdir <run_root>/train
+    for tag in (
+        "loss",
+        "contrastive_loss",
+        "vision_recon_loss",
+        "mlm_loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+    ):
+        assert sorted(board[f"train/{tag}"]) == [10, 20], tag
+    # warm-up (1 step of 20), then linear decay: the rate at step 20 is below the one at step 10
+    assert 0 < board["train/lr"][20] < board["train/lr"][10] <= cfg.train.lr
     # a longer run continues from step 20 instead of starting over
     rows = graph.run_graph(config(root, tiny_models, 30), start="train")
     assert [r.status for r in rows if r.stage == "train"] == ["ran"]
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
     assert m["rows_out"] == 30 and m["details"]["resumed_from_step"] == 20
     assert len(json.loads((root / "train" / "metrics.json").read_text())["history"]) == 30
+    board = curves.read(str(root / "train" / "tensorboard" / "coral"))
+    assert sorted(board["train/loss"]) == [10, 20, 30]  # the first run's curves came back with its checkpoint
     kept = [p for p in (root / "_checkpoints" / "train").rglob("state.json")]
     assert 1 <= len(kept) <= 2, kept  # train.keep_checkpoints: the older ones are deleted
     # new data (another merit seed: other queries) trains from step 0, never from the old data's checkpoint

@@ -20,17 +20,28 @@ def test_interleave_puts_one_image_part_per_slot_in_order():
     parts = collate.interleave(QUERY)
     kinds = [p["type"] for p in parts]
     assert kinds == ["text", "image", "text", "image", "text"]
-    assert parts[2]["text"].startswith("Kova mug </Product 1>")
+    assert parts[2]["text"].startswith("\nKova mug </Product 1>")  # verbatim, white space included
+    assert "".join(p.get("text", S.IMAGE_SLOT) for p in parts) == QUERY
     assert collate.interleave(f"{S.IMAGE_SLOT}\nshow it in red") == [
         {"type": "image"},
-        {"type": "text", "text": "show it in red"},
+        {"type": "text", "text": "\nshow it in red"},
     ]
-    assert [p["type"] for p in collate.candidate_message("Kova mug")[0]["content"]] == [
-        "text",
-        "image",
-        "text",
+    coral = collate.candidate_message("Kova mug")[0]["content"]
+    assert coral == [
+        {"type": "text", "text": "Represent the given product: "},
+        {"type": "image"},
+        {"type": "text", "text": "\n Kova mug"},
     ]
     assert [p["type"] for p in collate.candidate_message(None)[0]["content"]] == ["text", "image"]
+    mmret = collate.query_message(QUERY, "mmret_mllm")[0]["content"]
+    assert (
+        mmret[0]["text"].startswith("\n <instruct> Retrieve the target image")
+        and "<query>" in mmret[0]["text"]
+    )
+    assert [p["type"] for p in collate.candidate_message("Kova mug", "mmret_mllm")[0]["content"]] == [
+        "text",
+        "image",
+    ]
 
 
 def test_collate_fills_every_slot_and_pads_left(tiny_models):
@@ -56,12 +67,12 @@ def test_features_collated_equal_the_processor_on_the_whole_batch(tiny_models):
     proc = loader.load_processor(str(tiny_models["qwen2_vl"]))
     r = retrievers.make("mmret_mllm", proc)
     msgs = [
-        collate.query_message(QUERY),
-        collate.candidate_message("Kova mug"),
-        collate.candidate_message(None),
+        collate.query_message(QUERY, "mmret_mllm"),
+        collate.candidate_message("Kova mug", "mmret_mllm"),
+        collate.candidate_message(None, "mmret_mllm"),
     ]
     imgs = [images(2), images(1), images(3)[2:]]
-    texts = [proc.apply_chat_template(m, add_generation_prompt=False, tokenize=False) for m in msgs]
+    texts = [proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
     proc.tokenizer.padding_side = "left"
     ref = proc(text=texts, images=[i for row in imgs for i in row], return_tensors="pt", padding=True)
     got = r.collate(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coral.models import loader
-from coral.train.coral import CoralHeads, encode
+from coral.train.coral import CoralHeads, encode, maskable
 from coral.train.heads import last_token
 from tests.unit.test_models import images
 
@@ -52,3 +52,20 @@ def test_coral_losses_fall_when_overfitting_one_batch(tiny_models):
         history.append((out.vision_loss.item(), out.mlm_loss.item()))
     (v0, m0), (v1, m1) = history[0], history[-1]
     assert v1 < 0.5 * v0 and m1 < 0.5 * m0, history[::10]
+
+
+def test_mlm_never_masks_the_embedding_token_special_tokens_or_image_placeholders(tiny_models):
+    ref = str(tiny_models["qwen2_vl"])
+    b, special = batch(ref)
+    image = loader.load_model(ref).config.image_token_id
+    ok = maskable(b["input_ids"], b["attention_mask"], {*special, image})
+    ids, attention = b["input_ids"], b["attention_mask"].bool()
+    assert not ok[:, -1].any()  # left padded: the final token of every row
+    assert not (ok & (ids == image)).any() and not (ok & ~attention).any()
+    assert not (ok & torch.isin(ids, torch.tensor(sorted(special)))).any()
+    assert ok.sum(dim=1).min() > 5  # the words of the text stay maskable
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert maskable(torch.ones(2, 4, dtype=torch.long) * 7, right, set()).tolist() == [
+        [True, True, False, False],
+        [True, True, True, False],
+    ]

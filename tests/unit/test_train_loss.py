@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from coral import schemas as S
+from coral.train import step
 from coral.train.heads import fuse, last_token
-from coral.train.loss import info_nce
+from coral.train.loss import gather_ids, info_nce
 
 B, K, D_IN, D, T = 3, 2, 8, 4, 0.05  # queries per worker, hard negatives, sizes, temperature
 
@@ -62,8 +64,9 @@ def _worker(rank: int, store: str, out: str) -> None:
         p.grad /= 2
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
+    ids = gather_ids(torch.arange(3) + 10 * rank)
     if rank == 0:
-        torch.save({"loss": mean_loss / 2, "grads": [p.grad for p in model.parameters()]}, out)
+        torch.save({"loss": mean_loss / 2, "grads": [p.grad for p in model.parameters()], "ids": ids}, out)
     dist.barrier()  # neither side closes its connection while the other still uses it
     # leave without running gloo's destructors: their threads can abort the process at teardown
     # ("terminate called without an active exception"), after the work is done and saved
@@ -84,6 +87,7 @@ def test_two_gathered_workers_equal_one_process_on_the_concatenated_batch(tmp_pa
     loss = info_nce(F.normalize(model(xq), dim=-1), F.normalize(model(xc), dim=-1), T)
     loss.backward()
     torch.testing.assert_close(two["loss"], loss.detach())
+    assert two["ids"].tolist() == [0, 1, 2, 10, 11, 12]  # every worker's ids, in rank order
     for got, want in zip(two["grads"], [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -109,3 +113,37 @@ def test_last_token_under_left_and_right_padding():
     torch.testing.assert_close(last_token(hidden, left), F.normalize(hidden[:, -1], dim=-1))
     torch.testing.assert_close(last_token(hidden, right)[0], F.normalize(hidden[0, 1], dim=0))
     torch.testing.assert_close(last_token(hidden, right)[1], F.normalize(hidden[1, 3], dim=0))
+
+
+def test_left_out_logits_are_the_naive_loss_without_those_candidates():
+    xq, xc = data(1)
+    model = encoder()
+    q, c = F.normalize(model(xq), dim=-1), F.normalize(model(xc), dim=-1)
+    exclude = torch.zeros(B, B * (K + 1), dtype=torch.bool)
+    exclude[0, 4] = True  # query 0 leaves out candidate 4 (another query's hard negative, say)
+    got = info_nce(q, c, T, exclude)
+    keep = [j for j in range(B * (K + 1)) if j != 4]
+    first = -(q[0] @ c[0] / T - torch.logsumexp(q[0] @ c[keep].T / T, dim=0))
+    assert not torch.isnan(got)
+    others = [-(q[i] @ c[i * (K + 1)] / T - torch.logsumexp(q[i] @ c.T / T, 0)) for i in range(1, B)]
+    manual = (first + sum(others)) / B  # the other queries keep every candidate
+    torch.testing.assert_close(got, manual)
+
+
+def test_a_positive_is_never_a_negative_of_its_own_query():
+    rows = [
+        {S.POSITIVE_IDS: ["a", "b"], S.HARD_NEGATIVE_IDS: ["b", "x"]},  # b is a positive too
+        {S.POSITIVE_IDS: ["c"], S.HARD_NEGATIVE_IDS: []},  # no negatives of its own
+        {S.POSITIVE_IDS: ["x"], S.HARD_NEGATIVE_IDS: ["a"]},
+    ]
+    cands = step.candidates(rows, 2)
+    assert cands == ["a", "x", "x", "c", "c", "c", "x", "a", "a"]
+    examples = [
+        {"candidate_ids": cands[i * 3 : (i + 1) * 3], "positive_ids": r[S.POSITIVE_IDS]}
+        for i, r in enumerate(rows)
+    ]
+    out = step.false_negatives(examples, 2)
+    assert out.shape == (3, 9)
+    assert out[0].nonzero().flatten().tolist() == [7, 8]  # "a" as the third query's negatives, not slot 0
+    assert out[1].nonzero().flatten().tolist() == [4, 5]  # its own positive filling its negative slots
+    assert out[2].nonzero().flatten().tolist() == [1, 2]  # "x" as the first query's negatives
