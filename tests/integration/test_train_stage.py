@@ -27,7 +27,7 @@ def config(root, tiny_models, steps, *extra):
             f"run.run_root={root}",
             "run.stages=[catalog, merit, train]",
             "catalog.num_groups=400",
-            "merit.queries={train: 600, test: 300}",
+            "merit.queries={train: 300, test: 300}",
             "merit.cold_start=false",
             f"train.base={tiny_models['qwen2_vl']}",
             f"train.steps={steps}",
@@ -59,12 +59,12 @@ def assert_export_embeds_like_the_trained_model(root, metrics: dict, kind: str, 
 
 def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     root = tmp_path / "run"
-    cfg = config(root, tiny_models, 20)
+    cfg = config(root, tiny_models, 10, "train.checkpoint_every=5", "train.log_every=5")
     graph.run_graph(cfg)
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
-    assert m["rows_out"] == 20 and m["details"]["resumed_from_step"] == 0
+    assert m["rows_out"] == 10 and m["details"]["resumed_from_step"] == 0
     metrics = json.loads((root / "train" / "metrics.json").read_text())
-    assert len(metrics["history"]) == 20
+    assert len(metrics["history"]) == 10
     assert set(metrics["history"][0]) == {"loss", "contrastive_loss", "vision_recon_loss", "mlm_loss"}
     for when in ("start", "end"):
         v = metrics["validation"][when]
@@ -88,24 +88,25 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
         "grad_norm",
         "samples_per_s",
     ):
-        assert sorted(board[f"train/{tag}"]) == [10, 20], tag
-    # warm-up (1 step of 20), then linear decay: the rate at step 20 is below the one at step 10
-    assert 0 < board["train/lr"][20] < board["train/lr"][10] <= cfg.train.lr
-    # a longer run continues from step 20 instead of starting over
-    rows = graph.run_graph(config(root, tiny_models, 30), start="train")
+        assert sorted(board[f"train/{tag}"]) == [5, 10], tag
+    # linear decay after the warm-up: the rate of step 10 is below the one of step 5
+    assert 0 < board["train/lr"][10] < board["train/lr"][5] <= cfg.train.lr
+    # a longer run continues from step 10 instead of starting over
+    longer = config(root, tiny_models, 15, "train.checkpoint_every=5", "train.log_every=5")
+    rows = graph.run_graph(longer, start="train")
     assert [r.status for r in rows if r.stage == "train"] == ["ran"]
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
-    assert m["rows_out"] == 30 and m["details"]["resumed_from_step"] == 20
-    assert len(json.loads((root / "train" / "metrics.json").read_text())["history"]) == 30
+    assert m["rows_out"] == 15 and m["details"]["resumed_from_step"] == 10
+    assert len(json.loads((root / "train" / "metrics.json").read_text())["history"]) == 15
     board = curves.read(str(root / "train" / "tensorboard" / "coral"))
-    assert sorted(board["train/loss"]) == [10, 20, 30]  # the first run's curves came back with its checkpoint
+    assert sorted(board["train/loss"]) == [5, 10, 15]  # the first run's curves came back with its checkpoint
     kept = [p for p in (root / "_checkpoints" / "train").rglob("state.json")]
     assert 1 <= len(kept) <= 2, kept  # train.keep_checkpoints: the older ones are deleted
     # new data (another merit seed: other queries) trains from step 0, never from the old data's checkpoint
     before = checkpoint.content_hash(str(root / "train" / "model"))
-    graph.run_graph(config(root, tiny_models, 10, "merit.seed=5"))
+    graph.run_graph(config(root, tiny_models, 5, "merit.seed=5"))
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
-    assert m["rows_out"] == 10 and m["details"]["resumed_from_step"] == 0
+    assert m["rows_out"] == 5 and m["details"]["resumed_from_step"] == 0
     assert checkpoint.content_hash(str(root / "train" / "model")) != before
 
 

@@ -19,7 +19,7 @@ from node_loss import node_running, start_cluster  # the sibling script (its dir
 from coral import graph, manifest, storage
 from coral.config import load_config
 
-STEPS, EVERY = 60, 5
+STEPS, EVERY = 40, 5
 
 
 def main(run_root: str, base: str) -> int:
