@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench install models clean
+.PHONY: demo test bench gpu-check install models clean
 
 demo: install models
 	$(PY) -m ray_jobs.run --config workflows/demo.yaml $(ARGS)
@@ -20,6 +20,12 @@ test: install
 
 bench: install models
 	$(PY) -m benchmarks.run_all
+
+# The GPU figures at real sizes, random weights, no download: full size with a CUDA GPU (at most 8 min on
+# one H100/H200; results in benchmarks/results/gpu_*.json), else the tiny size on the CPU (a temp dir).
+# faiss-gpu and vLLM parts need `pip install .[gpu,vllm]`; without them they are recorded as skipped.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check
 
 install: $(VENV)/.installed
 

@@ -15,6 +15,8 @@
 - MERIT query composition over 100,000 products: queries/s of ``compose_table`` (products indexed by
   (class, key, value), positives by set intersection) vs the plain way, a scan of the class's products
   per query, on a sample of the same queries.
+- Generated tokens/s of the describe step on the hf engine (``hf_rate``) and on vLLM through
+  ``ray.data.llm`` (``vllm_rate``): the GPU check's annotation figure.
 """
 
 from __future__ import annotations
@@ -118,6 +120,96 @@ def per_step(vlm: str, llm: str) -> dict:
             "ratio": round(one_s / batched_s, 2),
         }
     return out
+
+
+def count_generated(engine) -> list[int]:
+    """Per generated row, its new tokens up to its end of sequence: the hf engine's decode, wrapped."""
+    decode = engine.tokenizer.batch_decode
+    eos = getattr(getattr(engine.model, "generation_config", None), "eos_token_id", None)
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    counts: list[int] = []
+
+    def counting(ids, *args, **kwargs):
+        for row in ids.tolist():
+            counts.append(next((j + 1 for j, t in enumerate(row) if t in eos), len(row)))
+        return decode(ids, *args, **kwargs)
+
+    engine.tokenizer.batch_decode = counting
+    return counts
+
+
+def hf_rate(model: str, prompts: list, new_tokens: int, batch: int, device: str, dtype: str) -> dict:
+    """Generated tokens/s of the hf engine over ``prompts`` in batches of ``batch``, after a warm-up batch."""
+    import torch
+
+    from coral.annotate import engines
+    from coral.config import EngineConfig
+
+    cfg = EngineConfig(model=model, max_new_tokens=new_tokens, batch_size=batch, device=device, dtype=dtype)
+    engine = engines.HFEngine(cfg)
+    counts = count_generated(engine)
+    engine.generate(prompts[:batch])
+    counts.clear()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    seconds, _ = timed(run_batches, engine, prompts, batch)  # generate returns after the device is done
+    out = {
+        "tokens_per_s": round(sum(counts) / seconds, 3),
+        "prompts": len(prompts),
+        "generated_tokens": sum(counts),
+        "batch_size": batch,
+        "seconds": round(seconds, 3),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+    }
+    if cuda:
+        import gc
+
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()  # vLLM's actor asks for most of the GPU's memory next
+    return out
+
+
+def vllm_rate(model: str, step, rows: list[dict], new_tokens: int, dtype: str) -> dict:
+    """Generated tokens/s of ``step`` on vLLM through ``ray.data.llm`` (``coral.annotate.vllm``), every row
+    to exactly ``new_tokens`` (``ignore_eos``; vLLM does not detokenize: a random model picks ids beyond a
+    tiny tokenizer's). Steady: the tokens of the blocks after the first one to reach this process over the
+    time since it came; the whole run includes the engine's start."""
+    import ray
+
+    from benchmarks.common import PeakGPU
+    from coral.annotate import vllm
+    from coral.config import EngineConfig
+
+    engine = EngineConfig(
+        kind="vllm",
+        model=model,
+        max_new_tokens=new_tokens,
+        batch_size=64,
+        dtype=dtype,
+        vllm={"max_model_len": 4096, "gpu_memory_utilization": 0.85},
+    )
+    processor = vllm.processor(step, engine, sampling={"ignore_eos": True, "detokenize": False})
+    arrivals: list[tuple[float, int]] = []
+    started = time.perf_counter()
+    with PeakGPU() as gpu:
+        ds = processor(ray.data.from_items(rows))
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            made = sum(block.column("num_generated_tokens").to_pylist())
+            arrivals.append((time.perf_counter() - started, made))
+    total = sum(n for _, n in arrivals)
+    span = arrivals[-1][0] - arrivals[0][0]
+    return {
+        "tokens_per_s": round(sum(n for _, n in arrivals[1:]) / span, 3) if span > 0 else None,
+        "whole_run_tokens_per_s": round(total / arrivals[-1][0], 3),
+        "prompts": len(rows),
+        "generated_tokens": total,
+        "blocks": len(arrivals),
+        "first_block_after_s": round(arrivals[0][0], 3),
+        "seconds": round(arrivals[-1][0], 3),
+        "peak_gpu_gib": gpu.peak_gib,
+    }
 
 
 def annotate_bench() -> dict:

@@ -63,15 +63,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(tmp: str, model: dict | None = None) -> tuple[Config, list[dict]]:
+def prepare(
+    tmp: str, model: dict | None = None, base: str | None = None, extra: tuple[str, ...] = ()
+) -> tuple[Config, list[dict]]:
     """A run with an index of the catalog's test products; ``model``: the random Qwen2-VL's size (the
-    tiny one when None)."""
-    if model is None:
-        base = str(build_all(f"{tmp}/tiny", ("qwen2_vl",))["qwen2_vl"])
+    tiny one when None), or ``base``: a Qwen2-VL dir already built; ``extra``: more config overrides
+    (devices, GPUs)."""
+    if base is not None:
+        run = f"{tmp}/run_{Path(base).name}"
+    elif model is None:
+        base, run = str(build_all(f"{tmp}/tiny", ("qwen2_vl",))["qwen2_vl"]), f"{tmp}/run"
     else:
-        base = f"{tmp}/qwen_{model['hidden']}"
+        base, run = f"{tmp}/qwen_{model['hidden']}", f"{tmp}/run_{model['hidden']}"
         build_qwen(Path(base), "2", **model)
-    run = f"{tmp}/run" if model is None else f"{tmp}/run_{model['hidden']}"
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "workflows" / "ci_small.yaml",
         [
@@ -82,6 +86,7 @@ def prepare(tmp: str, model: dict | None = None) -> tuple[Config, list[dict]]:
             "index.kind=coral",
             f"serve.port={free_port()}",
             "serve.token_env=",
+            *extra,
         ],
     )
     graph.run_graph(cfg)
@@ -116,7 +121,7 @@ class InProcess:
 
         root = storage.resolve(cfg.run.run_root)
         self.threads = max(1, int(cfg.serve.encoder.num_cpus))
-        self.embedder = Embedder(cfg.index.model, "coral")
+        self.embedder = Embedder(cfg.index.model, "coral", None, cfg.serve.device, cfg.serve.dtype)
         self.index, _, _ = index_stage.load(root.child("index"), cfg.index)
         src = root.child("catalog", "data")
         catalog = pads.dataset(src.path, format="parquet").to_table(columns=[S.ID, S.TITLE, S.IMAGE])
@@ -169,8 +174,10 @@ class InProcess:
             torch.set_num_threads(threads)
 
 
-def sequential(urls: dict[str, str], local: InProcess, queries: list[dict]) -> dict[str, list[float]]:
-    """``SEQUENTIAL`` queries one at a time down each path (each URL, and in process), interleaved in
+def sequential(
+    urls: dict[str, str], local: InProcess, queries: list[dict], count: int = SEQUENTIAL
+) -> dict[str, list[float]]:
+    """``count`` queries one at a time down each path (each URL, and in process), interleaved in
     rounds of ``ROUND`` so that a change in the machine's speed falls on every path alike. The in-process
     call also runs after ``IDLE_S`` of sleep (``in_process_idle``): the served model starts after its
     process sat idle while the request crossed HTTP and a hop, and on this VM a core that slept runs
@@ -186,7 +193,7 @@ def sequential(urls: dict[str, str], local: InProcess, queries: list[dict]) -> d
             for conn in conns.values():  # warm: connections, the encoder's first batches
                 for i in range(10):
                     await conn.post("/v1/search", bodies[i])
-            for r in range(SEQUENTIAL // ROUND):
+            for r in range(count // ROUND):
                 order = list(out)
                 for name in order[r % len(order) :] + order[: r % len(order)]:
                     for j in range(ROUND):

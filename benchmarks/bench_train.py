@@ -4,11 +4,15 @@ global batch, steps and threads, which runs the processor itself between steps.
 
 Figure: steps/s once running (the stage's own timer, from its first step to its last checkpoint); Ray's
 fixed start-up (workers, DeepSpeed initialisation, the first validation-free checkpoint) reported apart.
+
+``deepspeed_steps``: the same step (Coral's losses, DeepSpeed ZeRO-2, torch AdamW, as ``coral.train.loop``)
+in this one process on any device, counting the tokens each forward runs: the GPU check's training figure.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import time
@@ -17,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import PeakRSS, timed, write_result
+from benchmarks.common import PeakRSS, free_port, timed, write_result
 from coral import graph
 from coral import schemas as S
 from coral.config import TrainConfig, load_config
@@ -27,6 +31,9 @@ from coral.train import retrievers, step
 from coral.train.coral import CoralHeads
 
 STEPS, GLOBAL_BATCH, WORKERS, THREADS, K = 60, 8, 2, 2, 3
+ZERO2 = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed" / "zero2.json"
+# dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity), matched against the device name
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def plain_loop(root: Path, base: str) -> float:
@@ -54,6 +61,125 @@ def plain_loop(root: Path, base: str) -> float:
     for _ in range(STEPS):
         one()
     return STEPS / (time.perf_counter() - t)
+
+
+def peak_tflops(device: str) -> tuple[float | None, str]:
+    """The device's dense bf16 peak in TFLOP/s (``GPU_CHECK_PEAK_TFLOPS`` wins), and where it came from."""
+    if os.environ.get("GPU_CHECK_PEAK_TFLOPS"):
+        return float(os.environ["GPU_CHECK_PEAK_TFLOPS"]), "GPU_CHECK_PEAK_TFLOPS"
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        for key, tflops in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tflops, f"{name}: dense bf16 peak"
+        return None, f"{name}: peak unknown (set GPU_CHECK_PEAK_TFLOPS)"
+    return None, "no peak for a CPU (set GPU_CHECK_PEAK_TFLOPS)"
+
+
+def triplets(n: int, k: int, image_px: int) -> tuple[step.Products, list[dict]]:
+    """Catalog products rendered at ``image_px`` and ``n`` triplet rows: per query a product's image with a
+    change in words, its sibling variant as the positive, ``k`` products of other groups as negatives."""
+    from coral.catalog.generate import generate_table
+    from coral.config import CatalogConfig
+
+    table = generate_table(CatalogConfig(num_groups=n + k, image_size=image_px), range(n + k))
+    cols = {c: table.column(c).to_pylist() for c in (S.ID, S.TITLE, S.IMAGE)}
+    ids = cols[S.ID]  # three variants per group, in order
+    rows = [
+        {
+            S.QUERY_TEXT: f"a {S.IMAGE_SLOT} but in blue",
+            S.QUERY_IMAGE_IDS: [ids[3 * i]],
+            S.POSITIVE_IDS: [ids[3 * i + 1]],
+            S.HARD_NEGATIVE_IDS: [ids[3 * (i + 1 + j)] for j in range(k)],
+        }
+        for i in range(n)
+    ]
+    return step.products_from(cols), rows
+
+
+def deepspeed_steps(
+    base: str, device: str, dtype: str, batch: int, steps: int, image_px: int, max_image_tokens: int
+) -> dict:
+    """Coral steps of ``batch`` queries (each with its positive and K negatives) under DeepSpeed ZeRO-2
+    (cluster/deepspeed/zero2.json, bf16 when ``dtype`` is) with torch AdamW, in this process as rank 0 of
+    1; two warm-up steps, then ``steps`` timed. Counts the real tokens (text and visual) and the image
+    patches of every language-model forward."""
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from coral.train.loop import Retriever, peak_memory_gib, scalars_to_buffers
+
+    deepspeed.init_distributed()
+    torch.manual_seed(0)
+    model = loader.load_model(base, device, dtype)
+    processor = loader.load_processor(base)
+    retriever = retrievers.make("coral", processor, max_image_tokens)
+    scalars_to_buffers(model)
+    module = Retriever(model.train(), CoralHeads(model.config.text_config.hidden_size))
+    ds_config = {
+        **json.loads(ZERO2.read_text()),
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": dtype == "bfloat16"},
+    }
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+
+    products, rows = triplets(4 * batch, K, image_px)  # four distinct batches, taken in turn
+    batches = [
+        step.featurize(retriever, rows[i : i + batch], products, K) for i in range(0, len(rows), batch)
+    ]
+    tokens, patches = [], []
+
+    def count(_module, _args, kwargs):  # kept as tensors: no device sync inside the timed steps
+        tokens.append(kwargs["attention_mask"].sum())
+        if kwargs.get("image_grid_thw") is not None:
+            patches.append(kwargs["image_grid_thw"].prod(-1).sum())
+
+    inner = engine.module.model.model
+    inner.register_forward_pre_hook(count, with_kwargs=True)
+    cfg, special = TrainConfig(), set(processor.tokenizer.all_special_ids)
+    generator = torch.Generator().manual_seed(0)
+
+    def one(i: int) -> dict:
+        examples = batches[i % len(batches)]
+        out = step.losses(
+            engine.module.model, retriever, examples, K, cfg, engine.module.heads, special, generator
+        )
+        engine.backward(out["loss"])
+        engine.step()
+        return out
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(2):
+        one(i)
+    synchronize()
+    tokens.clear()
+    patches.clear()
+    started = time.perf_counter()
+    for i in range(steps):
+        last = one(i)
+    synchronize()
+    seconds = time.perf_counter() - started
+    memory = peak_memory_gib()
+    return {
+        "seconds": seconds,
+        "tokens": int(torch.stack(tokens).sum()),
+        "patches": int(torch.stack(patches).sum()) if patches else 0,
+        "params": sum(p.numel() for p in engine.module.parameters()),
+        "vision_params": sum(p.numel() for p in inner.visual.parameters()),
+        "loss": last["loss"].item(),
+        "zero_stage": engine.zero_optimization_stage(),
+        "peak_rss_gib": memory["rss"],
+        "peak_gpu_gib": memory.get("gpu"),
+    }
 
 
 def main() -> dict:

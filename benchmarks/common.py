@@ -79,17 +79,75 @@ class PeakRSS:
         return round(self.peak / 2**30, 2)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     return time.perf_counter() - t, out
 
 
+class PeakGPU:
+    """Samples the GPU memory in use on device 0 by every process (``nvidia-smi``: no CUDA context here),
+    so Ray actors' use counts; ``peak_gib`` is None without nvidia-smi or a GPU."""
+
+    def __init__(self, period_s: float = 0.5):
+        self.period_s, self.peak, self._stop = period_s, None, threading.Event()
+
+    @staticmethod
+    def used_mib() -> int | None:
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            return int(out.stdout.split()[0]) if out.returncode == 0 else None
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return None
+
+    def _run(self):
+        while not self._stop.is_set():
+            used = self.used_mib()
+            if used is None:
+                return
+            self.peak = max(self.peak or 0, used)
+            self._stop.wait(self.period_s)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gib(self) -> float | None:
+        return None if self.peak is None else round(self.peak / 1024, 2)
+
+
 def write_result(
-    name: str, value: float, unit: str, baseline: dict, goal: dict, goal_on: str = "ratio", **extra
+    name: str,
+    value: float,
+    unit: str,
+    baseline: dict,
+    goal: dict,
+    goal_on: str = "ratio",
+    out_dir: Path | None = None,
+    **extra,
 ) -> dict:
-    """Write benchmarks/results/<name>.json; ``baseline`` = {"what", "value"}; ``goal`` = {"bar", "direction"},
-    judged on the ratio to the baseline, or on the value itself (``goal_on="value"``, e.g. added latency)."""
+    """Write ``out_dir``/<name>.json (default benchmarks/results); ``baseline`` = {"what", "value"}; ``goal``
+    = {"bar", "direction"}, judged on the ratio to the baseline, or on the value itself (``goal_on="value"``,
+    e.g. added latency)."""
     ratio = round(value / baseline["value"], 3) if baseline.get("value") else None
     judged = value if goal_on == "value" else ratio
     result = {
@@ -103,12 +161,29 @@ def write_result(
         if judged is None
         else (judged >= goal["bar"] if goal["direction"] == "higher" else judged <= goal["bar"]),
         "goal_on": goal_on,
+        **stamp(),
+        **extra,
+    }
+    return _write(result, out_dir)
+
+
+def write_status(name: str, status: str, reason: str, out_dir: Path | None = None, **extra) -> dict:
+    """Write <name>.json for a benchmark that did not produce its figure: ``status`` "skipped" (what it
+    needs is missing here) or "error" (it failed), with the reason and whatever it measured before."""
+    return _write({"name": name, "status": status, "reason": reason, **stamp(), **extra}, out_dir)
+
+
+def stamp() -> dict:
+    return {
         "machine": machine(),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **extra,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _write(result: dict, out_dir: Path | None) -> dict:
+    out = Path(out_dir) if out_dir is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{result['name']}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result

@@ -18,7 +18,9 @@ from coral.storage import Location
 ROW = "row"
 
 
-def processor(step, engine: EngineConfig):
+def processor(step, engine: EngineConfig, sampling: dict | None = None):
+    """The step's ``ray.data.llm`` processor; ``sampling``: more vLLM sampling parameters (the GPU check
+    fixes the output length with ``ignore_eos``)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     images = max(1, 2 if step.name == "describe" else 0)
@@ -33,7 +35,7 @@ def processor(step, engine: EngineConfig):
         tokenize_stage={"enabled": True},
         detokenize_stage={"enabled": True},
     )
-    sampling = {"max_tokens": engine.max_new_tokens, "temperature": engine.temperature}
+    sampling = {"max_tokens": engine.max_new_tokens, "temperature": engine.temperature, **(sampling or {})}
 
     def pre(row: dict) -> dict:
         prompt = step.prompt(row)
@@ -41,7 +43,11 @@ def processor(step, engine: EngineConfig):
         return {"messages": openai_messages(prompt), "sampling_params": sampling, ROW: row}
 
     def post(row: dict) -> dict:
-        return {ROW: row[ROW], "generated_text": row.get("generated_text") or ""}
+        return {
+            ROW: row[ROW],
+            "generated_text": row.get("generated_text") or "",
+            "num_generated_tokens": row.get("num_generated_tokens") or 0,
+        }
 
     return build_processor(config, preprocess=pre, postprocess=post)
 
