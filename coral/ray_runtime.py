@@ -29,6 +29,7 @@ def connect(cfg: RayConfig) -> str:
     # local Ray has none, so a Serve app stops in a second, not half a minute
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     ray.init(
+        address="local",  # a new Ray of our own, never one that `ray start` left running on this machine
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
         _temp_dir=cfg.temp_dir,
