@@ -8,12 +8,15 @@ The file is a JSON list or JSON lines; each item is either
   ("en"), ``attributes`` (a dict; the keys of ``S.ATTRIBUTE_KEYS`` are kept, the rest dropped and
   counted), ``split``, ``caption`` (the title) and ``group_id`` (the id).
 
-Image paths are relative to the products file's folder (an absolute path or ``s3://`` URI is used as is),
-read through ``coral.storage``; the catalog keeps the file's bytes (re-encoded as PNG only when a plain
-RGB decode would change them: alpha, 16-bit, palette, other formats). A product without a split is
+Image paths are relative to the products file's folder and must resolve under it, or under one of
+``catalog.allowed_image_roots`` (``coral.paths.confine``: no ``..`` out, no absolute path or symlink out,
+no other URI scheme or bucket); they are read through ``coral.storage``, and the catalog keeps the file's
+bytes (re-encoded as PNG only when a plain RGB decode would change them: alpha, 16-bit, palette, other
+formats). A product without a split is
 ``test`` with chance ``test_fraction`` (a seeded hash of its id, so the same id always lands the same
 way), else ``train``. Rejected, with a reason, and left out: an item that cannot be read, an empty id,
-a repeated id (the first is kept), an image that is missing or cannot be decoded.
+a repeated id (the first is kept), an image path that leaves its folder, an image that is missing, cannot
+be read (a storage or permission error) or cannot be decoded.
 
 Ids are the candidates' ids as ``import_triplets`` reads them (the same parser), so the triplets imported
 with the same candidates file name the catalog's products.
@@ -34,6 +37,7 @@ from coral import storage
 from coral.config import StorageConfig
 from coral.images import decode_image
 from coral.merit import formats
+from coral.paths import PathError, confine
 from coral.storage import Location
 
 DEFAULT_CLASS, DEFAULT_LANGUAGE = "product", "en"
@@ -147,13 +151,15 @@ def shards(entries: list, num_tasks: int) -> list[list]:
     return [entries[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def image_location(root: Location, path: str, cfg: StorageConfig | None = None) -> Location:
-    """An image path as written: relative to ``root`` (the products file's folder), or absolute / a URI."""
-    if "://" in path or posixpath.isabs(path):
-        return storage.resolve(path, cfg)
-    return Location(
-        storage.join(root.uri, path), root.fs, posixpath.normpath(posixpath.join(root.path, path))
-    )
+def image_location(
+    root: Location, path: str, cfg: StorageConfig | None = None, allowed: tuple[str, ...] = ()
+) -> Location:
+    """An image path as written, relative to ``root`` (the products file's folder); PathError unless it
+    resolves under ``root`` or an ``allowed`` prefix (``coral.paths.confine``)."""
+    uri = confine(path, root.uri, allowed)
+    if uri.startswith("s3://") == root.is_s3:  # the same kind of storage: the same filesystem
+        return Location(uri, root.fs, uri[len("s3://") :] if root.is_s3 else uri)
+    return storage.resolve(uri, cfg)
 
 
 def image_bytes(data: bytes, max_pixels: int = 50_000_000) -> bytes:
@@ -170,24 +176,35 @@ def image_bytes(data: bytes, max_pixels: int = 50_000_000) -> bytes:
 
 
 def read_image(loc: Location) -> bytes:
-    """The image's bytes; ValueError("image not found") when it is not there."""
+    """The image's bytes; ValueError("image not found") when it is not there, ValueError("image
+    unreadable: ...") on any other storage or permission error, so one row fails, not the stage."""
     try:
         return storage.read_bytes(loc)
-    except OSError as e:
-        if isinstance(e, FileNotFoundError) or not storage.exists(loc):
+    except (OSError, pa.ArrowException) as e:
+        try:
+            missing = isinstance(e, FileNotFoundError) or not storage.exists(loc)
+        except (OSError, pa.ArrowException):
+            missing = False
+        if missing:
             raise ValueError("image not found") from None
         raise ValueError(f"image unreadable: {type(e).__name__}") from None
 
 
 def product_rows(
-    entries: list[dict], root: Location, cfg: StorageConfig | None = None
+    entries: list[dict], root: Location, cfg: StorageConfig | None = None, allowed: tuple[str, ...] = ()
 ) -> tuple[list[dict], list[dict]]:
-    """(catalog rows with the image bytes, rejected rows) for parsed entries."""
+    """(catalog rows with the image bytes, rejected rows) for parsed entries; image paths must resolve
+    under ``root`` or an ``allowed`` prefix."""
     rows, rejected = [], []
     for entry in entries:
         path = entry[S.IMAGE]
         try:
-            data = image_bytes(read_image(image_location(root, path, cfg)))
+            loc = image_location(root, path, cfg, allowed)
+        except PathError as e:
+            rejected.append(rejection(entry[S.ID], f"image path: {e}", path, entry[ITEM]))
+            continue
+        try:
+            data = image_bytes(read_image(loc))
         except ValueError as e:
             reason = "empty image file" if str(e) == "empty file" else str(e)
             rejected.append(rejection(entry[S.ID], reason, path, entry[ITEM]))

@@ -14,7 +14,8 @@
   list; a line with several instructions gives one row per instruction.
 
 Images are paths in these files and ids in TRIPLETS: ``path_of(id)`` and ``id_of(path)`` convert (default:
-the same string). Imported rows get source ``import``.
+the same string); ``image_paths`` lists the paths an item names, for ``coral.paths.confine`` to check.
+Imported rows get source ``import``.
 """
 
 from __future__ import annotations
@@ -184,6 +185,18 @@ def from_megapairs(
         )
         for j, inst in enumerate(texts)
     ]
+
+
+def image_paths(fmt: str, obj: Mapping) -> list:
+    """The image paths, as written, an item of format ``fmt`` (``merit``, ``megapairs``, or a candidate
+    with ``candidate``) names; MERIT's released queries name product ids, not paths."""
+    if fmt in ("merit", "candidate"):
+        images = obj["image"]
+        return [images] if isinstance(images, str) else list(images)
+    if fmt == "megapairs":
+        target = obj["t_img"]
+        return [obj["q_img"], *(target if isinstance(target, list) else [target]), *obj.get("hns", [])]
+    return []
 
 
 # --- files ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ the user's products file (``catalog.source=products``: shards of at most ``produ
 their images read and checked by the tasks; ``coral.catalog.products``).
 
 Units (products): ``rows_in`` counts the file's items, ``rows_out`` products written, ``rows_rejected``
-items rejected (``rejected/``: id, reason, image path, position in the file).
+items rejected (``rejected/``: id, reason, image path, position in the file). An image path outside the
+file's folder and ``catalog.allowed_image_roots``, or an image that cannot be read, rejects its item only.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ def write_shard(cfg: CatalogConfig, groups: range, out: Location, index: int) ->
 
 @ray.remote(num_cpus=1)
 def write_products(
-    entries: list[dict], root: Location, cfg: StorageConfig, out: Location, index: int
+    entries: list[dict],
+    root: Location,
+    cfg: StorageConfig,
+    allowed: tuple[str, ...],
+    out: Location,
+    index: int,
 ) -> tuple[int, list[dict]]:
-    rows, rejected = products.product_rows(entries, root, cfg)
+    rows, rejected = products.product_rows(entries, root, cfg, allowed)
     if rows:
         if not out.is_s3:
             out.fs.create_dir(out.path, recursive=True)
@@ -92,7 +98,7 @@ class CatalogStage:
             dropped.update(info["dropped_attributes"])
             jobs += [(s, root, key) for s in products.shards(entries, cfg.num_tasks)]
         refs = {
-            write_products.remote(s, root, ctx.config.storage, out, i): key
+            write_products.remote(s, root, ctx.config.storage, cfg.allowed_image_roots, out, i): key
             for i, (s, root, key) in enumerate(jobs)
         }
         pending, total, rows = list(refs), len(refs), 0

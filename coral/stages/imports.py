@@ -5,7 +5,10 @@ Every item becomes TRIPLETS rows (MegaPairs: one per instruction); an item that 
 rejected with its position and the reason, and the rest go on. MERIT's queries name images by path and
 positives by product id: with ``imports.candidates`` the paths are mapped to product ids and the
 candidates (id, title, image path) are written to ``candidates/``. Image paths are kept as written;
-``details.image_root`` is the folder they are relative to.
+``details.image_root`` is the folder they are relative to. Every image path an item names must resolve
+under its file's folder or ``imports.allowed_image_roots`` (``coral.paths.confine``); an item naming any
+other is rejected with the reason, and a candidate naming one is left out (``candidates_rejected/``,
+counted in ``details.candidates_rejected``).
 
 Held out (MERIT's protocol): ``imports.test_queries`` (MERIT's ``queries-test.json``) gives the
 ``test`` rows, ``imports.queries`` the training ones (``imports.split``), in one run; with
@@ -35,6 +38,7 @@ from coral.config import Config, ImportConfig
 from coral.errors import ConfigError
 from coral.manifest import StageResult
 from coral.merit import compose, formats
+from coral.paths import PathError, confine
 from coral.stages.base import StageContext, write_rejected
 
 CANDIDATES = pa.schema([(S.ID, pa.string()), (S.TITLE, pa.string()), (S.IMAGE, pa.string())])
@@ -42,6 +46,21 @@ CANDIDATES = pa.schema([(S.ID, pa.string()), (S.TITLE, pa.string()), (S.IMAGE, p
 
 def read_items(uri: str, config: Config, what: str) -> list:
     return storage.read_json_items(storage.resolve(uri, config.storage), f"imports.{what}")
+
+
+def folder(uri: str, config: Config) -> str:
+    """The folder of a file: what the image paths it writes are relative to."""
+    return posixpath.dirname(storage.resolve(uri, config.storage).uri)
+
+
+def path_reason(fmt: str, item: dict, root: str, allowed: tuple[str, ...]) -> str | None:
+    """Why an item's image paths cannot be used (the first that leaves ``root`` and ``allowed``), or None."""
+    for path in formats.image_paths(fmt, item):
+        try:
+            confine(path, root, allowed)
+        except PathError as e:
+            return f"image path: {e}: [{path!r}]"
+    return None
 
 
 def to_rows(cfg: ImportConfig, item: dict, position: int, id_of, prefix: str = "") -> list[dict]:
@@ -78,14 +97,20 @@ class ImportStage:
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.imports
-        candidates = []
+        candidates, outside = [], []
         for key in ("candidates", "test_candidates"):
             uri = getattr(cfg, key)
+            root = folder(uri, ctx.config) if uri else ""
             for n, obj in enumerate(read_items(uri, ctx.config, key) if uri else [], 1):
                 try:
-                    candidates.append(formats.from_merit_candidate(obj))
+                    candidate = formats.from_merit_candidate(obj)
                 except (KeyError, IndexError, TypeError, ValueError) as e:
                     raise ConfigError(f"imports.{key}: item {n} of {uri}: {e!r}") from None
+                reason = path_reason("candidate", obj, root, cfg.allowed_image_roots)
+                if reason:
+                    outside.append({S.ID: candidate[S.ID], S.REASON: reason})
+                else:
+                    candidates.append(candidate)
         by_path = {c[S.IMAGE]: c[S.ID] for c in candidates}
         id_of = (lambda path: by_path.get(path, path)) if candidates else str  # noqa: E731
         catalog = catalog_splits(ctx) if "catalog" in self.inputs(ctx.config) else None
@@ -94,13 +119,17 @@ class ImportStage:
             files.append(("test_queries", cfg.test_queries, "test", "test item", "test-"))
         rows, rejected, read = [], [], 0
         for key, uri, split, label, prefix in files:
-            items = read_items(uri, ctx.config, key)
+            items, root = read_items(uri, ctx.config, key), folder(uri, ctx.config)
             read += len(items)
             for n, item in enumerate(items):
                 try:
                     got = to_rows(replace(cfg, split=split), item, n, id_of, prefix)
                 except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
                     rejected.append({S.ID: f"{label} {n}", S.REASON: f"unreadable: {type(e).__name__}: {e}"})
+                    continue
+                reason = path_reason(cfg.format, item, root, cfg.allowed_image_roots)
+                if reason:
+                    rejected.append({S.ID: f"{label} {n}", S.REASON: reason})
                     continue
                 reasons = [compose.rule_filter(r) or held_out_reason(r, catalog) for r in got]
                 if any(reasons):
@@ -123,12 +152,14 @@ class ImportStage:
                 pa.Table.from_pylist(candidates, schema=CANDIDATES),
             )
         write_rejected(ctx.rejected(self.name), rejected)
+        write_rejected(stage.child("candidates_rejected"), outside)
         reasons = dict(Counter(short(r[S.REASON]) for r in rejected))
         root = storage.resolve(cfg.queries, ctx.config.storage).uri
         details = {
             "triplets": len(rows),
             "splits": dict(Counter(r[S.SPLIT] for r in rows)),
             "candidates": len(candidates),
+            "candidates_rejected": dict(Counter(short(r[S.REASON]) for r in outside)),
             "checked_against_catalog": catalog is not None,
             "image_root": posixpath.dirname(root),
         }

@@ -19,12 +19,13 @@ Also written: for each axis ``merit.ood`` holds out of training, out-of-distribu
 ``ood/{language,attribute,class}/`` (query id -> ``train`` or ``ood_{kind}_{value}``; the train stage
 drops the rows that touch a held-out value, evaluate scores the labelled queries apart), and with
 ``export`` MERIT's layout under ``export/``: ``queries-{split}.json``, ``candidates-{split}.json`` (the
-products of each split) and the images they name.
+products of each split) and the images they name (``images/<id>.png``): a product whose id is not one safe
+file-name component (``coral.paths.safe_name``), and every query naming it, are left out of the export,
+each with the reason under ``export_rejected/`` and counted in ``details.export_rejected``.
 """
 
 from __future__ import annotations
 
-import posixpath
 from collections import Counter
 
 import numpy as np
@@ -39,6 +40,7 @@ from coral.errors import ConfigError
 from coral.manifest import StageResult
 from coral.merit import compose, formats, llm, ood
 from coral.models.kinds import modality
+from coral.paths import PathError, safe_name
 from coral.stages.annotate import step_stats
 from coral.stages.base import StageContext, as_matrix, count_rejected, count_rows, write_rejected
 
@@ -207,8 +209,7 @@ class MeritStage:
             loc = ctx.stage_dir(self.name).child("ood", kind, "part-00000.parquet")
             storage.write_parquet(loc, pa.Table.from_pylist(kept, schema=OOD))
             ood_counts[kind] = dict(Counter(k[S.SPLIT] for k in kept))
-        if cfg.export:
-            export(ctx, rows, products)
+        export_rejected = export(ctx, rows, products) if cfg.export else {}
         reasons = count_rejected(ctx.rejected(self.name))
         if len(rows) + sum(reasons.values()) != draws:
             raise RuntimeError(
@@ -220,6 +221,8 @@ class MeritStage:
             "languages": dict(Counter(r[S.LANGUAGE] for r in rows)),
             "ood": ood_counts,
         }
+        if cfg.export:
+            details["export_rejected"] = export_rejected
         if cfg.rerank_by:
             details["rerank_by"] = cfg.rerank_by
         if label_details:
@@ -290,22 +293,53 @@ def llm_steps(ctx: StageContext, rows: list[dict], products: list[dict]) -> list
     return sorted((llm.unkeyed(r) for r in ds.take_all()), key=lambda r: r[S.QUERY_ID])
 
 
-def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> None:
+def unsafe_ids(ids: list[str]) -> dict[str, str]:
+    """Product id -> why it cannot name a file (``coral.paths.safe_name``), for the ids that cannot."""
+    out = {}
+    for pid in ids:
+        try:
+            safe_name(pid)
+        except PathError as e:
+            out[pid] = str(e)
+    return out
+
+
+def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> dict[str, int]:
     """MERIT's layout: queries-{split}.json and candidates-{split}.json (conversation format, what MERIT's
-    training and inference scripts read), and every image they name (PNG), under ``merit/export/``."""
+    training and inference scripts read), and every image they name (PNG), under ``merit/export/``.
+    Products whose id is no safe file name, and the queries naming them, are left out, each with the
+    reason under ``merit/export_rejected/``; returns those reasons counted."""
     root = ctx.stage_dir("merit").child("export")
+    src = ctx.data("catalog")
+    table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.IMAGE])
+    catalog_ids = table.column(S.ID).to_pylist()
+    unsafe = unsafe_ids(list(dict.fromkeys([*catalog_ids, *(p[S.ID] for p in products)])))
+    rejected = [{S.ID: pid, S.REASON: f"id is not a safe file name: {why}"} for pid, why in unsafe.items()]
 
     def path_of(pid: str) -> str:
         return f"images/{pid}.png"
 
+    kept = []
+    for r in rows:
+        named = [i for i in dict.fromkeys([*r[S.QUERY_IMAGE_IDS], *r[S.POSITIVE_IDS]]) if i in unsafe]
+        if named:
+            rejected.append(
+                {
+                    S.ID: r[S.QUERY_ID],
+                    S.REASON: f"names a product whose id is not a safe file name: {named[:3]}",
+                }
+            )
+        else:
+            kept.append(r)
     for split in sorted({r[S.SPLIT] for r in rows}):
-        items = [formats.to_merit_query(r, path_of) for r in rows if r[S.SPLIT] == split]
+        items = [formats.to_merit_query(r, path_of) for r in kept if r[S.SPLIT] == split]
         storage.write_bytes(root.child(f"queries-{split}.json"), formats.dumps(items).encode())
     for split in sorted({p[S.SPLIT] for p in products}):
-        pool = [p for p in products if p[S.SPLIT] == split]
+        pool = [p for p in products if p[S.SPLIT] == split and p[S.ID] not in unsafe]
         items = [formats.to_merit_candidate(p[S.ID], p[S.TITLE], path_of(p[S.ID])) for p in pool]
         storage.write_bytes(root.child(f"candidates-{split}.json"), formats.dumps(items).encode())
-    src = ctx.data("catalog")
-    table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.IMAGE])
-    for pid, image in zip(table.column(S.ID).to_pylist(), table.column(S.IMAGE).to_pylist(), strict=True):
-        storage.write_bytes(root.child(posixpath.join("images", f"{pid}.png")), image)
+    for pid, image in zip(catalog_ids, table.column(S.IMAGE).to_pylist(), strict=True):
+        if pid not in unsafe:
+            storage.write_bytes(root.child("images", f"{safe_name(pid)}.png"), image)
+    write_rejected(ctx.stage_dir("merit").child("export_rejected"), rejected)
+    return dict(Counter(r[S.REASON].split(": ")[0] for r in rejected))

@@ -64,3 +64,37 @@ def test_merit_export_imports_back_and_bad_items_are_rejected(ray_local, tmp_pat
     candidates = pq.read_table(tmp_path / "run" / "import_triplets" / "candidates").to_pylist()
     assert len(candidates) == m["details"]["candidates"] > 0
     assert m["details"]["image_root"].endswith("export")
+
+
+def test_megapairs_paths_outside_the_files_folder_are_rejected(tmp_path):
+    """MegaPairs lines naming an image outside their file's folder (``..``, an absolute path, a symlink
+    that leaves, another scheme or bucket) are rejected with the reason; the others import (no Ray)."""
+    from coral.stages.base import StageContext
+    from coral.stages.imports import ImportStage
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "images").mkdir(parents=True)
+    outside.mkdir()
+    (data / "images" / "leak.jpg").symlink_to(outside / "secret.jpg")
+    good = {"q_img": "images/q.jpg", "q_text": ["in blue"], "t_img": "images/t.jpg", "hns": ["images/n.jpg"]}
+    secret = str(outside / "secret.jpg")
+    bad = [  # (the line, the path it names, why it is rejected)
+        ({**good, "q_img": "../outside/secret.jpg"}, "../outside/secret.jpg", "'..' escapes the file's folder"),
+        ({**good, "t_img": secret}, secret, "absolute path outside the file's folder and the allowed roots"),
+        ({**good, "hns": ["images/leak.jpg"]}, "images/leak.jpg", "symlink leaves the file's folder and the allowed roots"),
+        ({**good, "t_img": ["s3://b/x.jpg"]}, "s3://b/x.jpg", "s3 path outside the file's folder and the allowed roots"),
+    ]  # fmt: skip
+    lines = [good, *(line for line, _, _ in bad), good]
+    (data / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [f"run.run_root={run}", "run.stages=[import_triplets]", "imports.format=megapairs"]
+        + [f"imports.queries={data / 'pairs.jsonl'}"],
+    )
+    result = ImportStage().run(StageContext(cfg, storage.resolve(str(run))))
+    rejected = {r[S.ID]: r[S.REASON] for r in pq.read_table(run / "import_triplets" / "rejected").to_pylist()}
+    assert rejected == {f"item {n}": f"image path: {why}: [{p!r}]" for n, (_, p, why) in enumerate(bad, 1)}
+    assert (result.rows_in, result.rows_out) == (6, 2) and sum(result.rejected.values()) == 4
+    assert result.rejected["image path: '..' escapes the file's folder"] == 1
+    assert len(pq.read_table(run / "import_triplets" / "data")) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -228,3 +229,41 @@ def test_rerank_by_an_encoder_after_embed(ray_local, tiny_models, tmp_path):
         assert len(hard) == min(cfg.merit.hard_negatives, len(near))
         np.testing.assert_allclose([score[n] for n in hard], want, atol=1e-5)
     assert best_first >= len(rows) // 2  # most queries are not group_first's
+
+
+def test_export_writes_no_file_for_an_unsafe_id(tmp_path):
+    """A catalog id that is no single safe file name ('../x', 'a/b', '') never becomes a path: the
+    product and the queries naming it are left out of the export, each with its reason (no Ray)."""
+    from coral.stages.merit import export
+
+    ids = ["1", "2", "3", "../../escaped", "a/b", ""]
+    products = [
+        {S.ID: i, S.TITLE: f"t{n}", S.SPLIT: "test", S.IMAGE: f"png{n}".encode()} for n, i in enumerate(ids)
+    ]
+    run = tmp_path / "run"
+    storage.write_parquet(
+        storage.resolve(str(run / "catalog" / "data" / "part-00000.parquet")),
+        pa.Table.from_pylist(products, schema=pa.schema([(S.ID, pa.string()), (S.IMAGE, pa.binary())])),
+    )
+    row = {S.QUERY_TEXT: f"Find a product like {S.IMAGE_SLOT}", S.SPLIT: "test"}
+    rows = [
+        {**row, S.QUERY_ID: "q1", S.QUERY_IMAGE_IDS: ["1"], S.POSITIVE_IDS: ["2"]},
+        {**row, S.QUERY_ID: "q2", S.QUERY_IMAGE_IDS: ["../../escaped"], S.POSITIVE_IDS: ["3"]},
+        {**row, S.QUERY_ID: "q3", S.QUERY_IMAGE_IDS: ["1"], S.POSITIVE_IDS: ["a/b"]},
+    ]
+    ctx = StageContext(load_config(None, [f"run.run_root={run}"]), storage.resolve(str(run)))
+    counts = export(ctx, rows, products)
+    out = run / "merit" / "export"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["1.png", "2.png", "3.png"]
+    assert not list(tmp_path.rglob("escaped.png")) and not (out / "images" / "a").exists()
+    assert [q["id"] for q in json.loads((out / "queries-test.json").read_text())] == ["q1"]
+    assert [c["id"] for c in json.loads((out / "candidates-test.json").read_text())] == ["1", "2", "3"]
+    rejected = {r[S.ID]: r[S.REASON] for r in pq.read_table(run / "merit" / "export_rejected").to_pylist()}
+    assert rejected == {
+        "../../escaped": "id is not a safe file name: '/' in the id",
+        "a/b": "id is not a safe file name: '/' in the id",
+        "": "id is not a safe file name: empty id",
+        "q2": "names a product whose id is not a safe file name: ['../../escaped']",
+        "q3": "names a product whose id is not a safe file name: ['a/b']",
+    }
+    assert counts == {"id is not a safe file name": 3, "names a product whose id is not a safe file name": 2}

@@ -165,3 +165,58 @@ def test_imported_data_graph_is_accepted(tiny_models):
         graph.select(load_config(None, ["run.stages=[catalog, train]", *base]))
     with pytest.raises(ConfigError, match=r"catalog\.products"):
         STAGES["catalog"].validate(load_config(None, [stages, *base, "catalog.products="]))
+
+
+def test_image_paths_stay_in_the_files_folder(ray_local, tmp_path):
+    """A products file and MERIT queries naming images outside their folder (``..``, an absolute path, a
+    symlink that leaves, http://) or unreadable ones (missing, a directory): each such row is rejected
+    with its reason and counted; the good rows come through; nothing outside is read."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "images" / "dir.png").mkdir(parents=True)  # opening it for reading fails (OSError)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png(9))
+    for i in range(1, 5):
+        (data / "images" / f"{i}.png").write_bytes(png(i))
+    (data / "images" / "leak.png").symlink_to(outside / "secret.png")
+    bad = {
+        "5": ("../outside/secret.png", "image path: '..' escapes the file's folder"),
+        "6": (
+            str(outside / "secret.png"),
+            "image path: absolute path outside the file's folder and the allowed roots",
+        ),
+        "7": ("images/leak.png", "image path: symlink leaves the file's folder and the allowed roots"),
+        "8": ("images/missing.png", "image not found"),
+        "9": ("images/dir.png", "image unreadable: OSError"),
+        "10": ("http://127.0.0.1:9/x.png", "image path: URI scheme 'http' is not allowed"),
+    }
+    good = {str(i): f"images/{i}.png" for i in range(1, 5)}
+    items = [formats.to_merit_candidate(pid, f"Product {pid}", path) for pid, path in good.items()]
+    items += [formats.to_merit_candidate(pid, f"Product {pid}", path) for pid, (path, _) in bad.items()]
+    (data / "candidates.json").write_text(json.dumps(items))
+    slot = f"the same colour as <Product 1> {S.IMAGE_SLOT}\n</Product 1>"
+    queries = [
+        {"id": f"q{i}", "conversations": [{"from": "human", "value": f"Find a product with {slot}"}],
+         "pos_cand_list": [str((i + 1) % 4 + 1)], "image": [path]}
+        for i, path in enumerate([*good.values(), *(bad[k][0] for k in ("5", "6", "7", "10"))])
+    ]  # fmt: skip
+    (data / "queries.json").write_text(json.dumps(queries))
+    cfg = load_config(None, overrides(str(tmp_path / "run"), str(data)))
+    graph.run_graph(cfg)
+    root = storage.resolve(str(tmp_path / "run"))
+
+    catalog = pq.read_table(root.child("catalog", "data").path).to_pylist()
+    assert {r[S.ID]: r[S.IMAGE] for r in catalog} == {pid: (data / p).read_bytes() for pid, p in good.items()}
+    rejected = pq.read_table(root.child("catalog", "rejected").path).to_pylist()
+    assert {r[S.ID]: (r["image"], r[S.REASON]) for r in rejected} == bad
+    m = manifest.read_complete(root.child("catalog"))
+    assert (m["rows_in"], m["rows_out"], m["rows_rejected"]) == (10, 4, 6)
+
+    triplets = pq.read_table(root.child("import_triplets", "data").path).to_pylist()
+    assert sorted(t[S.QUERY_ID] for t in triplets) == ["q0", "q1", "q2", "q3"]
+    rejected = pq.read_table(root.child("import_triplets", "rejected").path).to_pylist()
+    got = {r[S.ID]: r[S.REASON] for r in rejected}
+    named = ("5", "6", "7", "10")  # the queries after the 4 good ones name these products' paths
+    assert got == {f"item {4 + n}": f"{bad[pid][1]}: [{bad[pid][0]!r}]" for n, pid in enumerate(named)}
+    m = manifest.read_complete(root.child("import_triplets"))
+    assert (m["rows_in"], m["rows_out"], m["rows_rejected"]) == (8, 4, 4)
+    assert sum(m["details"]["candidates_rejected"].values()) == 4  # 5, 6, 7, 10: left out of candidates/

@@ -141,9 +141,16 @@ def test_json_lines_absolute_paths_and_bad_files(tmp_path):
     sub.mkdir()
     (sub / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     read, root = products.read_items(str(sub / "p.jsonl"))
-    rows, bad = products.product_rows(products.parse_products(read)[0], root)
+    entries = products.parse_products(read)[0]
+    rows, bad = products.product_rows(entries, root)  # outside the file's folder: rejected
+    assert not rows and [(r[S.ID], r[S.REASON]) for r in bad] == [
+        ("x", "image path: absolute path outside the file's folder and the allowed roots")
+    ]
+    rows, bad = products.product_rows(entries, root, allowed=(str(tmp_path),))  # allowed explicitly
     assert [r[S.ID] for r in rows] == ["x"] and not bad
-    assert products.image_location(root, "../a.png").path == str(tmp_path / "a.png")
+    assert products.image_location(root, "../a.png", allowed=(str(tmp_path),)).path == str(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="escapes the file's folder"):
+        products.image_location(root, "../a.png")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"catalog\.products: .* neither a JSON list nor JSON lines"):
         products.read_items(str(tmp_path / "bad.json"))

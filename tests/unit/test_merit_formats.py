@@ -179,3 +179,17 @@ def test_files_json_list_and_lines(tmp_path):
     F.write_json(tmp_path / "mp.jsonl", [MEGAPAIRS, MEGAPAIRS], lines=True)
     assert F.read_json(tmp_path / "mp.jsonl") == [MEGAPAIRS, MEGAPAIRS]
     assert len((tmp_path / "mp.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_image_paths_lists_every_path_an_item_names():
+    """What the import stage checks with ``coral.paths.confine``: every image path, not the product ids."""
+    assert F.image_paths("merit", QUERY_291) == ["xxxx.jpg", "yyyjpg"]
+    assert F.image_paths("candidate", CANDIDATE) == ["zzzz.jpg"]
+    assert F.image_paths("megapairs", MEGAPAIRS) == [
+        "images/000123.jpg",
+        "images/000456.jpg",
+        "images/000123.jpg",
+        "images/000789.jpg",
+    ]
+    assert F.image_paths("megapairs", {"q_img": "q", "inst": "x", "t_img": ["../t"]}) == ["q", "../t"]
+    assert F.image_paths("released", {"query": ["1001"], "pos_candidate": ["1002"]}) == []
