@@ -3,7 +3,8 @@ ports and temp dir), run_root on S3 (moto on 127.0.0.1), the repo uploaded as th
 
 One job is stopped (``ray job stop``) in the middle of a stage; the next submission completes the graph
 with every stage's output written once; a third skips every stage. The head, and every process it
-started, is gone afterwards."""
+started, is gone afterwards. The same head refuses a submission without its token (token auth, as the
+cluster's nodes start Ray)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -129,6 +131,56 @@ def job_status(address: str, job: str) -> str:
         if f"Status for job '{job}': {status}" in out:
             return status
     return "UNKNOWN: " + out[-500:]
+
+
+@pytest.mark.timeout(180)
+def test_job_api_refuses_callers_without_the_token(ray_head, tmp_path):
+    """The head's job API answers only callers that carry its token: over HTTP, no Authorization header is
+    401 and a wrong token 403; `ray job submit` with a wrong token, or with token auth off on the caller's
+    side, exits non-zero with an authentication error. None of these submissions creates a job."""
+    token = Path(AUTH["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    jobs = f"{ray_head}/api/jobs/"
+    refused = ["coral-no-header", "coral-wrong-token", "coral-cli-wrong-token", "coral-cli-auth-off"]
+    entrypoint = "python -c 'print(1)'"
+    with httpx.Client(timeout=30) as http:
+        assert http.get(f"{ray_head}/api/gcs_healthz").status_code == 200  # the head is up: health is public
+        assert http.get(jobs).status_code == 401
+        answer = http.post(jobs, json={"entrypoint": entrypoint, "submission_id": refused[0]})
+        assert answer.status_code == 401, answer.text
+        wrong = {"Authorization": f"Bearer {secrets.token_hex(32)}"}
+        answer = http.post(jobs, json={"entrypoint": entrypoint, "submission_id": refused[1]}, headers=wrong)
+        assert answer.status_code == 403, answer.text
+
+    wrong_token = tmp_path / "wrong_token"
+    wrong_token.write_text(secrets.token_hex(32))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    callers = {
+        # the head's answers, as the CLI reports them: 403 and 401
+        refused[2]: (
+            base | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong_token)},
+            "Forbidden: Invalid authentication token",
+        ),
+        refused[3]: (base | {"RAY_AUTH_MODE": "disabled"}, "Unauthorized: Missing authentication token"),
+    }
+    for submission, (env, answer) in callers.items():
+        done = subprocess.run(
+            [RAY, "job", "submit", "--address", ray_head, "--submission-id", submission, "--no-wait", "--"]
+            + ["python", "-c", "print(1)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env | {"RAY_USAGE_STATS_ENABLED": "0"},
+            cwd=REPO,
+        )
+        said = done.stdout + done.stderr
+        assert done.returncode != 0, f"{submission}: submitted without the token\n{said[-2000:]}"
+        assert answer in said, f"{submission}: {said[-2000:]}"
+
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"}) as http:
+        listed = http.get(jobs)
+    assert listed.status_code == 200, listed.text
+    created = {j.get("submission_id") for j in listed.json()}
+    assert not created & set(refused), f"refused submissions created jobs: {created & set(refused)}"
 
 
 @pytest.mark.timeout(900)

@@ -308,3 +308,51 @@ def test_setup_commands_run_under_bash(stub_node):
                 assert ("vllm" in " ".join(calls[5:])) == (name == "gpu_inference"), f"{name}: {calls}"
             else:
                 assert len(calls) == 3, f"{name}: {calls}"
+
+
+def exported_before_ray_start(command: str) -> list[dict[str, str]]:
+    """For each `ray start` in a shell line: the variables exported (or assigned in front of it) before it."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    exported: dict[str, str] = {}
+    out, words = [], []
+    for token in [*lexer, ";"]:
+        if not (token and set(token) <= set("();&|<>")):
+            words.append(token)
+            continue
+        assignments = {}
+        while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
+            key, _, value = words.pop(0).partition("=")
+            assignments[key] = value
+        if words[:1] == ["export"]:
+            exported |= dict(w.partition("=")[::2] for w in words[1:] if "=" in w)
+        elif words[:2] == ["ray", "start"]:
+            out.append(exported | assignments)
+        words = []
+    return out
+
+
+def test_ray_token_auth_and_a_local_dashboard():
+    """Every node starts Ray with token auth (the token file the launcher copies to every node); the head's
+    dashboard and job API listen on 127.0.0.1 only (reached through `ray dashboard`'s SSH tunnel); no security
+    group of this file opens a Ray port."""
+    spec = cluster_yaml()
+    assert spec["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", (
+        "the token is not on the nodes"
+    )
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [env for command in spec[key] for env in exported_before_ray_start(command)]
+        assert starts, f"{key} start no Ray"
+        for env in starts:
+            assert env.get("RAY_AUTH_MODE") == "token", f"{key}: ray start without RAY_AUTH_MODE=token"
+            assert "RAY_AUTH_TOKEN" not in env, f"{key}: the token written in cluster.yaml"
+    (head,) = [c for c in spec["head_start_ray_commands"] if "ray start" in c]
+    assert re.findall(r"--dashboard-host[= ](\S+)", head) == ["127.0.0.1"], head
+    text = CLUSTER_YAML.read_text()
+    assert "0.0.0.0" not in text and not re.search(r"RAY_AUTH_MODE\W+disabled", text)
+    for rule in spec["provider"].get("security_group", {}).get("IpPermissions", []):
+        everything = str(rule.get("IpProtocol")) == "-1"
+        lo, hi = rule.get("FromPort", 0), rule.get("ToPort", 65535)
+        ray_ports = [p for p in (6379, 8265, 10001) if everything or lo <= p <= hi]
+        anyone = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
+        assert not (ray_ports and anyone), f"the security group opens {ray_ports} to anyone: {rule}"

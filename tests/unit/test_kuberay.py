@@ -1,6 +1,7 @@
 """The KubeRay manifests (cluster/kuberay/) and the image they run (cluster/Dockerfile), checked against the
-rest of the repository: cluster.yaml's node types, the pinned versions, the workflows and the Serve builder.
-Static checks only: no Kubernetes, no Ray cluster."""
+rest of the repository: cluster.yaml's node types, the pinned versions, the workflows and the Serve builder;
+and safe by default: Ray's token auth in every Ray container, no optional Secret, NetworkPolicies around the
+head, pods that run as non-root without privileges. Static checks only: no Kubernetes, no Ray cluster."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.version import Version
 
 from tests.dockerfile import steps
 
@@ -36,10 +38,18 @@ SECRET_WORDS = {"KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIALS"}  # parts of
 params = pytest.mark.parametrize("name", sorted(MANIFESTS))
 
 
+def documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d is not None]
+
+
 def load(name: str) -> dict:
-    docs = [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d is not None]
-    assert len(docs) == 1, f"{name}: expected one document, got {len(docs)}"
-    return docs[0]
+    """The manifest's one Ray resource; the file's other documents are its NetworkPolicies."""
+    docs = documents(name)
+    ray = [d for d in docs if d["kind"] in MANIFESTS.values()]
+    assert len(ray) == 1, f"{name}: expected one Ray resource, got {len(ray)}"
+    others = {d["kind"] for d in docs} - {ray[0]["kind"]}
+    assert others <= {"NetworkPolicy"}, f"{name}: unexpected documents {others}"
+    return ray[0]
 
 
 def cluster_spec(doc: dict) -> dict:
@@ -311,3 +321,308 @@ def test_dockerignore_keeps_the_package():
     patterns -= {p for p in patterns if not p or p.startswith("#")}
     assert {".venv", ".git", "runs", "models"} <= patterns
     assert not patterns & {"**/models", "coral", "coral/models", "workflows", "requirements.txt"}
+
+
+# Safe by default: what anyone in the Kubernetes cluster can reach, and what a pod may do.
+
+AUTH_SECRET, AUTH_KEY = "coral-ray-auth", "auth_token"  # KubeRay's authOptions.secretName reads this key
+SERVE_SECRET = "coral-serve"
+CLUSTER_LABEL, CLIENT_LABEL = "coral/ray-cluster", "coral/ray-client"
+GUARDED_PORTS = {6379, 8265, 10001}  # GCS, dashboard + job API, Ray client
+SERVE_PORT = 8000
+OPERATOR_POD = {"app.kubernetes.io/name": "kuberay-operator"}  # the Helm chart's label on the operator's pod
+AUTH_OPTIONS_SINCE = "1.6.0"  # the first KubeRay whose authOptions takes a secretName
+POD_LEVEL = {"runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile"}  # containers inherit these
+
+
+def ray_pods(doc: dict) -> dict[str, dict]:
+    """Every pod template the manifest has KubeRay create, by role: "head", each worker group, and a RayJob's
+    "submitter" (without a template of ours KubeRay makes one without labels or securityContext)."""
+    spec = cluster_spec(doc)
+    pods = {"head": spec["headGroupSpec"]["template"]}
+    pods |= {g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}
+    if doc["kind"] == "RayJob":
+        assert doc["spec"].get("submitterPodTemplate"), (
+            "the RayJob leaves its submitter pod to KubeRay's default"
+        )
+        pods["submitter"] = doc["spec"]["submitterPodTemplate"]
+    return pods
+
+
+def all_containers(template: dict) -> list[dict]:
+    spec = template["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def pod_labels(doc: dict, role: str, template: dict) -> dict:
+    """The labels of the pod KubeRay creates from a template: the template's, then the operator's own. A RayJob's
+    or RayService's cluster gets a generated name (<name>-<random>), so its ray.io/cluster is not known here."""
+    labels = dict(template.get("metadata", {}).get("labels", {}))
+    name = doc["metadata"]["name"]
+    if role == "submitter":
+        return labels | {"batch.kubernetes.io/job-name": name}
+    cluster = name if doc["kind"] == "RayCluster" else f"{name}-x7k2q"
+    node_type = "head" if role == "head" else "worker"
+    return labels | {"ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/is-ray-node": "yes"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes' label selector semantics (an empty selector selects everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def network_policies(name: str) -> list[dict]:
+    return [d for d in documents(name) if d["kind"] == "NetworkPolicy"]
+
+
+def ingress_rules(name: str, labels: dict) -> tuple[int, list[dict]]:
+    """(how many policies isolate a pod with these labels for ingress, the ingress rules that then apply)."""
+    policies = [
+        p
+        for p in network_policies(name)
+        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], labels)
+    ]
+    return len(policies), [r for p in policies for r in p["spec"].get("ingress", [])]
+
+
+def admitted(rule: dict) -> set[int] | None:
+    """The ports a rule admits; None: every port."""
+    if not rule.get("ports"):
+        return None
+    out = set()
+    for p in rule["ports"]:
+        assert isinstance(p.get("port"), int), f"{p}: name ports by number"
+        assert p.get("protocol", "TCP") == "TCP", p
+        out |= set(range(p["port"], p.get("endPort", p["port"]) + 1))
+    return out
+
+
+def peer_kind(peer: dict, cluster: str) -> str:
+    """What a NetworkPolicy peer names: the pods of this Ray cluster ("cluster"), pods labelled as Ray clients
+    in this namespace ("client"), the KubeRay operator's pods in one named namespace ("operator"), or anything
+    else ("other")."""
+    pods, namespaces = peer.get("podSelector"), peer.get("namespaceSelector") or {}
+    if set(peer) == {"podSelector"} and pods == {"matchLabels": {CLUSTER_LABEL: cluster}}:
+        return "cluster"
+    if set(peer) == {"podSelector"} and pods == {"matchLabels": {CLIENT_LABEL: "true"}}:
+        return "client"
+    one_namespace = list(namespaces) == ["matchLabels"] and list(namespaces["matchLabels"]) == [
+        "kubernetes.io/metadata.name"
+    ]
+    if (
+        set(peer) == {"namespaceSelector", "podSelector"}
+        and pods == {"matchLabels": OPERATOR_POD}
+        and one_namespace
+    ):
+        return "operator"
+    return "other"
+
+
+def reaches(rules: list[dict], port: int, peer_labels: dict | None) -> bool:
+    """Whether a pod of this namespace with peer_labels (None: any pod, any namespace) gets through to port."""
+    for rule in rules:
+        ports = admitted(rule)
+        if ports is not None and port not in ports:
+            continue
+        peers = rule.get("from")
+        if not peers:
+            return True
+        if peer_labels is not None and any(
+            set(p) == {"podSelector"} and selects(p["podSelector"], peer_labels) for p in peers
+        ):
+            return True
+    return False
+
+
+@params
+def test_ray_token_auth_in_every_container(name):
+    """Ray's token auth: the operator's native field (its own clients get the token: job and Serve status, the
+    submitter, the autoscaler), and in every container the env Ray reads itself, from a Secret that must exist."""
+    doc = load(name)
+    assert cluster_spec(doc).get("authOptions") == {"mode": "token", "secretName": AUTH_SECRET}
+    for role, template in ray_pods(doc).items():
+        for c in all_containers(template):
+            where = f"{role}/{c['name']}"
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (
+                f"{where}: RAY_AUTH_MODE is not token"
+            )
+            token = env.get("RAY_AUTH_TOKEN", {})
+            assert "value" not in token, f"{where}: the token written inline"
+            ref = token.get("valueFrom", {}).get("secretKeyRef")
+            assert ref == {"name": AUTH_SECRET, "key": AUTH_KEY}, f"{where}: RAY_AUTH_TOKEN from {ref}"
+            assert "RAY_AUTH_TOKEN_PATH" not in env, where
+    assert not re.search(r"RAY_AUTH_MODE\W+disabled", (KUBERAY / name).read_text())
+
+
+def secret_refs(node, path: str = ""):
+    """(path, reference) of every Secret reference in a document: env secretKeyRef, envFrom secretRef, volumes."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("secretKeyRef", "secretRef", "secret") and isinstance(value, dict):
+                yield f"{path}.{key}", value
+            yield from secret_refs(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from secret_refs(value, f"{path}[{i}]")
+
+
+@params
+def test_no_secret_is_optional(name):
+    """A pod whose Secret is missing must not start: an optional Secret starts Ray without its token, or Serve
+    with an open API."""
+    refs = list(secret_refs(documents(name)))
+    assert refs
+    for path, ref in refs:
+        assert ref.get("optional") is not True, f"{path}: optional Secret {ref.get('name')}"
+    assert not re.search(r"optional:\s*true", (KUBERAY / name).read_text())
+    doc = load(name)
+    (head,) = containers(cluster_spec(doc)["headGroupSpec"])
+    serve = {e["name"]: e for e in head["env"]}.get("CORAL_SERVE_TOKEN")
+    assert serve == {
+        "name": "CORAL_SERVE_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": SERVE_SECRET, "key": "token"}},
+    }
+
+
+def image_user() -> tuple[int, int | None]:
+    """The uid (and gid) the image runs as: its last USER, by number (Kubernetes checks runAsNonRoot on it)."""
+    users = [args for ins, args in dockerfile() if ins == "USER"]
+    assert users, "cluster/Dockerfile does not state the user it runs as"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and (not gid or gid.isdigit()), f"USER {users[-1]}: not numeric"
+    return int(uid), int(gid) if gid else None
+
+
+def test_image_runs_as_a_non_root_user():
+    uid, gid = image_user()
+    assert uid != 0 and gid != 0, "the image runs as root"
+
+
+@params
+def test_pods_run_as_non_root_without_privileges(name):
+    uid, gid = image_user()
+    doc = load(name)
+    for role, template in ray_pods(doc).items():
+        spec = template["spec"]
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(key), f"{role}: {key}"
+        pod = {k: v for k, v in spec.get("securityContext", {}).items() if k in POD_LEVEL}
+        for c in all_containers(template):
+            where = f"{role}/{c['name']}"
+            sc = pod | c.get("securityContext", {})
+            assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot"
+            assert sc.get("runAsUser") == uid, (
+                f"{where}: runAsUser {sc.get('runAsUser')}, the image's user is {uid}"
+            )
+            assert sc.get("runAsGroup", gid) == gid, f"{where}: runAsGroup"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+            assert sc.get("privileged") is not True, f"{where}: privileged"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities not dropped"
+            assert not sc.get("capabilities", {}).get("add"), f"{where}: capabilities added"
+            assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}, f"{where}: seccompProfile"
+    # the autoscaler container KubeRay adds to the head pod: the head's pod-level settings, these for itself
+    autoscaler = cluster_spec(doc)["autoscalerOptions"].get("securityContext", {})
+    assert autoscaler.get("allowPrivilegeEscalation") is False, "autoscaler: allowPrivilegeEscalation"
+    assert autoscaler.get("capabilities", {}).get("drop") == ["ALL"], "autoscaler: capabilities"
+
+
+@params
+def test_network_policies_guard_the_head(name):
+    """The head's job API and dashboard (8265), Ray client (10001) and GCS (6379) are reachable only from the
+    pods of the same Ray cluster, from pods labelled coral/ray-client in the namespace and (8265 only) from
+    the KubeRay operator; Serve (8000, its own bearer token) from anywhere; the workers only from the cluster."""
+    doc = load(name)
+    cluster = doc["metadata"]["name"]
+    assert network_policies(name), f"{name} has no NetworkPolicy"
+    pods = ray_pods(doc)
+    labels = {role: pod_labels(doc, role, t) for role, t in pods.items()}
+    for role in labels.keys() - {"submitter"}:
+        assert labels[role].get(CLUSTER_LABEL) == cluster, f"{role}: pod template without {CLUSTER_LABEL}"
+
+    isolated, rules = ingress_rules(name, labels["head"])
+    assert isolated, "no NetworkPolicy selects the head"
+    for rule in rules:
+        ports = admitted(rule)
+        guarded = GUARDED_PORTS if ports is None else GUARDED_PORTS & ports
+        if not guarded:
+            continue
+        assert rule.get("from"), f"{sorted(guarded)} open to anyone: {rule}"
+        for peer in rule["from"]:
+            kind = peer_kind(peer, cluster)
+            assert kind != "other", f"{sorted(guarded)} open to {peer}"
+            if kind == "client":
+                assert ports is not None and ports <= GUARDED_PORTS, (
+                    f"Ray clients get more than they need: {rule}"
+                )
+            if kind == "operator":
+                assert ports == {8265}, f"the operator gets more than the job API: {rule}"
+    # the cluster's own pods reach every port; another Ray cluster's pods, or any pod, none but Serve's
+    worker = labels[next(role for role in labels if role not in ("head", "submitter"))]
+    other_pod = {"ray.io/cluster": "another", "ray.io/node-type": "worker", CLUSTER_LABEL: "another"}
+    for port in (*GUARDED_PORTS, 8080, 52365, 20000):  # ..., metrics, the dashboard agent, a worker's port
+        assert reaches(rules, port, worker), f"{port}: closed to the cluster's own pods"
+        assert not reaches(rules, port, other_pod), f"{port}: open to another Ray cluster's pods"
+        assert not reaches(rules, port, None), f"{port}: open to any pod"
+    for port in (8265, 10001):
+        assert reaches(rules, port, {CLIENT_LABEL: "true"}), f"{port}: closed to {CLIENT_LABEL} pods"
+    operator = [
+        r
+        for r in rules
+        if 8265 in (admitted(r) or {8265})
+        and any(peer_kind(p, cluster) == "operator" for p in r.get("from", []))
+    ]
+    assert operator, "the KubeRay operator cannot reach the job API (job and Serve status)"
+    assert reaches(rules, SERVE_PORT, None), "Serve's port is closed"
+    if "submitter" in labels:
+        assert reaches(rules, 8265, labels["submitter"]), "the RayJob's submitter cannot reach the job API"
+
+    for role in labels.keys() - {"head", "submitter"}:
+        isolated, worker_rules = ingress_rules(name, labels[role])
+        assert isolated, f"no NetworkPolicy selects {role}"
+        for rule in worker_rules:
+            assert rule.get("from") and all(peer_kind(p, cluster) == "cluster" for p in rule["from"]), (
+                f"{role} reachable from outside its cluster: {rule}"
+            )
+
+
+def header(path: Path) -> str:
+    lines = path.read_text().splitlines()
+    return "\n".join(line for line in lines[: next(i for i, x in enumerate(lines) if not x.startswith("#"))])
+
+
+@params
+def test_header_says_how_to_create_the_secrets_and_install_the_operator(name):
+    text = header(KUBERAY / name)
+    assert f"kubectl create secret generic {AUTH_SECRET} --from-literal={AUTH_KEY}=" in text
+    assert f"kubectl create secret generic {SERVE_SECRET} --from-literal=token=" in text
+    assert "NetworkPolicies" in text
+    install = r"helm install kuberay-operator\b.*?--version (\S+)"
+    installs = re.findall(install, text)
+    assert installs, "no operator install"
+    for version in installs + re.findall(install, (REPO / "README.md").read_text()):
+        assert Version(version) >= Version(AUTH_OPTIONS_SINCE), f"KubeRay {version} drops authOptions"
+    namespaces = set(re.findall(r"--namespace (\S+)", text))
+    peers = {
+        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for policy in network_policies(name)
+        for rule in policy["spec"].get("ingress", [])
+        for p in rule.get("from", [])
+        if "namespaceSelector" in p
+    }
+    assert peers and peers <= namespaces, (
+        f"policies admit the operator from {peers}, it is installed in {namespaces}"
+    )
