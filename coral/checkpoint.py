@@ -127,8 +127,38 @@ def check_bound(index_meta: dict, model: Checkpoint, where: str) -> None:
         )
 
 
-def index_meta(checkpoint: Checkpoint, spec: str, count: int) -> dict:
-    return {"checkpoint": asdict(checkpoint), "spec": spec, "count": count, "dim": checkpoint.dim}
+def index_meta(checkpoint: Checkpoint, spec: str, count: int, index_bytes: bytes) -> dict:
+    """``index.json``: the checkpoint that built the index, its spec and size, and the SHA-256 of the
+    ``index.faiss`` bytes, checked whenever the index is loaded."""
+    return {
+        "checkpoint": asdict(checkpoint),
+        "spec": spec,
+        "count": count,
+        "dim": checkpoint.dim,
+        "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+    }
+
+
+def check_index_digest(index_meta: dict, digest: str, where: str) -> None:
+    """The ``index.faiss`` bytes (their SHA-256, ``digest``) are the ones ``index.json`` recorded: a
+    swapped or damaged file refuses to load, so no index is searched that the checkpoint did not build."""
+    want = index_meta.get("index_sha256")
+    if not want:
+        raise IndexMismatch(f"{where}/{INDEX_META} records no index_sha256; rebuild the index")
+    if digest != want:
+        raise IndexMismatch(
+            f"{where}/index.faiss has sha256 {digest}, not the {want} that {INDEX_META} records: the file "
+            "was replaced or damaged after the index stage wrote it; rebuild the index"
+        )
+
+
+def index_file_digest(index_dir: storage.Location) -> str:
+    """SHA-256 of ``index.faiss``, read in chunks (an index can be larger than memory would like)."""
+    h = hashlib.sha256()
+    with index_dir.fs.open_input_stream(index_dir.child("index.faiss").path) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_index_meta(index_dir: storage.Location) -> dict:

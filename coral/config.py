@@ -26,10 +26,14 @@ class RunConfig:
     name: str = "demo"
     run_root: str = "runs/demo"  # local path, file:// or s3://bucket/prefix
     stages: tuple[str, ...] = ("catalog", "embed")
+    # one run per run_root: its lease (run_root/_lease.json) is refreshed every lease_ttl_s / 8 and taken
+    # over by another run only once its heartbeat is older than this (coral.lease)
+    lease_ttl_s: float = 120.0
 
     def __post_init__(self):
         check(bool(self.run_root), "run_root must not be empty")
         check(len(self.stages) > 0, "stages must name at least one stage")
+        check(self.lease_ttl_s > 0, f"lease_ttl_s must be > 0, got {self.lease_ttl_s}")
 
 
 @dataclass(frozen=True)
@@ -38,17 +42,19 @@ class StorageConfig:
 
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for an S3-compatible server
     region: str | None = None
-    access_key_id: str | None = field(default=None, metadata={"secret": True})
-    secret_access_key: str | None = field(default=None, metadata={"secret": True})
+    # secrets: in no repr, manifest (redacted), log line or error message
+    access_key_id: str | None = field(default=None, repr=False, metadata={"secret": True})
+    secret_access_key: str | None = field(default=None, repr=False, metadata={"secret": True})
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 10.0
-    max_attempts: int = 2
+    max_attempts: int = 5  # tries per request, the first included (boto3 and pyarrow alike)
 
     def __post_init__(self):
         check(
             (self.access_key_id is None) == (self.secret_access_key is None),
             "access_key_id and secret_access_key must be set together (or neither, to use the environment)",
         )
+        check(self.max_attempts >= 1, f"max_attempts must be >= 1, got {self.max_attempts}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,17 @@ class RayConfig:
         check(self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
 
 
+def check_image_roots(roots: tuple[str, ...]) -> None:
+    """``allowed_image_roots``: each an absolute local folder (or ``file://`` one) or ``s3://bucket[/prefix]``."""
+    for r in roots:
+        local = r[len("file://") :] if r.startswith("file://") else r
+        s3 = r.startswith("s3://") and r[len("s3://") :].strip("/") != ""
+        check(
+            s3 or ("://" not in local and local.startswith("/")),
+            f"allowed_image_roots: '{r}' is neither an absolute local folder nor s3://bucket[/prefix]",
+        )
+
+
 @dataclass(frozen=True)
 class CatalogConfig:
     """The product catalog: ``synthetic`` (the embedded default's MERIT-like data) or ``products``, the
@@ -79,11 +96,14 @@ class CatalogConfig:
     image paths relative to its folder; ``coral.catalog.products``), and optionally ``test_products``, a
     second such file of held-out products (MERIT's test candidates: the evaluation's pool). ``seed`` and ``test_fraction`` apply
     to both (products: to those without a ``split``, by a seeded hash of the id); the other fields shape
-    the synthetic catalog only."""
+    the synthetic catalog only. An image path must resolve under its file's folder (no ``..`` out, no
+    symlink out, no other URI scheme) or under one of ``allowed_image_roots`` (absolute local folders or
+    ``s3://bucket[/prefix]``; default none); any other is rejected with the reason (``coral.paths``)."""
 
     source: Literal["synthetic", "products"] = "synthetic"
     products: str = ""  # source=products: the products file, local or s3://
     test_products: str = ""  # source=products: a second file whose products are all held out (``test``)
+    allowed_image_roots: tuple[str, ...] = ()  # image paths may also resolve under these (local or s3://)
     seed: int = 0
     num_groups: int = 40
     variants_per_group: int = 3
@@ -107,6 +127,7 @@ class CatalogConfig:
                 0.0 <= self.test_fraction < 1.0, f"test_fraction must be in [0, 1), got {self.test_fraction}"
             )
         check(self.num_tasks >= 1, f"num_tasks must be >= 1, got {self.num_tasks}")
+        check_image_roots(self.allowed_image_roots)
         bad = [lang for lang in self.languages if lang not in LANGUAGES]
         check(
             not bad and self.languages,
@@ -345,19 +366,24 @@ class MeritConfig:
 class ImportConfig:
     """Training triplets from released datasets: MERIT's conversation JSON (``merit``, with its candidates
     file to map image paths to product ids), MERIT's released queries (``released``), or MegaPairs' JSON
-    lines (``megapairs``). Image ids are the paths as written, relative to the queries file's folder."""
+    lines (``megapairs``). Image ids are the paths as written, relative to the queries file's folder; a
+    path that resolves outside that folder (``..``, absolute, a symlink out, another URI scheme) and outside
+    ``allowed_image_roots`` (absolute local folders or ``s3://bucket[/prefix]``; default none) rejects its
+    item with the reason (``coral.paths``)."""
 
     format: Literal["merit", "released", "megapairs"] = "merit"
     queries: str = ""  # a JSON list or JSON lines file, local or s3://
     candidates: str | None = None  # merit: the candidates file (id, title, image path)
     test_queries: str = ""  # the held-out queries' file (MERIT: queries-test.json): their split is test
     test_candidates: str | None = None  # merit: the held-out candidates file, for its image paths
+    allowed_image_roots: tuple[str, ...] = ()  # image paths may also resolve under these (local or s3://)
     split: str = "train"
     test_fraction: float = 0.0  # > 0: each query goes to test with this chance (seeded hash of its id)
     seed: int = 0  # the hash's seed
 
     def __post_init__(self):
         check(0.0 <= self.test_fraction <= 1.0, f"test_fraction must be in [0, 1], got {self.test_fraction}")
+        check_image_roots(self.allowed_image_roots)
 
 
 @dataclass(frozen=True)
@@ -562,8 +588,11 @@ class ServeConfig:
     """The retriever behind HTTP (Ray Serve): the run's index and the checkpoint that built it.
 
     Safe by default: binds ``host`` 127.0.0.1; when the environment variable ``token_env`` is set, every
-    route but ``/healthz`` needs ``Authorization: Bearer <its value>``; bodies, parts, image bytes and
-    decoded pixels are bounded; images come only inline (base64), never as URLs. ``batch_size`` and
+    route but ``/healthz`` needs ``Authorization: Bearer <its value>``, and on any host but a loopback
+    address the app refuses to start without it, unless ``allow_unauthenticated: true`` says so on
+    purpose; bodies, parts, image bytes, an image's pixels and a request's (``max_request_pixels``, from
+    the images' headers, before any is decoded) are bounded; images come only inline (base64), never as
+    URLs. ``batch_size`` and
     ``batch_wait_s``: the query encoder's request batching (1 turns it off); while a batch runs, the
     next one waits until it is predicted to end, else up to ``batch_wait_s`` while requests come
     together; a lone request goes at once (``coral.serve.pacing``).
@@ -581,18 +610,24 @@ class ServeConfig:
     app_name: str = "coral"
     route_prefix: str = "/"
     token_env: str = "CORAL_SERVE_TOKEN"
+    allow_unauthenticated: bool = False  # serve a non-loopback host without a token, on purpose
     batch_size: int = 16
     batch_wait_s: float = 0.005
     encoder: DeploymentConfig = field(default_factory=DeploymentConfig)
     index: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
     index_in_encoder: bool | Literal["auto"] = "auto"
     index_in_encoder_max_mb: float = 512.0  # "auto": larger indexes get their own deployment
-    ingress: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
+    # room beyond the searches a client may send at once: /healthz and /v1/info are never queued behind
+    # them (the work each search brings is bounded by the encoder's max_ongoing_requests and the limits)
+    ingress: DeploymentConfig = field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.25, max_ongoing_requests=128)
+    )
     max_body_bytes: int = 8 * 2**20
     max_parts: int = 16
     max_text_chars: int = 4000
     max_image_bytes: int = 4 * 2**20
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 4096 * 4096  # one image's
+    max_request_pixels: int = 4096 * 4096  # a request's images' in all (about 50 MB as RGB)
     max_top_k: int = 100
     examples: int = 3  # held-out queries sent over HTTP by the stage, printed with their top results
     access_log: bool = False  # Serve's line per request and replica (proxy, ingress, encoder, index): CPU
@@ -604,7 +639,10 @@ class ServeConfig:
         check(1 <= self.port <= 65535, f"serve.port must be in 1..65535, got {self.port}")
         check(self.batch_size >= 1 and self.batch_wait_s >= 0, "serve.batch_size >= 1, batch_wait_s >= 0")
         limits = (self.max_body_bytes, self.max_parts, self.max_text_chars, self.max_image_bytes)
-        check(min(*limits, self.max_pixels, self.max_top_k) >= 1, "serve limits must be >= 1")
+        check(
+            min(*limits, self.max_pixels, self.max_request_pixels, self.max_top_k) >= 1,
+            "serve limits must be >= 1",
+        )
         check(self.route_prefix.startswith("/"), "serve.route_prefix must start with /")
         check(
             self.index_in_encoder in (True, False, "auto") and self.index_in_encoder_max_mb >= 0,

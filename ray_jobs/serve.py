@@ -4,8 +4,9 @@
     python -m ray_jobs.serve --run-root runs/demo --write-config serve.yaml   # for serve run / serve deploy
 
 Binds serve.host (127.0.0.1 unless configured) on serve.port; with the environment variable named by
-serve.token_env set (CORAL_SERVE_TOKEN), every route but /healthz needs that bearer token. Serves until
-interrupted. Exit codes: 0 stopped, 2 bad input (config, a missing index, a mismatched checkpoint).
+serve.token_env set (CORAL_SERVE_TOKEN), every route but /healthz needs that bearer token, and any host
+but a loopback address refuses to start without it (unless serve.allow_unauthenticated: true). Serves
+until interrupted. Exit codes: 0 stopped, 2 bad input (config, a missing index, a mismatched checkpoint).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         from coral.serve import deploy
+        from coral.serve.app import token_of
+
+        token_of(config.serve)  # a public host without a token: exit 2 before Ray starts
 
         if args.write_config:
             body = deploy.serve_config(config.serve, args.config, overrides)

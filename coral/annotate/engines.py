@@ -22,8 +22,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from coral import net
 from coral.annotate import prefix
 from coral.config import EngineConfig
+from coral.errors import ConfigError
 
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -195,6 +197,13 @@ class RateLimiter:
         time.sleep(max(0.0, start - now))
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is: following it would send the key to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class OpenAIEngine:
     """Chat completions from an OpenAI-compatible endpoint, ``concurrency`` requests in flight."""
 
@@ -202,8 +211,14 @@ class OpenAIEngine:
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self.key = os.environ.get(cfg.api_key_env, "")
+        if self.key and not net.key_stays_private(self.url):
+            raise ConfigError(
+                f"base_url {cfg.base_url}: plain http to a host that is not this machine's own would send "
+                f"the key from {cfg.api_key_env} in the clear; use https, or a loopback address"
+            )
         self.limiter = RateLimiter(cfg.requests_per_s)
         self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
+        self.opener = urllib.request.build_opener(_NoRedirects)
 
     def generate(self, prompts: list[list[dict]]) -> list[Generation]:
         return list(self.pool.map(self.complete, prompts))
@@ -214,7 +229,7 @@ class OpenAIEngine:
             headers["Authorization"] = f"Bearer {self.key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+            with self.opener.open(req, timeout=self.cfg.timeout_s) as resp:
                 return resp.status, resp.read(), None
         except urllib.error.HTTPError as e:
             retry_after = e.headers.get("Retry-After") if e.headers else None

@@ -7,7 +7,9 @@ the candidate pool, its image taken from the catalog). Parts join into the retri
 an image slot where each image or product stands, exactly as the offline queries are written.
 
 Errors are ``ApiError(status, message)``: 400 malformed JSON, 401 a missing or wrong token, 413 a body,
-image or pixel count over its limit, 422 anything else the request gets wrong. Messages name the part
+image or pixel count (an image's, or a request's images' in all) over its limit, 422 anything else the
+request gets wrong, including an input the model cannot take (``Refused``, answered by the encoder for
+that request alone). Messages name the part
 and the limit, never echo the request, and carry no stack trace.
 """
 
@@ -94,15 +96,35 @@ class Limits:
     max_text_chars: int
     max_image_bytes: int
     max_pixels: int
+    max_request_pixels: int
     max_top_k: int
 
 
 @dataclass
 class Query:
-    """The retriever's input: interleaved text, and per image slot a decoded image or a product id."""
+    """The retriever's input: interleaved text, and per image slot an image file's bytes (checked, not
+    yet decoded: the encoder decodes them off every event loop) or a product id (str)."""
 
     text: str
-    images: list  # PIL images and product ids (str), in slot order
+    images: list  # bytes and product ids (str), in slot order
+    pixels: int = 0  # the inline images' decoded pixels, in all
+
+
+@dataclass(frozen=True)
+class Refused:
+    """What the encoder answers for one request of a batch that the model cannot take: that request
+    alone gets ``status``, the rest of its batch their results."""
+
+    status: int
+    message: str
+
+
+def refused(e: BaseException) -> Refused:
+    """A model-side failure of one input (an aspect ratio the processor rejects, text the tokenizer
+    cannot encode, image bytes that do not decode) as the 422 its request gets; the message is the
+    error's first line, short, without the input."""
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return Refused(422, f"the model cannot take this input: {type(e).__name__}: {first}")
 
 
 def token_digest(token: str) -> str:
@@ -110,7 +132,9 @@ def token_digest(token: str) -> str:
 
 
 def authorize(header: str | None, digest: str | None) -> None:
-    """Bearer token check against the token's SHA-256 (the replicas never hold the token itself)."""
+    """Bearer token check against the token's SHA-256 (the replicas never hold the token itself).
+    ``digest`` None: the app was started without a token on purpose (``serve.allow_unauthenticated``,
+    or a loopback host)."""
     if digest is None:
         return
     scheme, _, presented = (header or "").partition(" ")
@@ -120,8 +144,9 @@ def authorize(header: str | None, digest: str | None) -> None:
         raise ApiError(401, "wrong bearer token")
 
 
-def decode_image(data: str, where: str, limits: Limits):
-    """base64 -> RGB PIL image; the byte and pixel limits are checked before any pixel is decoded."""
+def check_image(data: str, where: str, limits: Limits) -> tuple[bytes, int]:
+    """base64 -> (the image file's bytes, its pixel count), from its header alone: the byte and pixel
+    limits are checked before any pixel is decoded (the encoder decodes it)."""
     from PIL import Image
 
     if len(data) > 4 * -(-limits.max_image_bytes // 3):
@@ -133,8 +158,8 @@ def decode_image(data: str, where: str, limits: Limits):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
-            width, height = img.size
+            with Image.open(io.BytesIO(raw)) as img:
+                width, height = img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, f"{where}: image pixels over the limit {limits.max_pixels}") from None
     except Exception:
@@ -144,29 +169,43 @@ def decode_image(data: str, where: str, limits: Limits):
             413,
             f"{where}: image is {width}x{height} = {width * height} pixels, over the limit {limits.max_pixels}",
         )
+    return raw, width * height
+
+
+def check_text(text: str, where: str) -> None:
+    if S.IMAGE_SLOT in text:
+        raise ApiError(422, f"{where}: text may not contain {S.IMAGE_SLOT}; send an image part")
     try:
-        return img.convert("RGB")
-    except Exception:
-        raise ApiError(422, f"{where}: image data is truncated or corrupt") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, f"{where}: text is not valid Unicode (a lone surrogate)") from None
 
 
 def to_query(parts: list, limits: Limits, products) -> Query:
-    """A request's parts -> Query; ``products``: the ids a product part may name."""
+    """A request's parts -> Query; ``products``: the ids a product part may name. CPU work (base64, image
+    headers): the ingress runs it in a worker thread, off its event loop."""
     if len(parts) > limits.max_parts:
         raise ApiError(422, f"{len(parts)} parts, over the limit {limits.max_parts}")
-    text, images, chars = [], [], 0
+    text, images, chars, pixels = [], [], 0, 0
     for i, part in enumerate(parts):
         where = f"parts[{i}]"
         if part.type == "text":
             chars += len(part.text)
             if chars > limits.max_text_chars:
                 raise ApiError(422, f"{where}: text over {limits.max_text_chars} characters in all")
-            if S.IMAGE_SLOT in part.text:
-                raise ApiError(422, f"{where}: text may not contain {S.IMAGE_SLOT}; send an image part")
+            check_text(part.text, where)
             text.append(part.text)
         elif part.type == "image":
+            raw, n = check_image(part.image, where, limits)
+            pixels += n
+            if pixels > limits.max_request_pixels:
+                raise ApiError(
+                    413,
+                    f"{where}: the request's images come to {pixels} pixels, over the limit "
+                    f"{limits.max_request_pixels} a request",
+                )
             text.append(S.IMAGE_SLOT)
-            images.append(decode_image(part.image, where, limits))
+            images.append(raw)
         else:
             if part.id not in products:
                 raise ApiError(
@@ -174,7 +213,7 @@ def to_query(parts: list, limits: Limits, products) -> Query:
                 )
             text.append(S.IMAGE_SLOT)
             images.append(part.id)
-    return Query("".join(text), images)
+    return Query("".join(text), images, pixels)
 
 
 def to_candidate(parts: list, limits: Limits, products) -> Query:
@@ -182,7 +221,7 @@ def to_candidate(parts: list, limits: Limits, products) -> Query:
     q = to_query(parts, limits, products)
     if len(q.images) != 1:
         raise ApiError(422, f"a candidate has exactly one image or product part, got {len(q.images)}")
-    return Query(q.text.replace(S.IMAGE_SLOT, ""), q.images)
+    return Query(q.text.replace(S.IMAGE_SLOT, ""), q.images, q.pixels)
 
 
 def check_top_k(top_k: int, limits: Limits) -> None:

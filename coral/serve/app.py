@@ -15,6 +15,8 @@ Routes: ``POST /v1/search``, ``POST /v1/embed``, ``GET /v1/info``, ``GET /health
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -24,13 +26,15 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from coral import checkpoint, manifest, ray_runtime, storage
+from coral import checkpoint, manifest, net, ray_runtime, storage
 from coral import schemas as S
 from coral.config import Config, DeploymentConfig, IndexStageConfig, ServeConfig, StorageConfig
 from coral.errors import ConfigError
 from coral.serve import api
 from coral.serve.pacing import BatchWait
 from coral.serve.retry import retried
+
+log = logging.getLogger(__name__)
 
 app = FastAPI(
     title="Coral retriever",
@@ -107,34 +111,102 @@ def over_serve_transport(handle):
     return handle.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
 
 
+def pool_ids(index_dir: storage.Location) -> list[str]:
+    """The candidate pool's product ids (the index's rows)."""
+    import pyarrow.dataset as pads
+
+    data = index_dir.child("data")
+    return (
+        pads.dataset(data.path, filesystem=data.fs, format="parquet")
+        .to_table(columns=[S.ID])[S.ID]
+        .to_pylist()
+    )
+
+
+def pool_products(config: Config, index_dir: storage.Location) -> dict:
+    """id, title and image columns of the candidate pool's products (for product parts)."""
+    import pyarrow.dataset as pads
+
+    ids = pool_ids(index_dir)
+    src = storage.resolve(config.run.run_root, config.storage).child("catalog", manifest.DATA)
+    catalog = pads.dataset(src.path, filesystem=src.fs, format="parquet").to_table(
+        columns=[S.ID, S.TITLE, S.IMAGE], filter=pads.field(S.ID).isin(ids)
+    )
+    return {k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)}
+
+
+def bound_checkpoint(config: Config, meta: dict, index_dir: storage.Location) -> checkpoint.Checkpoint:
+    """The checkpoint to serve, checked against the index: refuses a pair that does not belong together."""
+    built = meta["checkpoint"]
+    uri = config.serve.checkpoint or built["uri"]
+    ckpt = checkpoint.describe(uri, built["kind"], config.storage)
+    checkpoint.check_bound(meta, ckpt, index_dir.uri)
+    return ckpt
+
+
+def binding(meta: dict, ckpt: checkpoint.Checkpoint) -> dict:
+    """What a replica checks again when it starts: the checkpoint's content hash and the index file's."""
+    return {"checkpoint": ckpt.hash, "index_sha256": meta.get("index_sha256")}
+
+
+def same_index(meta: dict, bound: dict, where: str) -> None:
+    """``index.json`` still names the index file and checkpoint the app was built with."""
+    now = {"checkpoint": meta["checkpoint"]["hash"], "index_sha256": meta.get("index_sha256")}
+    if now != bound:
+        raise checkpoint.IndexMismatch(
+            f"the index at {where} changed since this app was built (it was built with checkpoint "
+            f"{bound['checkpoint']} and index file sha256 {bound['index_sha256']}; {checkpoint.INDEX_META} "
+            f"now names {now['checkpoint']} and {now['index_sha256']}); redeploy the app"
+        )
+
+
+def check_binding(config: Config, index_dir: storage.Location, bound: dict) -> checkpoint.Checkpoint:
+    """In a replica as it starts: the index is still the one the app was built with, and the checkpoint
+    at the path is still the one that built it (hashed again, not trusted)."""
+    meta = checkpoint.read_index_meta(index_dir)
+    same_index(meta, bound, index_dir.uri)
+    return bound_checkpoint(config, meta, index_dir)
+
+
 @serve.deployment
 class Encoder:
     """Query and candidate embeddings, and the search of queries: concurrent requests are embedded together
-    (``@serve.batch``) and a batch's queries go to the index in one call."""
+    (``@serve.batch``) and a batch's queries go to the index in one call. A request whose input the model
+    cannot take gets ``api.Refused`` for itself alone; a request whose client went away before its batch
+    ran is left out of it."""
 
-    def __init__(
-        self, model: str, kind: str, storage_cfg: StorageConfig, products: dict, serve_cfg: dict, index
-    ):
-        """``index``: the index deployment's handle, or the arguments of an ``IndexTable`` to search in
-        this process (``serve.index_in_encoder``)."""
+    def __init__(self, config: Config, bound: dict, serve_cfg: dict, index):
+        """``bound``: the checkpoint and index the app was built with, checked again here (a replica may
+        start long after, when autoscaling or a restart brings it up). ``index``: the index deployment's
+        handle, or the arguments of an ``IndexTable`` to search in this process
+        (``serve.index_in_encoder``)."""
+        import itertools
+
         import torch
 
         from coral.embedder import Embedder
         from coral.train import step
 
         torch.set_num_threads(serve_cfg["threads"])  # the replica's share, as the offline stages do
-        self.embedder = Embedder(model, kind, storage_cfg, serve_cfg["device"], serve_cfg["dtype"])
-        self.products = step.products_from(products)
+        index_dir = storage.resolve(config.run.run_root, config.storage).child("index")
+        ckpt = check_binding(config, index_dir, bound)
+        self.embedder = Embedder(ckpt.uri, ckpt.kind, config.storage, serve_cfg["device"], serve_cfg["dtype"])
+        # the pool's images, read here from storage: never deployment arguments held by the controller
+        self.products = step.products_from(pool_products(config, index_dir))
+        self.rgb = step.rgb
         local = isinstance(index, dict)
         self.table = IndexTable(**index) if local else None
         self.index = None if local else over_serve_transport(index)
         self.run_many.set_max_batch_size(serve_cfg["batch_size"])
         self.pacing = BatchWait(serve_cfg["batch_wait_s"])
-        self.counts = {"batches": 0, "requests": 0}  # what this replica ran (``/v1/info``)
+        # what this replica ran (``/v1/info``); dropped: requests whose caller left before their batch ran
+        self.counts = {"batches": 0, "requests": 0, "refused": 0, "dropped": 0}
         self.turn = asyncio.Lock()  # one run at a time
+        self.keys, self.live = itertools.count(), set()  # requests still awaited by their caller
 
     def features(self, role: str, query: api.Query) -> dict:
-        images = [self.products.images(i) if isinstance(i, str) else i for i in query.images]
+        """Decoded here, one image at a time, in the worker thread that runs the batch."""
+        images = [self.products.images(i) if isinstance(i, str) else self.rgb(i) for i in query.images]
         retriever = self.embedder.retriever
         return (
             retriever.query(query.text, images)
@@ -142,76 +214,106 @@ class Encoder:
             else retriever.candidate(query.text, images[0])
         )
 
-    def _embed(self, items: list[tuple[str, api.Query, int]]) -> list[np.ndarray]:
-        return list(self.embedder([self.features(role, q) for role, q, _ in items]))
+    def _embed(self, features: list[dict]) -> list:
+        """Embeddings of ``features`` in one batch; when the batch fails, each alone, so that one input
+        the model cannot take costs only its own request."""
+        try:
+            return list(self.embedder(features)) if features else []
+        except Exception as e:
+            if len(features) == 1:
+                log.warning("encoder: refused one input: %s", api.refused(e).message, exc_info=True)
+                return [api.refused(e)]
+            return [v for f in features for v in self._embed([f])]
 
-    def _work(self, items: list[tuple[str, api.Query, int]]) -> tuple[list, list[int], list | None]:
-        """The batch's embeddings, the rows that want hits, and their hits when the index is here."""
-        vectors = self._embed(items)
-        wanted = [i for i, (_, _, k) in enumerate(items) if k > 0]
+    def _work(self, items: list[tuple]) -> tuple[list, list[int], list | None]:
+        """The batch's embeddings (or ``Refused``), the rows that want hits, and their hits when the
+        index is here."""
+        out: list = [None] * len(items)
+        features = {}
+        for i, (role, query, _, _) in enumerate(items):
+            try:
+                features[i] = self.features(role, query)
+            except Exception as e:
+                out[i] = api.refused(e)
+        for i, v in zip(features, self._embed(list(features.values())), strict=True):
+            out[i] = v
+        wanted = [i for i, (_, _, k, _) in enumerate(items) if k > 0 and isinstance(out[i], np.ndarray)]
         hits = (
-            self.table.search_many(*self._queries(items, vectors, wanted))
+            self.table.search_many(*self._queries(items, out, wanted))
             if self.table is not None and wanted
             else None
         )
-        return vectors, wanted, hits
+        return out, wanted, hits
 
     @staticmethod
     def _queries(items, vectors, wanted) -> tuple[np.ndarray, list[int]]:
         return np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
 
-    async def run(self, items: list[tuple[str, api.Query, int]]) -> list:
-        """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0. The model runs in a
-        worker thread, so that the replica's event loop (where Serve runs this) keeps taking requests and
-        the next batch fills meanwhile: even for a lone request, since one run on the loop would hide
-        the requests that arrive during it, and each would look alone in turn. Runs take turns (a
-        lone request's and a batch's would otherwise share the cores)."""
+    async def run(self, items: list[tuple]) -> list:
+        """(role, query, top_k, key) -> the embedding, or the top_k hits when top_k > 0, or ``Refused``.
+        The model runs in a worker thread, so that the replica's event loop (where Serve runs this) keeps
+        taking requests and the next batch fills meanwhile: even for a lone request, since one run on the
+        loop would hide the requests that arrive during it, and each would look alone in turn. Runs take
+        turns (a lone request's and a batch's would otherwise share the cores); a request whose caller
+        left while it waited for its turn is not run."""
         async with self.turn:
+            alive = [i for i, item in enumerate(items) if item[3] in self.live]
+            out: list = [None] * len(items)
+            self.counts["dropped"] += len(items) - len(alive)
+            if not alive:
+                return out
+            batch = [items[i] for i in alive]
             self.counts["batches"] += 1
-            self.counts["requests"] += len(items)
-            with self.pacing.running(len(items)):  # the next batch waits about as long as this runs
-                vectors, wanted, hits = await asyncio.to_thread(self._work, items)
-                if not wanted:
-                    return vectors
-                if hits is None:
-                    hits = await self.index.search_many.remote(*self._queries(items, vectors, wanted))
-        out: list = list(vectors)
-        for i, h in zip(wanted, hits, strict=True):
-            out[i] = h
+            self.counts["requests"] += len(batch)
+            with self.pacing.running(len(batch)):  # the next batch waits about as long as this runs
+                vectors, wanted, hits = await asyncio.to_thread(self._work, batch)
+                if wanted and hits is None:
+                    hits = await self.index.search_many.remote(*self._queries(batch, vectors, wanted))
+        self.counts["refused"] += sum(isinstance(v, api.Refused) for v in vectors)
+        for i, h in zip(wanted, hits or [], strict=True):
+            vectors[i] = h
+        for i, v in zip(alive, vectors, strict=True):
+            out[i] = v
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def run_many(self, items: list[tuple[str, api.Query, int]]) -> list:
+    async def run_many(self, items: list[tuple]) -> list:
         return await self.run(items)
 
-    async def _one(self, item: tuple[str, api.Query, int]):
+    async def _one(self, role: str, query: api.Query, k: int):
+        key = next(self.keys)
+        self.live.add(key)  # until this call returns or is cancelled (its HTTP client went away)
         wait = self.pacing.arrive()
         try:
             if self.pacing.alone():  # nothing to batch with: no batch queue
-                return (await self.run([item]))[0]
+                return (await self.run([(role, query, k, key)]))[0]
             self.run_many.set_batch_wait_timeout_s(wait)  # read when the request opens a batch
-            return await self.run_many(item)
+            return await self.run_many((role, query, k, key))
         finally:
+            self.live.discard(key)
             self.pacing.leave()
 
-    async def embed(self, role: str, query: api.Query) -> np.ndarray:
-        return await self._one((role, query, 0))
+    async def embed(self, role: str, query: api.Query):
+        return await self._one(role, query, 0)
 
-    async def search(self, query: api.Query, k: int) -> list[dict]:
-        return await self._one(("query", query, k))
+    async def search(self, query: api.Query, k: int):
+        return await self._one("query", query, k)
 
     async def ran(self) -> dict:
-        """Batches and requests this replica has run."""
+        """Batches and requests this replica has run, requests refused, and requests dropped."""
         return dict(self.counts)
 
 
 class IndexTable:
-    """The FAISS index and its candidate table (row -> id, title)."""
+    """The FAISS index and its candidate table (row -> id, title). ``bound``: the checkpoint and index the
+    app was built with; an index that is not that one any more refuses to load."""
 
-    def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig):
+    def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig, bound: dict):
         from coral.stages import index as index_stage
 
-        self.index, _, table = index_stage.load(storage.resolve(index_uri, storage_cfg), index_cfg)
+        index_dir = storage.resolve(index_uri, storage_cfg)
+        self.index, meta, table = index_stage.load(index_dir, index_cfg)  # checks index.faiss's SHA-256
+        same_index(meta, bound, index_dir.uri)
         self.ids, self.titles = table[S.ID].to_pylist(), table[S.TITLE].to_pylist()
 
     def search_many(self, vectors: np.ndarray, ks: list[int]) -> list[list[dict]]:
@@ -234,8 +336,8 @@ class IndexTable:
 class Index:
     """The index as its own deployment: scaled and placed apart from the encoder (``index_layout``)."""
 
-    def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig):
-        self.table = IndexTable(index_uri, storage_cfg, index_cfg)
+    def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig, bound: dict):
+        self.table = IndexTable(index_uri, storage_cfg, index_cfg, bound)
 
     async def search_many(self, vectors: np.ndarray, ks: list[int]) -> list[list[dict]]:
         """On the replica's event loop, not a thread: one search a batch, and this replica does nothing
@@ -246,13 +348,26 @@ class Index:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, encoder, limits: dict, token_digest: str | None, info: dict, pool: list[str]):
+    def __init__(self, encoder, config: Config, token_digest: str | None, info: dict):
         self.encoder = over_serve_transport(encoder)
         # how this replica's calls to the encoder travel (the encoder's to the index go the same way)
         calls = "ray actor calls" if self.encoder.handle_options._by_reference else "grpc"
         self.info_body = {**info, "replica_calls": calls}
-        self.limits, self.pool = api.Limits(**limits), frozenset(pool)
+        self.limits = api.Limits(**info["limits"])
+        # the ids a product part may name, read here from storage (not deployment arguments)
+        self.pool = pool_ids(storage.resolve(config.run.run_root, config.storage).child("index"))
         configure(self.limits, token_digest)
+
+    async def _parts(self, to, parts: list) -> api.Query:
+        """The request's parts checked and turned into a query in a worker thread (base64 and image
+        headers are CPU work): the event loop keeps answering, ``/healthz`` included."""
+        return await asyncio.to_thread(to, parts, self.limits, self.pool)
+
+    @staticmethod
+    def _answer(result):
+        if isinstance(result, api.Refused):  # this request alone: the rest of its batch got theirs
+            raise api.ApiError(result.status, result.message)
+        return result
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -266,9 +381,9 @@ class Ingress:
     @app.post("/v1/search", dependencies=[Depends(authorized)], response_model=api.SearchResponse)
     async def search(self, body: api.SearchRequest) -> dict:
         api.check_top_k(body.top_k, self.limits)
-        query = api.to_query(body.parts, self.limits, self.pool)
+        query = await self._parts(api.to_query, body.parts)
         # embedded and searched in the encoder's batch; sent again if its replica dies meanwhile
-        hits = await retried(lambda: self.encoder.search.remote(query, body.top_k))
+        hits = self._answer(await retried(lambda: self.encoder.search.remote(query, body.top_k)))
         return {
             "results": hits,
             "checkpoint": self.info_body["checkpoint"]["hash"],
@@ -277,9 +392,8 @@ class Ingress:
 
     @app.post("/v1/embed", dependencies=[Depends(authorized)], response_model=api.EmbedResponse)
     async def embed(self, body: api.EmbedRequest) -> dict:
-        to = api.to_query if body.role == "query" else api.to_candidate
-        query = to(body.parts, self.limits, self.pool)
-        vector = await retried(lambda: self.encoder.embed.remote(body.role, query))
+        query = await self._parts(api.to_query if body.role == "query" else api.to_candidate, body.parts)
+        vector = self._answer(await retried(lambda: self.encoder.embed.remote(body.role, query)))
         return {
             "embedding": vector.tolist(),
             "dim": len(vector),
@@ -291,28 +405,6 @@ def _options(d: DeploymentConfig) -> dict[str, Any]:
     resources = ray_runtime.remote_args(d.num_cpus, d.num_gpus, d.accelerator_type)
     scale = {"autoscaling_config": dict(d.autoscaling)} if d.autoscaling else {"num_replicas": d.replicas}
     return {**scale, "ray_actor_options": resources, "max_ongoing_requests": d.max_ongoing_requests}
-
-
-def pool_products(config: Config, index_dir: storage.Location) -> dict:
-    """id, title and image columns of the candidate pool's products (for product parts)."""
-    import pyarrow.dataset as pads
-
-    data = index_dir.child("data")
-    ids = pads.dataset(data.path, filesystem=data.fs, format="parquet").to_table(columns=[S.ID])[S.ID]
-    src = storage.resolve(config.run.run_root, config.storage).child("catalog", manifest.DATA)
-    catalog = pads.dataset(src.path, filesystem=src.fs, format="parquet").to_table(
-        columns=[S.ID, S.TITLE, S.IMAGE], filter=pads.field(S.ID).isin(ids)
-    )
-    return {k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)}
-
-
-def bound_checkpoint(config: Config, meta: dict, index_dir: storage.Location) -> checkpoint.Checkpoint:
-    """The checkpoint to serve, checked against the index: refuses a pair that does not belong together."""
-    built = meta["checkpoint"]
-    uri = config.serve.checkpoint or built["uri"]
-    ckpt = checkpoint.describe(uri, built["kind"], config.storage)
-    checkpoint.check_bound(meta, ckpt, index_dir.uri)
-    return ckpt
 
 
 def index_layout(cfg: ServeConfig, index_dir: storage.Location) -> tuple[bool, str]:
@@ -334,19 +426,39 @@ def index_layout(cfg: ServeConfig, index_dir: storage.Location) -> tuple[bool, s
     return True, f"auto: the index is {mb:.1f} MiB, within serve.index_in_encoder_max_mb"
 
 
-def application(config: Config):
-    """The bound Serve application of ``config``'s run; raises IndexMismatch for a mismatched pair."""
+def token_of(cfg: ServeConfig) -> str | None:
+    """The bearer token from ``serve.token_env``; refuses (ConfigError) to serve a non-loopback host
+    without one, unless ``serve.allow_unauthenticated`` says so on purpose."""
     import os
 
+    token = (os.environ.get(cfg.token_env) or "").strip() if cfg.token_env else ""
+    if token or net.is_loopback(cfg.host):
+        return token or None
+    if cfg.allow_unauthenticated:
+        log.warning("serving %s without a token (serve.allow_unauthenticated: true)", cfg.host)
+        return None
+    where = f"the environment variable {cfg.token_env}" if cfg.token_env else "serve.token_env"
+    raise ConfigError(
+        f"serve.host={cfg.host} is not a loopback address and {where} is unset or empty: set a token "
+        f"(serve.token_env names the variable), bind 127.0.0.1, or set serve.allow_unauthenticated: true "
+        f"to serve without one on purpose"
+    )
+
+
+def application(config: Config):
+    """The bound Serve application of ``config``'s run; raises IndexMismatch for a mismatched pair, and
+    ConfigError for a public host without a token."""
     cfg = config.serve
+    token = token_of(cfg)
     root = storage.resolve(config.run.run_root, config.storage)
     index_dir = root.child("index")
     meta = checkpoint.read_index_meta(index_dir)
     done = manifest.read_complete(index_dir)
     if done is None:
         raise ConfigError(f"the index stage is not complete at {index_dir.uri}; run it first")
+    checkpoint.check_index_digest(meta, checkpoint.index_file_digest(index_dir), index_dir.uri)
     ckpt = bound_checkpoint(config, meta, index_dir)
-    products = pool_products(config, index_dir)
+    bound = binding(meta, ckpt)
     in_encoder, layout = index_layout(cfg, index_dir)
     info = {
         "checkpoint": {"uri": ckpt.uri, "kind": ckpt.kind, "hash": ckpt.hash},
@@ -355,14 +467,15 @@ def application(config: Config):
             "uri": index_dir.uri,
             "spec": meta["spec"],
             "count": meta["count"],
+            "sha256": meta.get("index_sha256"),
             "in_encoder": in_encoder,
             "layout": layout,
         },
         "dim": ckpt.dim,
         "limits": {k: getattr(cfg, k) for k in api.Limits.__dataclass_fields__},
         "batching": {"max_batch_size": cfg.batch_size, "batch_wait_s": cfg.batch_wait_s},
+        "authenticated": token is not None,
     }
-    token = os.environ.get(cfg.token_env) if cfg.token_env else None
     serve_cfg = {
         "device": cfg.device,
         "dtype": cfg.dtype,
@@ -370,17 +483,18 @@ def application(config: Config):
         "batch_wait_s": cfg.batch_wait_s,
         "threads": max(1, int(cfg.encoder.num_cpus)),
     }
-    where = {"index_uri": index_dir.uri, "storage_cfg": config.storage, "index_cfg": config.index}
+    # the serve checkpoint as resolved here; replicas hash it again against ``bound``
+    served = replace(config, serve=replace(cfg, checkpoint=ckpt.uri))
+    where = {
+        "index_uri": index_dir.uri,
+        "storage_cfg": config.storage,
+        "index_cfg": config.index,
+        "bound": bound,
+    }
     index = where if in_encoder else Index.options(**_options(cfg.index)).bind(**where)
-    encoder = Encoder.options(**_options(cfg.encoder)).bind(
-        ckpt.uri, ckpt.kind, config.storage, products, serve_cfg, index
-    )
+    encoder = Encoder.options(**_options(cfg.encoder)).bind(served, bound, serve_cfg, index)
     return Ingress.options(**_options(cfg.ingress)).bind(
-        encoder,
-        info["limits"],
-        api.token_digest(token) if token else None,
-        info,
-        products[S.ID],
+        encoder, served, api.token_digest(token) if token else None, info
     )
 
 

@@ -92,7 +92,20 @@ def logging_config(cfg: ServeConfig) -> dict:
 
 
 def serve_config(cfg: ServeConfig, config_path: str | None, overrides: list[str]) -> dict:
-    """The Serve config for ``serve run FILE`` / ``serve deploy FILE`` (run from the repository root)."""
+    """The Serve config for ``serve run FILE`` / ``serve deploy FILE`` (run from the repository root).
+    A secret among ``overrides`` is a ConfigError: the file would carry it to disk and to Serve's
+    controller; the replicas take credentials from their environment (AWS_*), as on a cluster."""
+    from coral.config import Config, parse_override
+    from coral.errors import ConfigError
+    from coral.typed import is_secret
+
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if is_secret(Config, keys):
+            raise ConfigError(
+                f"{'.'.join(keys)}: a secret is not written into a Serve config; give it to the replicas "
+                "in their environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) instead"
+            )
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": cfg.host, "port": cfg.port},

@@ -4,13 +4,14 @@ Candidates are the catalog's products (``index.candidates``: the held-out ``test
 embedded by ``EmbedRows`` actors (Ray Data) through the retriever's ``candidate`` features and the one
 loader. Written under ``{run_root}/index/``: ``index.faiss`` (the serialised index, row i = candidate
 table row i), ``index.json`` (the checkpoint's uri, kind, content hash and embedding size; the index spec
-and count) and ``data/`` (the candidate table: row, id, title, class, language, embedding). Whoever
+and count; the SHA-256 of ``index.faiss``, checked whenever it is loaded) and ``data/`` (the candidate table: row, id, title, class, language, embedding). Whoever
 searches the index checks the checkpoint it embeds with against ``index.json``
 (``checkpoint.check_bound``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import faiss
@@ -130,8 +131,9 @@ def build(embeddings: np.ndarray, cfg: IndexStageConfig) -> faiss.Index:
 def load(index_dir: storage.Location, cfg: IndexStageConfig) -> tuple[faiss.Index, dict, pa.Table]:
     """(the index, its metadata, the candidate table in row order), GPU-resident when one is available."""
     meta = checkpoint.read_index_meta(index_dir)
-    raw = np.frombuffer(storage.read_bytes(index_dir.child("index.faiss")), dtype=np.uint8)
-    index = faiss.deserialize_index(raw)
+    data = storage.read_bytes(index_dir.child("index.faiss"))
+    checkpoint.check_index_digest(meta, hashlib.sha256(data).hexdigest(), index_dir.uri)
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     knn.set_search_params(index, cfg.index)
     if knn.gpu_available(cfg.index) and not isinstance(index, faiss.IndexHNSW):
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
@@ -173,8 +175,9 @@ class IndexStage:
         index = build(emb, cfg)
         spec = knn.index_spec(cfg.index, len(ids), emb.shape[1])
         out = ctx.stage_dir(self.name)
-        storage.write_bytes(out.child("index.faiss"), faiss.serialize_index(index).tobytes())
-        meta = checkpoint.index_meta(ckpt, spec, len(ids))
+        data = faiss.serialize_index(index).tobytes()
+        storage.write_bytes(out.child("index.faiss"), data)
+        meta = checkpoint.index_meta(ckpt, spec, len(ids), data)
         storage.write_json(out.child(checkpoint.INDEX_META), meta)
         info = dataset.to_table(columns=CANDIDATE_COLUMNS, filter=where)
         order = pc.sort_indices(info, [(S.ID, "ascending")])

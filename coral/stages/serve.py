@@ -59,7 +59,9 @@ class ServeStage:
         return config.serve
 
     def validate(self, config: Config) -> None:
-        pass
+        from coral.serve.app import token_of
+
+        token_of(config.serve)  # a public host without a token fails before any stage runs
 
     def run(self, ctx: StageContext) -> StageResult:
         import os

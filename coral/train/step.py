@@ -34,15 +34,21 @@ class Products:
     images: Callable[[str], object]  # id -> PIL image
 
 
-def products_from(catalog: dict, cached: int = 4096) -> Products:
-    """Titles and lazily decoded images (the last ``cached`` kept) of a catalog given as columns."""
+def rgb(data: bytes):
+    """An image file's bytes -> an RGB PIL image, as every place that embeds decodes a product's image
+    (the offline stages and the endpoint alike)."""
     from PIL import Image
 
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def products_from(catalog: dict, cached: int = 4096) -> Products:
+    """Titles and lazily decoded images (the last ``cached`` kept) of a catalog given as columns."""
     raw = dict(zip(catalog[S.ID], catalog[S.IMAGE], strict=True))
 
     @functools.lru_cache(maxsize=cached)
     def image(pid: str):
-        return Image.open(io.BytesIO(raw[pid])).convert("RGB")
+        return rgb(raw[pid])
 
     return Products(dict(zip(catalog[S.ID], catalog[S.TITLE], strict=True)), image)
 

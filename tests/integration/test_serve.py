@@ -5,16 +5,22 @@ for bad requests and tokens, a mismatched checkpoint refused, and the graph's se
 from __future__ import annotations
 
 import base64
+import functools
+import io
+import json
 import os
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from coral import checkpoint, manifest, storage
 from coral import schemas as S
@@ -150,6 +156,14 @@ def png_header(width: int, height: int) -> bytes:
     )
 
 
+@functools.cache
+def black_png(width: int, height: int) -> bytes:
+    """A real, fully decodable PNG: 4096 x 4096 black is about 49 KB of file and 50 MB of RGB pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -163,6 +177,12 @@ def b64(data: bytes) -> str:
         ({"parts": [{"type": "image", "image": b64(b"GIF89a garbage")}]}, 422, "not a readable image"),
         ({"parts": [{"type": "image", "image": b64(png_header(30_000, 30_000))}]}, 413, "over the limit"),
         ({"parts": [{"type": "image", "image": b64(png_header(5000, 5000))}]}, 413, "5000x5000"),
+        (
+            {"parts": [{"type": "image", "image": b64(black_png(4096, 4096))}] * 2},
+            413,
+            "over the limit 16777216 a request",
+        ),
+        (b'{"parts": [{"type": "text", "text": "lone \\ud800 surrogate"}]}', 422, "lone surrogate"),
         ({"parts": [{"type": "text", "text": "x" * (BODY_LIMIT + 10)}]}, 413, "request body over"),
         ({"parts": [{"type": "product", "id": "no-such-product"}]}, 422, "unknown product id"),
         ({"parts": [{"type": "text", "text": "x"}] * 17}, 422, "over the limit 16"),
@@ -355,3 +375,171 @@ def test_fuzzing_from_the_openapi_spec_finds_no_5xx(served, mode):
     assert len(seen) >= 2 * 40
     if mode == "negative":
         assert any(400 <= code < 500 for code in seen)  # invalid requests were sent, and refused
+
+
+def replicas() -> dict[str, str]:
+    """Every Serve replica's id and state (a replica that died and came back has a new id)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    return {
+        r["replica_id"]: r["state"]
+        for app in details["applications"].values()
+        for d in app["deployments"].values()
+        for r in d["replicas"]
+    }
+
+
+def test_a_request_the_model_cannot_take_fails_alone(served):
+    """16 searches at once, one of them with a 1 x 300 image (Qwen's resize refuses an aspect ratio over
+    200): 15 answers and one 422, batched together, and the encoder replica lives on."""
+    url, http, root, _ = served
+    pool = sorted(pool_ids(root))
+    before, alive = http.get(f"{url}/v1/info").json()["encoder_ran"], replicas()
+    good = [
+        {"parts": [{"type": "text", "text": "like "}, {"type": "product", "id": pool[i]}], "top_k": 3}
+        for i in range(15)
+    ]
+    poisoned = {
+        "parts": [{"type": "text", "text": "like "}, {"type": "image", "image": b64(black_png(1, 300))}]
+    }
+    bodies = [*good[:8], poisoned, *good[8:]]
+    with ThreadPoolExecutor(16) as pool_:
+        answers = list(pool_.map(lambda q: http.post(f"{url}/v1/search", json=q), bodies))
+    codes = [a.status_code for a in answers]
+    assert codes == [200] * 8 + [422] + [200] * 7, codes
+    assert "aspect ratio" in answers[8].json()["detail"] and "Traceback" not in answers[8].json()["detail"]
+    assert all(len(a.json()["results"]) == 3 for a in answers if a.status_code == 200)
+    after = http.get(f"{url}/v1/info").json()["encoder_ran"]
+    assert after["refused"] - before["refused"] == 1
+    assert after["batches"] - before["batches"] < 16  # the poisoned request shared batches with good ones
+    assert replicas() == alive
+
+
+def test_maximum_size_requests_keep_healthz_fast_and_every_replica_alive(served):
+    """32 requests at once, each at the request pixel budget (one 4096 x 4096 image: 50 MB of RGB):
+    images are checked from their headers and decoded off every event loop, one at a time in the
+    encoder, so /healthz keeps answering within a second, every request is answered, no replica dies."""
+    import threading
+
+    url, http, _, config = served
+    assert config.serve.max_request_pixels == 4096 * 4096
+    alive = replicas()
+    body = {
+        "parts": [{"type": "text", "text": "like "}, {"type": "image", "image": b64(black_png(4096, 4096))}]
+    }
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def probe():
+        with httpx.Client(timeout=10) as c:
+            while not done.is_set():
+                t = time.perf_counter()
+                assert c.get(f"{url}/healthz").status_code == 200
+                latencies.append(time.perf_counter() - t)
+                time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(32) as pool_:
+            answers = list(
+                pool_.map(lambda _: http.post(f"{url}/v1/search", json=body, timeout=300), range(32))
+            )
+    finally:
+        done.set()
+        prober.join(timeout=30)
+    assert [a.status_code for a in answers] == [200] * 32
+    assert len(latencies) >= 10 and max(latencies) < 1.0, (len(latencies), max(latencies))
+    assert replicas() == alive
+
+
+def test_a_client_that_leaves_leaves_no_model_runs_behind(served):
+    """16 heavy requests whose clients give up after 0.3 s: the requests still queued when their clients
+    left are dropped from the encoder's batches, not run for no one."""
+    url, http, _, _ = served
+    body = {
+        "parts": [{"type": "text", "text": "like "}, {"type": "image", "image": b64(black_png(4096, 4096))}]
+    }
+    before = http.get(f"{url}/v1/info").json()["encoder_ran"]
+
+    def leave(_):
+        try:
+            http.post(f"{url}/v1/search", json=body, timeout=0.3)
+        except httpx.TimeoutException:
+            return True
+        return False
+
+    with ThreadPoolExecutor(16) as pool_:
+        left = sum(pool_.map(leave, range(16)))
+    assert left >= 12  # each takes about 0.2 s alone: most clients left before theirs ran
+    deadline, seen = time.monotonic() + 60, None
+    while time.monotonic() < deadline:  # until the encoder is idle again
+        now = http.get(f"{url}/v1/info").json()["encoder_ran"]
+        if now == seen:
+            break
+        seen = now
+        time.sleep(1.0)
+    ran = seen["requests"] - before["requests"]
+    assert ran < 16 and seen["dropped"] - before["dropped"] + ran <= 16, (seen, before)
+
+
+def test_the_apps_arguments_carry_no_pool_images(trained_run):
+    """What Serve's controller holds for the app: the config and the binding, not the pool's images
+    nor its ids (each replica reads them from storage), so a large pool does not sit in the controller."""
+    import pickle
+
+    root, cfg = trained_run
+    app = application(cfg)
+    ingress = app._bound_deployment
+    encoder = ingress.init_args[0]._bound_deployment
+    args = pickle.dumps((encoder.init_args, encoder.init_kwargs, ingress.init_args[1:], ingress.init_kwargs))
+    images = sum(len(b) for b in catalog_images(root).values())
+    assert len(args) < 20_000 < images, (len(args), images)
+    assert b"\x89PNG" not in args and sorted(pool_ids(root))[0].encode() not in args
+
+
+def test_a_replica_checks_the_binding_again_when_it_starts(trained_run, tmp_path):
+    """A replica that starts later (autoscaling, a restart) hashes what the paths hold then: an index
+    file or checkpoint swapped after the app was built refuses to load, as does a damaged index file."""
+    import shutil
+
+    from coral.serve import app as serve_app
+    from coral.stages import index as index_stage
+
+    root, cfg = trained_run
+    copy = tmp_path / "run"
+    for stage in ("catalog", "index", "train"):
+        shutil.copytree(
+            root / stage, copy / stage, ignore=shutil.ignore_patterns("checkpoints", "tensorboard")
+        )
+    meta_path = copy / "index" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    meta["checkpoint"]["uri"] = str(copy / "train" / "model")
+    meta_path.write_text(json.dumps(meta))
+    config = replace(cfg, run=replace(cfg.run, run_root=str(copy)))
+    index_dir = storage.resolve(str(copy / "index"))
+    ckpt = serve_app.check_binding(
+        config, index_dir, serve_app.binding(meta, checkpoint.describe(meta["checkpoint"]["uri"], "coral"))
+    )
+    bound = serve_app.binding(meta, ckpt)
+    serve_app.IndexTable(index_dir.uri, config.storage, config.index, bound)  # as built: loads
+
+    faiss_file = copy / "index" / "index.faiss"
+    original = faiss_file.read_bytes()
+    faiss_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit flipped
+    with pytest.raises(checkpoint.IndexMismatch, match="replaced or damaged"):
+        index_stage.load(index_dir, config.index)
+    with pytest.raises(checkpoint.IndexMismatch, match="replaced or damaged"):
+        serve_app.IndexTable(index_dir.uri, config.storage, config.index, bound)
+    faiss_file.write_bytes(original)
+
+    weights = next((copy / "train" / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")  # another checkpoint at the same path
+    with pytest.raises(checkpoint.IndexMismatch, match="was built with checkpoint"):
+        serve_app.check_binding(config, index_dir, bound)
+
+    meta["index_sha256"] = "0" * 64  # index.json rewritten since the app was built
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.IndexMismatch, match="changed since this app was built"):
+        serve_app.check_binding(config, index_dir, bound)
