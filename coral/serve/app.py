@@ -172,16 +172,15 @@ def check_binding(config: Config, index_dir: storage.Location, bound: dict) -> c
 class Encoder:
     """Query and candidate embeddings, and the search of queries: concurrent requests are embedded together
     (``@serve.batch``) and a batch's queries go to the index in one call. A request whose input the model
-    cannot take gets ``api.Refused`` for itself alone; a request whose client went away before its batch
-    ran is left out of it."""
+    cannot take gets ``api.Refused`` for itself alone. A request whose HTTP client goes away is cancelled
+    by Serve down to here, and a cancelled request waiting for a batch is left out of it (``serve.batch``
+    drops cancelled requests when it forms the batch)."""
 
     def __init__(self, config: Config, bound: dict, serve_cfg: dict, index):
         """``bound``: the checkpoint and index the app was built with, checked again here (a replica may
         start long after, when autoscaling or a restart brings it up). ``index``: the index deployment's
         handle, or the arguments of an ``IndexTable`` to search in this process
         (``serve.index_in_encoder``)."""
-        import itertools
-
         import torch
 
         from coral.embedder import Embedder
@@ -199,10 +198,8 @@ class Encoder:
         self.index = None if local else over_serve_transport(index)
         self.run_many.set_max_batch_size(serve_cfg["batch_size"])
         self.pacing = BatchWait(serve_cfg["batch_wait_s"])
-        # what this replica ran (``/v1/info``); dropped: requests whose caller left before their batch ran
-        self.counts = {"batches": 0, "requests": 0, "refused": 0, "dropped": 0}
+        self.counts = {"batches": 0, "requests": 0, "refused": 0}  # what this replica ran (``/v1/info``)
         self.turn = asyncio.Lock()  # one run at a time
-        self.keys, self.live = itertools.count(), set()  # requests still awaited by their caller
 
     def features(self, role: str, query: api.Query) -> dict:
         """Decoded here, one image at a time, in the worker thread that runs the batch."""
@@ -230,14 +227,14 @@ class Encoder:
         index is here."""
         out: list = [None] * len(items)
         features = {}
-        for i, (role, query, _, _) in enumerate(items):
+        for i, (role, query, _) in enumerate(items):
             try:
                 features[i] = self.features(role, query)
             except Exception as e:
                 out[i] = api.refused(e)
         for i, v in zip(features, self._embed(list(features.values())), strict=True):
             out[i] = v
-        wanted = [i for i, (_, _, k, _) in enumerate(items) if k > 0 and isinstance(out[i], np.ndarray)]
+        wanted = [i for i, (_, _, k) in enumerate(items) if k > 0 and isinstance(out[i], np.ndarray)]
         hits = (
             self.table.search_many(*self._queries(items, out, wanted))
             if self.table is not None and wanted
@@ -250,57 +247,45 @@ class Encoder:
         return np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
 
     async def run(self, items: list[tuple]) -> list:
-        """(role, query, top_k, key) -> the embedding, or the top_k hits when top_k > 0, or ``Refused``.
-        The model runs in a worker thread, so that the replica's event loop (where Serve runs this) keeps
+        """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0, or ``Refused``. The
+        model runs in a worker thread, so that the replica's event loop (where Serve runs this) keeps
         taking requests and the next batch fills meanwhile: even for a lone request, since one run on the
         loop would hide the requests that arrive during it, and each would look alone in turn. Runs take
-        turns (a lone request's and a batch's would otherwise share the cores); a request whose caller
-        left while it waited for its turn is not run."""
+        turns (a lone request's and a batch's would otherwise share the cores)."""
         async with self.turn:
-            alive = [i for i, item in enumerate(items) if item[3] in self.live]
-            out: list = [None] * len(items)
-            self.counts["dropped"] += len(items) - len(alive)
-            if not alive:
-                return out
-            batch = [items[i] for i in alive]
             self.counts["batches"] += 1
-            self.counts["requests"] += len(batch)
-            with self.pacing.running(len(batch)):  # the next batch waits about as long as this runs
-                vectors, wanted, hits = await asyncio.to_thread(self._work, batch)
+            self.counts["requests"] += len(items)
+            with self.pacing.running(len(items)):  # the next batch waits about as long as this runs
+                out, wanted, hits = await asyncio.to_thread(self._work, items)
                 if wanted and hits is None:
-                    hits = await self.index.search_many.remote(*self._queries(batch, vectors, wanted))
-        self.counts["refused"] += sum(isinstance(v, api.Refused) for v in vectors)
+                    hits = await self.index.search_many.remote(*self._queries(items, out, wanted))
+        self.counts["refused"] += sum(isinstance(v, api.Refused) for v in out)
         for i, h in zip(wanted, hits or [], strict=True):
-            vectors[i] = h
-        for i, v in zip(alive, vectors, strict=True):
-            out[i] = v
+            out[i] = h
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def run_many(self, items: list[tuple]) -> list:
         return await self.run(items)
 
-    async def _one(self, role: str, query: api.Query, k: int):
-        key = next(self.keys)
-        self.live.add(key)  # until this call returns or is cancelled (its HTTP client went away)
+    async def _one(self, item: tuple):
         wait = self.pacing.arrive()
         try:
             if self.pacing.alone():  # nothing to batch with: no batch queue
-                return (await self.run([(role, query, k, key)]))[0]
+                return (await self.run([item]))[0]
             self.run_many.set_batch_wait_timeout_s(wait)  # read when the request opens a batch
-            return await self.run_many((role, query, k, key))
+            return await self.run_many(item)
         finally:
-            self.live.discard(key)
             self.pacing.leave()
 
     async def embed(self, role: str, query: api.Query):
-        return await self._one(role, query, 0)
+        return await self._one((role, query, 0))
 
     async def search(self, query: api.Query, k: int):
-        return await self._one("query", query, k)
+        return await self._one(("query", query, k))
 
     async def ran(self) -> dict:
-        """Batches and requests this replica has run, requests refused, and requests dropped."""
+        """Batches and requests this replica has run, and requests it refused."""
         return dict(self.counts)
 
 

@@ -455,8 +455,8 @@ def test_maximum_size_requests_keep_healthz_fast_and_every_replica_alive(served)
 
 
 def test_a_client_that_leaves_leaves_no_model_runs_behind(served):
-    """16 heavy requests whose clients give up after 0.3 s: the requests still queued when their clients
-    left are dropped from the encoder's batches, not run for no one."""
+    """16 heavy requests whose clients give up after 0.3 s: Serve cancels each request down to the
+    encoder, and the ones still queued when their clients left are not run for no one."""
     url, http, _, _ = served
     body = {
         "parts": [{"type": "text", "text": "like "}, {"type": "image", "image": b64(black_png(4096, 4096))}]
@@ -481,7 +481,7 @@ def test_a_client_that_leaves_leaves_no_model_runs_behind(served):
         seen = now
         time.sleep(1.0)
     ran = seen["requests"] - before["requests"]
-    assert ran < 16 and seen["dropped"] - before["dropped"] + ran <= 16, (seen, before)
+    assert ran < 16, (seen, before)
 
 
 def test_the_apps_arguments_carry_no_pool_images(trained_run):
