@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from coral import manifest, ray_runtime, storage
 from coral.config import Config, section_dict, section_hash_dict
 from coral.errors import ConfigError, UserInputError
+from coral.lease import Lease, LeaseLost
 from coral.stages import STAGES, StageContext
 
 log = logging.getLogger(__name__)
@@ -81,23 +82,30 @@ def run_graph(
         STAGES[name].validate(config)
     root = storage.resolve(config.run.run_root, config.storage)
     existed = storage.ensure_writable(root)
-    ctx = StageContext(config, root)
-    missing = [
-        i for n in names for i in STAGES[n].inputs(config) if i not in names and not ctx.is_complete(i)
-    ]
-    if missing:
-        if not existed:
-            storage.delete_tree(root)
-        raise UserInputError(
-            f"stage '{missing[0]}' is not complete under {root.uri}; run it first (drop --from, or --from {missing[0]})"
-        )
-    rows = [] if summary is None else summary
-    for name in names:
-        rows.append(_run_stage(ctx, name, force=start is not None))
-    return rows
+    # before any stage folder is read or touched, and before Ray starts: UserInputError naming the holder
+    # while another run holds this run_root
+    lease = Lease(root, config.storage, config.run.lease_ttl_s).acquire()
+    try:
+        ctx = StageContext(config, root)
+        missing = [
+            i for n in names for i in STAGES[n].inputs(config) if i not in names and not ctx.is_complete(i)
+        ]
+        if missing:
+            lease.release()
+            if not existed:
+                storage.delete_tree(root)
+            raise UserInputError(
+                f"stage '{missing[0]}' is not complete under {root.uri}; run it first (drop --from, or --from {missing[0]})"
+            )
+        rows = [] if summary is None else summary
+        for name in names:
+            rows.append(_run_stage(ctx, name, force=start is not None, lease=lease))
+        return rows
+    finally:
+        lease.release()
 
 
-def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
+def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = None) -> SummaryRow:
     stage = STAGES[name]
     section = stage.section(ctx.config)
     config_hash = manifest.stable_hash(section_hash_dict(section))
@@ -117,6 +125,8 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
     log.info("%s: running -> %s", name, stage_dir.uri)
     started = time.time()
     try:
+        if lease is not None:
+            lease.check()
         storage.delete_tree(stage_dir)
         ray_runtime.connect(ctx.config.ray)
         result = stage.run(ctx)
@@ -125,6 +135,8 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
         m = manifest.build(
             name, section_dict(section), config_hash, inputs, "complete", started, result=result
         )
+        if lease is not None:
+            lease.check()  # never mark complete what another run may have written into
         manifest.write_complete(stage_dir, m)
     except BaseException as e:
         error = f"{type(e).__name__}: {e}"
@@ -132,7 +144,8 @@ def _run_stage(ctx: StageContext, name: str, force: bool) -> SummaryRow:
             name, section_dict(section), config_hash, inputs, "failed", started, error=error
         )
         try:
-            manifest.write_failed(stage_dir, failed)
+            if not isinstance(e, LeaseLost):  # the stage folder is another run's now
+                manifest.write_failed(stage_dir, failed)
         except Exception:
             log.warning("%s: could not record the failure:\n%s", name, traceback.format_exc())
         if isinstance(e, KeyboardInterrupt | SystemExit):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coral import storage
+from coral.errors import StorageError
 from coral.storage import Location
 
 MANIFEST = "manifest.json"
@@ -113,13 +114,22 @@ def build(
 
 
 def read_complete(stage_dir: Location) -> dict | None:
-    """The manifest of a completed stage, or None when ``_SUCCESS`` (or the manifest) is missing."""
+    """The manifest of a completed stage, or None when its ``_SUCCESS`` is missing (incomplete).
+
+    Once ``_SUCCESS`` exists, a manifest that cannot be read or parsed is a StorageError naming it, never
+    "incomplete": the caller would otherwise delete a finished stage (a storage blip is not a redo)."""
     if not storage.exists(stage_dir.child(SUCCESS)):
         return None
+    loc = stage_dir.child(MANIFEST)
     try:
-        return storage.read_json(stage_dir.child(MANIFEST))
-    except (OSError, ValueError):
-        return None
+        m = storage.read_json(loc)
+    except (OSError, ValueError) as e:
+        raise StorageError(
+            f"{loc.uri}: cannot read the manifest of a completed stage: {storage._short(e)}"
+        ) from e
+    if not isinstance(m, dict):
+        raise StorageError(f"{loc.uri}: the manifest of a completed stage is not a JSON object")
+    return m
 
 
 def write_complete(stage_dir: Location, manifest: dict) -> None:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -21,6 +25,7 @@ from coral.config import StorageConfig
 from coral.errors import ConfigError, StorageError
 
 PROBE_NAME = ".coral-write-probe"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,37 @@ def region(cfg: StorageConfig) -> str:
     return cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem, with ``max_attempts`` tries per request (throttling, 5xx, network errors).
+
+    The retry strategy is AWS's *default* one (exponential backoff, no retry quota): the *standard* one
+    shares a quota of 500 tokens per filesystem that a run's retries spend (5 or 10 each), after which it
+    stops retrying altogether; a long-lived filesystem behind a throttling endpoint then fails requests on
+    the first error. pyarrow's default strategy counts retries, not attempts, hence ``max_attempts - 1``.
+
+    It also pickles with its retry strategy: pyarrow's ``__reduce__`` drops it, so the copy a Ray task gets
+    would fall back to pyarrow's connect-only retries, and a 503 SlowDown would fail the task.
+    """
+
+    def __init__(self, *, max_attempts: int, **kwargs: Any):
+        strategy = pafs.AwsDefaultS3RetryStrategy(max_attempts=max(max_attempts - 1, 0))
+        super().__init__(retry_strategy=strategy, **kwargs)
+        self.max_attempts = max_attempts
+        self._rebuild_args = (max_attempts, kwargs)
+
+    def __reduce__(self):
+        return _rebuild_s3, self._rebuild_args
+
+
+def _rebuild_s3(max_attempts: int, kwargs: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts=max_attempts, **kwargs)
+
+
 def s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = dict(
         region=region(cfg),
         connect_timeout=cfg.connect_timeout_s,
         request_timeout=cfg.request_timeout_s,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
     )
     if cfg.access_key_id and cfg.secret_access_key:
         kwargs.update(access_key=cfg.access_key_id, secret_key=cfg.secret_access_key)
@@ -64,7 +94,7 @@ def s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
     if url:
         parsed = urlparse(url if "://" in url else f"https://{url}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(max_attempts=cfg.max_attempts, **kwargs)
 
 
 def resolve(uri: str, cfg: StorageConfig | None = None) -> Location:
@@ -96,7 +126,7 @@ def ensure_writable(loc: Location) -> bool:
         else:
             existed = exists(loc)
             loc.fs.create_dir(loc.path, recursive=True)
-        probe = posixpath.join(loc.path, PROBE_NAME)
+        probe = posixpath.join(loc.path, f"{PROBE_NAME}-{uuid.uuid4().hex[:12]}")  # one per caller
         with loc.fs.open_output_stream(probe) as f:
             f.write(b"ok")
         loc.fs.delete_file(probe)
@@ -123,9 +153,40 @@ def size(loc: Location) -> int:
     return info.size
 
 
+# The AWS SDK (C++) writes an error reply's body into the buffer of a ranged read: a 503 SlowDown's XML
+# outgrows a small range (a Parquet column chunk of a few dozen bytes), the transfer aborts and the error
+# comes back as INTERNAL_FAILURE, which no retry strategy retries. Ray Data retries it in its own reads.
+_OVERFLOWED = "Failed to flush response stream"
+
+
+def read_retried(loc: Location, read: Callable[[], T]) -> T:
+    """``read()``, a pyarrow read under ``loc``, tried up to the filesystem's ``max_attempts`` times while
+    it fails that way (a throttled small ranged read); any other error at once."""
+    attempts = getattr(loc.fs, "max_attempts", 1)
+    for attempt in range(1, attempts + 1):
+        try:
+            return read()
+        except OSError as e:
+            if _OVERFLOWED not in str(e) or attempt == attempts:
+                raise
+            time.sleep(random.uniform(0.5, 1.0) * min(0.1 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+def read_table(loc: Location, **kwargs: Any) -> Any:
+    """``pq.read_table`` of the Parquet file or folder at ``loc`` (``columns=``, ``filters=``...), retried
+    like ``read_retried``."""
+    import pyarrow.parquet as pq
+
+    return read_retried(loc, lambda: pq.read_table(loc.path, filesystem=loc.fs, **kwargs))
+
+
 def read_bytes(loc: Location) -> bytes:
-    with loc.fs.open_input_stream(loc.path) as f:
-        return f.read()
+    def read() -> bytes:
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+
+    return read_retried(loc, read)
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
@@ -198,7 +259,9 @@ def boto3_client(cfg: StorageConfig | None = None):
         config=BotoConfig(
             connect_timeout=cfg.connect_timeout_s,
             read_timeout=cfg.request_timeout_s,
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            # adaptive: standard retries (backoff, throttling and transient errors) plus client-side rate
+            # limiting once the endpoint throttles
+            retries={"max_attempts": cfg.max_attempts, "mode": "adaptive"},
         ),
     )
     if cfg.access_key_id and cfg.secret_access_key:

@@ -77,18 +77,21 @@ def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def count_rows(loc: Location) -> int:
     """Rows in every Parquet file under ``loc`` (footer metadata only, no data read)."""
-    total = 0
-    for path in storage.list_files(loc, ".parquet"):
+
+    def rows(path: str) -> int:
         with loc.fs.open_input_file(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+            return pq.ParquetFile(f).metadata.num_rows
+
+    return sum(storage.read_retried(loc, lambda p=p: rows(p)) for p in storage.list_files(loc, ".parquet"))
 
 
 def count_rejected(loc: Location) -> dict[str, int]:
     """Rejected rows under ``loc`` counted by reason."""
     counts: Counter[str] = Counter()
     for path in storage.list_files(loc, ".parquet"):
-        table = pq.read_table(path, filesystem=loc.fs, columns=[schemas.REASON])
+        table = storage.read_retried(
+            loc, lambda p=path: pq.read_table(p, filesystem=loc.fs, columns=[schemas.REASON])
+        )
         counts.update(table.column(schemas.REASON).to_pylist())
     return dict(counts)
 

@@ -30,7 +30,6 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from coral import schemas as S
@@ -109,7 +108,7 @@ def compose_split(
 def load_embeddings(ctx: StageContext, encoder: str) -> dict[str, np.ndarray]:
     """product id -> its vector in the embed stage's column ``emb_{encoder}``."""
     src, column = ctx.data("embed"), S.embedding_column(encoder)
-    table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, column])
+    table = storage.read_table(src, columns=[S.ID, column])
     try:
         matrix = as_matrix(table.column(column))
     except ValueError as e:
@@ -170,7 +169,7 @@ class MeritStage:
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.merit
         src = ctx.data("catalog")
-        products = pq.read_table(src.path, filesystem=src.fs, columns=PRODUCT_COLUMNS).to_pylist()
+        products = storage.read_table(src, columns=PRODUCT_COLUMNS).to_pylist()
         label_details = {}
         if cfg.label is not None:
             products, label_details = label(ctx, products)
@@ -248,7 +247,7 @@ def label(ctx: StageContext, products: list[dict]) -> tuple[list[dict], dict]:
     cards = card_lib.build_cards(complete or products)
     src = ctx.data("catalog")
     ids = [p[S.ID] for p in todo]
-    table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.IMAGE], filters=[(S.ID, "in", ids)])
+    table = storage.read_table(src, columns=[S.ID, S.IMAGE], filters=[(S.ID, "in", ids)])
     images = dict(zip(table.column(S.ID).to_pylist(), table.column(S.IMAGE).to_pylist(), strict=True))
     schema = pa.schema([S.CATALOG.field(c) for c in PRODUCT_COLUMNS]).append(
         pa.field(llm.PAIR_ID, pa.string())
@@ -311,7 +310,7 @@ def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> dict[st
     reason under ``merit/export_rejected/``; returns those reasons counted."""
     root = ctx.stage_dir("merit").child("export")
     src = ctx.data("catalog")
-    table = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.IMAGE])
+    table = storage.read_table(src, columns=[S.ID, S.IMAGE])
     catalog_ids = table.column(S.ID).to_pylist()
     unsafe = unsafe_ids(list(dict.fromkeys([*catalog_ids, *(p[S.ID] for p in products)])))
     rejected = [{S.ID: pid, S.REASON: f"id is not a safe file name: {why}"} for pid, why in unsafe.items()]

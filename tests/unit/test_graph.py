@@ -6,7 +6,7 @@ import pytest
 
 from coral import graph, ray_runtime
 from coral.config import load_config
-from coral.errors import ConfigError, UserInputError
+from coral.errors import ConfigError, StorageError, UserInputError
 from coral.manifest import StageResult
 
 
@@ -144,3 +144,13 @@ def test_a_stage_that_writes_nothing_fails_with_its_top_rejection_reasons(tmp_pa
         not (d / "_SUCCESS").exists() and json.loads((d / "manifest.json").read_text())["status"] == "failed"
     )
     assert not (tmp_path / "run" / "c").exists()  # the next stage never saw an empty table
+
+
+def test_an_unreadable_manifest_stops_the_run_and_deletes_nothing(tmp_path, stages):
+    graph.run_graph(cfg(tmp_path))
+    (tmp_path / "run" / "a" / "manifest.json").write_text("{cut off")
+    with pytest.raises(StorageError, match="a/manifest.json: cannot read the manifest"):
+        graph.run_graph(cfg(tmp_path))
+    assert (tmp_path / "run" / "a" / "_SUCCESS").exists() and (tmp_path / "run" / "a" / "data").exists()
+    assert [s.calls for s in stages.values()] == [1, 1, 1]  # nothing redone
+    assert not (tmp_path / "run" / "_lease.json").exists()  # released on the way out

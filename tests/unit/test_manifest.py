@@ -1,7 +1,10 @@
 import time
 
+import pytest
+
 from coral import manifest, storage
 from coral.config import StorageConfig, section_dict
+from coral.errors import StorageError
 
 
 def test_stable_hash_ignores_key_order_and_sees_values():
@@ -46,3 +49,21 @@ def test_complete_only_with_marker(tmp_path):
     manifest.write_complete(d, dict(m, status="complete"))
     assert manifest.read_complete(d)["status"] == "complete"
     assert (tmp_path / "stage" / "_SUCCESS").exists()
+
+
+def test_an_unreadable_manifest_of_a_completed_stage_is_an_error(tmp_path):
+    """Only a missing ``_SUCCESS`` means incomplete: with the marker there, a manifest that cannot be read
+    is a StorageError naming it, never None (which the driver would take as "delete and redo")."""
+    d = storage.resolve(str(tmp_path / "stage"))
+    manifest.write_complete(d, {"status": "complete"})
+    path = tmp_path / "stage" / "manifest.json"
+    path.write_text('{"status": "compl')  # cut off
+    with pytest.raises(StorageError, match=f"{path}: cannot read the manifest"):
+        manifest.read_complete(d)
+    path.unlink()
+    path.mkdir()  # an OSError on read
+    with pytest.raises(StorageError, match=str(path)):
+        manifest.read_complete(d)
+    path.rmdir()
+    with pytest.raises(StorageError, match=str(path)):  # the marker without its manifest
+        manifest.read_complete(d)

@@ -1,3 +1,5 @@
+import dataclasses
+import pickle
 import time
 
 import pyarrow.fs as pafs
@@ -95,3 +97,30 @@ def test_size_of_a_file_and_a_missing_one_named(tmp_path):
     assert storage.size(loc) == 1234
     with pytest.raises(FileNotFoundError, match="nothing.faiss"):
         storage.size(storage.resolve(str(tmp_path)).child("nothing.faiss"))
+
+
+def test_s3_retries_throttling_in_the_driver_and_in_a_pickled_copy(s3_bucket):
+    """Three 503 SlowDown in a row on one request are retried through (max_attempts >= 5): by the
+    filesystem, by the pickled copy a Ray task gets (pyarrow's own pickling drops the retry strategy: the
+    copy would retry connection errors only), on a read of a range smaller than the error's body (which the
+    AWS SDK reports as a non-retryable INTERNAL_FAILURE) and by boto3 (adaptive)."""
+    from tests.servers.faulty_proxy import FaultyProxy
+
+    cfg, bucket = s3_bucket
+    storage.write_bytes(storage.resolve(f"s3://{bucket}/k", cfg), b"x")
+    throttled = ["slowdown"] * 3 + [None]
+    # boto3 backs off up to 1 s, 2 s, 4 s...: two 503s are enough to need more than the old two attempts
+    script = {f"HEAD /{bucket}/k": throttled * 2, f"GET /{bucket}/k": throttled + ["slowdown"] * 2}
+    proxy = FaultyProxy(cfg.endpoint_url, rate=0.0, script=script).start()
+    try:
+        via = dataclasses.replace(cfg, endpoint_url=proxy.url)
+        assert via.max_attempts >= 5
+        loc = storage.resolve(f"s3://{bucket}/k", via)
+        assert storage.size(loc) == 1
+        assert storage.size(pickle.loads(pickle.dumps(loc))) == 1
+        assert storage.read_bytes(loc) == b"x"  # a 1-byte range: the 503's XML overflows it
+        assert storage.boto3_client(via).get_object(Bucket=bucket, Key="k")["Body"].read() == b"x"
+        assert storage.boto3_client(via).meta.config.retries["mode"] == "adaptive"
+        assert proxy.stats["slowdown"] == 11
+    finally:
+        proxy.stop()
