@@ -181,6 +181,19 @@ def read_table(loc: Location, **kwargs: Any) -> Any:
     return read_retried(loc, lambda: pq.read_table(loc.path, filesystem=loc.fs, **kwargs))
 
 
+def read_dataset(loc: Location, columns: list[str] | None = None, filter: Any = None) -> Any:
+    """The Parquet dataset at ``loc`` as one table (``columns``, a ``pyarrow.dataset`` ``filter``),
+    retried like ``read_retried``."""
+    import pyarrow.dataset as pads
+
+    def read():
+        return pads.dataset(loc.path, filesystem=loc.fs, format="parquet").to_table(
+            columns=columns, filter=filter
+        )
+
+    return read_retried(loc, read)
+
+
 def read_bytes(loc: Location) -> bytes:
     def read() -> bytes:
         with loc.fs.open_input_stream(loc.path) as f:

@@ -113,14 +113,9 @@ def over_serve_transport(handle):
 
 def pool_ids(index_dir: storage.Location) -> list[str]:
     """The candidate pool's product ids (the index's rows)."""
-    import pyarrow.dataset as pads
 
     data = index_dir.child("data")
-    return (
-        pads.dataset(data.path, filesystem=data.fs, format="parquet")
-        .to_table(columns=[S.ID])[S.ID]
-        .to_pylist()
-    )
+    return storage.read_dataset(data, columns=[S.ID])[S.ID].to_pylist()
 
 
 def pool_products(config: Config, index_dir: storage.Location) -> dict:
@@ -129,9 +124,7 @@ def pool_products(config: Config, index_dir: storage.Location) -> dict:
 
     ids = pool_ids(index_dir)
     src = storage.resolve(config.run.run_root, config.storage).child("catalog", manifest.DATA)
-    catalog = pads.dataset(src.path, filesystem=src.fs, format="parquet").to_table(
-        columns=[S.ID, S.TITLE, S.IMAGE], filter=pads.field(S.ID).isin(ids)
-    )
+    catalog = storage.read_dataset(src, columns=[S.ID, S.TITLE, S.IMAGE], filter=pads.field(S.ID).isin(ids))
     return {k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)}
 
 

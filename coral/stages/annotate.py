@@ -27,7 +27,6 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import ray
 
 from coral import ray_runtime, storage
@@ -219,8 +218,7 @@ def image_table(ctx: StageContext, ids: set[str]) -> pa.Table:
     cfg = ctx.config.embed
     if cfg.source == "catalog":
         src = ctx.data("catalog")
-        dataset = pads.dataset(src.path, filesystem=src.fs, format="parquet")
-        table = dataset.to_table(columns=[S.ID, S.IMAGE], filter=pads.field(S.ID).isin(sorted(ids)))
+        table = storage.read_dataset(src, columns=[S.ID, S.IMAGE], filter=pads.field(S.ID).isin(sorted(ids)))
     else:
         from coral.stages.embed import image_id
 
@@ -304,9 +302,7 @@ class AnnotateStage:
             ctx.stage_dir(self.name).child("stats"),
         )
         src = ctx.data("mine")
-        pairs = pq.read_table(
-            src.path, filesystem=src.fs, columns=[S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS, S.SPLIT]
-        )
+        pairs = storage.read_table(src, columns=[S.QUERY_ID, S.TARGET_ID, S.HARD_NEGATIVE_IDS, S.SPLIT])
         if cfg.max_pairs:
             pairs = first_per_split(pairs, cfg.max_pairs)
         keys = [
@@ -347,4 +343,4 @@ def first_per_split(pairs: pa.Table, n: int) -> pa.Table:
 
 
 def _query_ids(loc: Location) -> list[str]:
-    return pq.read_table(loc.path, filesystem=loc.fs, columns=[S.QUERY_ID]).column(S.QUERY_ID).to_pylist()
+    return storage.read_table(loc, columns=[S.QUERY_ID]).column(S.QUERY_ID).to_pylist()

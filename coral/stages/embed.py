@@ -13,7 +13,6 @@ import posixpath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from coral import ray_runtime, storage
@@ -97,7 +96,7 @@ def load_captions(uri: str, cfg: Config) -> dict[str, str]:
     loc = storage.resolve(uri, cfg.storage)
     try:
         if uri.endswith(".parquet"):
-            rows = pq.read_table(loc.path, filesystem=loc.fs).to_pylist()
+            rows = storage.read_table(loc).to_pylist()
         else:
             rows = [
                 json.loads(line) for line in storage.read_bytes(loc).decode().splitlines() if line.strip()

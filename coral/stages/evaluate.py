@@ -20,7 +20,6 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from coral import checkpoint, metrics, report, storage
 from coral import schemas as S
@@ -180,7 +179,7 @@ class EvaluateStage:
     def queries(self, ctx: StageContext, labels: dict[str, dict[str, str]]) -> list[dict]:
         """The held-out rows of ``train.data`` whose split, or OOD label, is in ``evaluate.splits``."""
         cfg = ctx.config.evaluate
-        tables = [pq.read_table(ctx.data(s).path, filesystem=ctx.data(s).fs) for s in ctx.config.train.data]
+        tables = [storage.read_table(ctx.data(s)) for s in ctx.config.train.data]
         rows = pa.concat_tables(tables).sort_by(S.QUERY_ID)
         wanted = set(cfg.splits)
         keep = [
@@ -209,7 +208,7 @@ class EvaluateStage:
         rows = self.queries(ctx, ood)
         pool = candidates[S.ID].to_pylist()
         src = ctx.data("catalog")
-        catalog = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE])
+        catalog = storage.read_table(src, columns=[S.ID, S.TITLE, S.IMAGE])
         needed = {i for r in rows for i in r[S.QUERY_IMAGE_IDS]}
         catalog = catalog.filter(pc.is_in(catalog[S.ID], pa.array(sorted(needed))))
         images = {k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)}

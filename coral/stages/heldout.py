@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-import pyarrow.parquet as pq
-
 from coral import schemas as S
 from coral import storage
 from coral.config import Config
@@ -57,7 +55,7 @@ def training_rows(
 def product_info(ctx: StageContext) -> dict[str, tuple[str, str]]:
     """Catalog product id -> (language, class)."""
     src = ctx.data("catalog")
-    t = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.LANGUAGE, S.CLASS])
+    t = storage.read_table(src, columns=[S.ID, S.LANGUAGE, S.CLASS])
     return {
         i: (lang, cls)
         for i, lang, cls in zip(
@@ -75,7 +73,7 @@ def ood_labels(ctx: StageContext) -> dict[str, dict[str, str]]:
     for axis in AXES:
         loc = ctx.stage_dir("merit").child("ood", axis)
         if storage.list_files(loc, ".parquet"):
-            t = pq.read_table(loc.path, filesystem=loc.fs)
+            t = storage.read_table(loc)
             out[axis] = dict(zip(t[S.QUERY_ID].to_pylist(), t[S.SPLIT].to_pylist(), strict=True))
     return out
 

@@ -29,7 +29,6 @@ from collections import Counter
 from dataclasses import replace
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from coral import schemas as S
 from coral import storage
@@ -169,7 +168,7 @@ class ImportStage:
 def catalog_splits(ctx: StageContext) -> dict[str, str]:
     """Product id -> split, from the run's catalog."""
     src = ctx.data("catalog")
-    t = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.SPLIT])
+    t = storage.read_table(src, columns=[S.ID, S.SPLIT])
     return dict(zip(t[S.ID].to_pylist(), t[S.SPLIT].to_pylist(), strict=True))
 
 

@@ -138,7 +138,7 @@ def load(index_dir: storage.Location, cfg: IndexStageConfig) -> tuple[faiss.Inde
     if knn.gpu_available(cfg.index) and not isinstance(index, faiss.IndexHNSW):
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     data = index_dir.child("data")
-    table = pads.dataset(data.path, filesystem=data.fs, format="parquet").to_table().sort_by(ROW)
+    table = storage.read_dataset(data).sort_by(ROW)
     return index, meta, table
 
 
@@ -163,7 +163,7 @@ class IndexStage:
         columns = [*CANDIDATE_COLUMNS, S.IMAGE, S.SPLIT]
         dataset = pads.dataset(src.path, filesystem=src.fs, format="parquet")
         where = pc.field(S.SPLIT) == "test" if cfg.candidates == "test" else None
-        rows = dataset.count_rows(filter=where)
+        rows = storage.read_retried(src, lambda: dataset.count_rows(filter=where))
         if rows == 0:
             raise ConfigError(
                 f"index.candidates={cfg.candidates}: the catalog at {src.uri} has no such products"
@@ -179,7 +179,7 @@ class IndexStage:
         storage.write_bytes(out.child("index.faiss"), data)
         meta = checkpoint.index_meta(ckpt, spec, len(ids), data)
         storage.write_json(out.child(checkpoint.INDEX_META), meta)
-        info = dataset.to_table(columns=CANDIDATE_COLUMNS, filter=where)
+        info = storage.read_dataset(src, columns=CANDIDATE_COLUMNS, filter=where)
         order = pc.sort_indices(info, [(S.ID, "ascending")])
         info = info.take(order)
         if info[S.ID].to_pylist() != ids:

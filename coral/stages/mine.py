@@ -55,9 +55,7 @@ class MineStage:
     def run(self, ctx: StageContext) -> StageResult:
         cfg, names = ctx.config.mine, encoder_names(ctx.config)
         src = ctx.data("embed")
-        table = pq.read_table(
-            src.path, filesystem=src.fs, columns=[S.ID, S.SPLIT, *map(S.embedding_column, names)]
-        )
+        table = storage.read_table(src, columns=[S.ID, S.SPLIT, *map(S.embedding_column, names)])
         total = table.num_rows
         table = table.filter(pc.is_in(table.column(S.SPLIT), pa.array(list(cfg.splits)))).sort_by(S.ID)
         if table.num_rows < 2:

@@ -14,7 +14,6 @@ import time
 
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import yaml
 
 from coral import schemas as S
@@ -33,18 +32,14 @@ def held_out(ctx: StageContext, n: int) -> list[dict]:
         if len(rows) >= n or not ctx.is_complete(stage):
             continue
         src = ctx.data(stage)
-        table = pq.read_table(
-            src.path, filesystem=src.fs, columns=[S.QUERY_ID, S.QUERY_TEXT, S.QUERY_IMAGE_IDS, S.SPLIT]
-        )
+        table = storage.read_table(src, columns=[S.QUERY_ID, S.QUERY_TEXT, S.QUERY_IMAGE_IDS, S.SPLIT])
         rows += table.filter(pc.equal(table[S.SPLIT], "test")).slice(0, n - len(rows)).to_pylist()
     return rows
 
 
 def images_of(ctx: StageContext, ids: set[str]) -> dict[str, bytes]:
     src = ctx.data("catalog")
-    table = pads.dataset(src.path, filesystem=src.fs, format="parquet").to_table(
-        columns=[S.ID, S.IMAGE], filter=pads.field(S.ID).isin(sorted(ids))
-    )
+    table = storage.read_dataset(src, columns=[S.ID, S.IMAGE], filter=pads.field(S.ID).isin(sorted(ids)))
     return dict(zip(table[S.ID].to_pylist(), table[S.IMAGE].to_pylist(), strict=True))
 
 
@@ -80,11 +75,7 @@ class ServeStage:
             queries = held_out(ctx, cfg.examples)
             images = images_of(ctx, {i for q in queries for i in q[S.QUERY_IMAGE_IDS]})
             src = ctx.data("index")  # a product part names a product of the pool; other images go inline
-            pool = set(
-                pads.dataset(src.path, filesystem=src.fs, format="parquet")
-                .to_table(columns=[S.ID])[S.ID]
-                .to_pylist()
-            )
+            pool = set(storage.read_dataset(src, columns=[S.ID])[S.ID].to_pylist())
             examples = []
             with httpx.Client(timeout=60) as http:
                 for q in queries:

@@ -21,7 +21,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from coral import schemas as S
@@ -100,8 +99,7 @@ class TrainStage:
 
     def run(self, ctx: StageContext) -> StageResult:
         tables = {
-            s: pq.read_table(ctx.data(s).path, filesystem=ctx.data(s).fs).select(list(S.TRIPLETS.names))
-            for s in ctx.config.train.data
+            s: storage.read_table(ctx.data(s)).select(list(S.TRIPLETS.names)) for s in ctx.config.train.data
         }
         rows = pa.concat_tables(tables.values())
         train, sources = training_table(ctx, tables)
@@ -116,7 +114,7 @@ class TrainStage:
         ]
         held = held[: cfg0.validation_queries]
         src = ctx.data("catalog")
-        catalog = pq.read_table(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE, S.SPLIT])
+        catalog = storage.read_table(src, columns=[S.ID, S.TITLE, S.IMAGE, S.SPLIT])
         pool = [
             i
             for i, s in zip(catalog[S.ID].to_pylist(), catalog[S.SPLIT].to_pylist(), strict=True)
