@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller looks at its workers every 2 s by default, so each train stage waits seconds
+# for its worker group to start, its reports and its end; every Ray these tests start (here, in a
+# subprocess or under `ray start`) inherits this. A slow answer is not a failure: only one hanging for
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min) is.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -22,8 +22,8 @@ def overrides(root, tiny_models) -> list[str]:
         "merit.ood_attributes=[brand]",
         "merit.ood_classes=[phone]",
         f"train.base={tiny_models['qwen2_vl']}",
-        "train.steps=40",
-        "train.checkpoint_every=40",
+        "train.steps=10",  # a trained checkpoint to bind, serve and compare: no test here asks it to learn
+        "train.checkpoint_every=10",
         "train.batch_size=4",
         "train.validation_queries=0",
         "evaluate.bootstrap=200",
@@ -32,7 +32,7 @@ def overrides(root, tiny_models) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained_run(ray_local, tiny_models, tmp_path_factory):
-    """catalog -> merit -> train (40 steps) -> index -> evaluate, once per session: (run root, config)."""
+    """catalog -> merit -> train (10 steps) -> index -> evaluate, once per session: (run root, config)."""
     root = tmp_path_factory.mktemp("eval") / "run"
     cfg = load_config(REPO / "workflows" / "ci_small.yaml", overrides(root, tiny_models))
     graph.run_graph(cfg)

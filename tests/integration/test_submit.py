@@ -79,30 +79,35 @@ def ray_head(s3_server):
         *(f"--{k}={v}" for k, v in ports.items()),
     ]
     log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - closed below
-    env = {**os.environ, **AUTH, "RAY_USAGE_STATS_ENABLED": "0"}
+    # no drain on SIGTERM: the head would wait up to 30 s for its node to go idle (a Kubernetes pod's
+    # grace for Serve traffic), and the jobs' Ray Data actors keep it busy
+    env = {**os.environ, **AUTH, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline = time.time() + 120
-        while time.time() < deadline:
-            if head.poll() is not None:
-                raise RuntimeError(
-                    f"ray start exited {head.returncode}: {Path(temp, 'head.log').read_text()[-2000:]}"
-                )
-            if cli("job", "list", "--address", address, timeout=30).returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            raise TimeoutError("the Ray head's job server did not answer in 120 s")
+        with api(address) as http:  # a request, not a `ray` CLI process, every half second
+            while time.time() < deadline:
+                if head.poll() is not None:
+                    raise RuntimeError(
+                        f"ray start exited {head.returncode}: {Path(temp, 'head.log').read_text()[-2000:]}"
+                    )
+                try:
+                    if http.get("/api/jobs/").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise TimeoutError("the Ray head's job server did not answer in 120 s")
         yield address
     finally:
         tree = head_processes(temp)
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=20)
+        # SIGTERM to `ray start --block` alone: it stops the processes it started, raylet first, as
+        # `ray stop` would on this node (SIGTERM to all of them at once left the GCS and the autoscaler's
+        # monitor up for the whole wait)
+        head.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=30)
         for p in alive:
             p.kill()
         head.wait(timeout=20)
@@ -110,6 +115,12 @@ def ray_head(s3_server):
         left = [p.pid for p in head_processes(temp)]
         shutil.rmtree(temp, ignore_errors=True)
         assert left == [], f"Ray processes of the test's head still running: {left}"
+
+
+def api(address: str) -> httpx.Client:
+    """The head's job REST API (what ``ray job status`` and ``ray job logs`` call), with its token."""
+    token = Path(AUTH["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    return httpx.Client(base_url=address, timeout=30, headers={"Authorization": f"Bearer {token}"})
 
 
 def cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -214,10 +225,12 @@ def test_graph_through_ray_job_submit_on_s3_stop_resubmit_skip(ray_head, s3_buck
     assert first.returncode == 0, first.stderr
     deadline = time.time() + 300
     logs = ""
-    while time.time() < deadline and "embed: running" not in logs:
-        time.sleep(1)
-        logs = cli("job", "logs", "--address", ray_head, "coral-stopped", timeout=60).stdout
-        assert job_status(ray_head, "coral-stopped") in ("PENDING", "RUNNING"), logs[-3000:]
+    with api(ray_head) as http:  # polled over REST: a `ray` CLI process per look takes seconds of CPU
+        while time.time() < deadline and "embed: running" not in logs:
+            time.sleep(0.5)
+            logs = http.get("/api/jobs/coral-stopped/logs").json()["logs"]
+            status = http.get("/api/jobs/coral-stopped").json()["status"]
+            assert status in ("PENDING", "RUNNING"), logs[-3000:]
     assert "embed: running" in logs, logs[-3000:]
     stop = cli("job", "stop", "--address", ray_head, "coral-stopped", timeout=120)
     assert stop.returncode == 0, stop.stderr

@@ -59,12 +59,12 @@ def assert_export_embeds_like_the_trained_model(root, metrics: dict, kind: str, 
 
 def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     root = tmp_path / "run"
-    cfg = config(root, tiny_models, 10, "train.checkpoint_every=5", "train.log_every=5")
+    cfg = config(root, tiny_models, 4, "train.checkpoint_every=2", "train.log_every=2")
     graph.run_graph(cfg)
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
-    assert m["rows_out"] == 10 and m["details"]["resumed_from_step"] == 0
+    assert m["rows_out"] == 4 and m["details"]["resumed_from_step"] == 0
     metrics = json.loads((root / "train" / "metrics.json").read_text())
-    assert len(metrics["history"]) == 10
+    assert len(metrics["history"]) == 4
     assert set(metrics["history"][0]) == {"loss", "contrastive_loss", "vision_recon_loss", "mlm_loss"}
     for when in ("start", "end"):
         v = metrics["validation"][when]
@@ -88,25 +88,25 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
         "grad_norm",
         "samples_per_s",
     ):
-        assert sorted(board[f"train/{tag}"]) == [5, 10], tag
-    # linear decay after the warm-up: the rate of step 10 is below the one of step 5
-    assert 0 < board["train/lr"][10] < board["train/lr"][5] <= cfg.train.lr
-    # a longer run continues from step 10 instead of starting over
-    longer = config(root, tiny_models, 15, "train.checkpoint_every=5", "train.log_every=5")
+        assert sorted(board[f"train/{tag}"]) == [2, 4], tag
+    # linear decay after the warm-up: the rate of step 4 is below the one of step 2
+    assert 0 < board["train/lr"][4] < board["train/lr"][2] <= cfg.train.lr
+    # a longer run continues from step 4 instead of starting over
+    longer = config(root, tiny_models, 6, "train.checkpoint_every=2", "train.log_every=2")
     rows = graph.run_graph(longer, start="train")
     assert [r.status for r in rows if r.stage == "train"] == ["ran"]
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
-    assert m["rows_out"] == 15 and m["details"]["resumed_from_step"] == 10
-    assert len(json.loads((root / "train" / "metrics.json").read_text())["history"]) == 15
+    assert m["rows_out"] == 6 and m["details"]["resumed_from_step"] == 4
+    assert len(json.loads((root / "train" / "metrics.json").read_text())["history"]) == 6
     board = curves.read(str(root / "train" / "tensorboard" / "coral"))
-    assert sorted(board["train/loss"]) == [5, 10, 15]  # the first run's curves came back with its checkpoint
+    assert sorted(board["train/loss"]) == [2, 4, 6]  # the first run's curves came back with its checkpoint
     kept = [p for p in (root / "_checkpoints" / "train").rglob("state.json")]
     assert 1 <= len(kept) <= 2, kept  # train.keep_checkpoints: the older ones are deleted
     # new data (another merit seed: other queries) trains from step 0, never from the old data's checkpoint
     before = checkpoint.content_hash(str(root / "train" / "model"))
-    graph.run_graph(config(root, tiny_models, 5, "merit.seed=5"))
+    graph.run_graph(config(root, tiny_models, 2, "merit.seed=5"))
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
-    assert m["rows_out"] == 5 and m["details"]["resumed_from_step"] == 0
+    assert m["rows_out"] == 2 and m["details"]["resumed_from_step"] == 0
     assert checkpoint.content_hash(str(root / "train" / "model")) != before
 
 

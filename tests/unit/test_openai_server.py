@@ -16,10 +16,9 @@ FAULTS = "500:3,429:5,timeout:7,malformed:11,empty:13"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from coral.models.tiny import build_all
-
-    return build_all(tmp_path_factory.mktemp("tiny"), names=("qwen2_vl",))["qwen2_vl"]
+def model_dir(tiny_models):
+    """The session's tiny Qwen2-VL: built once for the whole run, not again here."""
+    return tiny_models["qwen2_vl"]
 
 
 @pytest.fixture(scope="module")
