@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -27,10 +30,26 @@ def config(run_root, tiny_models, *extra):
     )
 
 
-def test_annotate_writes_triplets_from_mined_pairs(ray_local, tiny_models, tmp_path):
-    cfg = config(tmp_path / "run", tiny_models)
+@pytest.fixture(scope="module")
+def mined_run(ray_local, tiny_models, tmp_path_factory) -> Path:
+    """catalog -> embed -> mine once for the module: the same stages and settings in every test here."""
+    root = tmp_path_factory.mktemp("mined") / "run"
+    graph.run_graph(config(root, tiny_models), until="mine")
+    return root
+
+
+def with_mined_pairs(mined_run: Path, tmp_path: Path) -> Path:
+    """A run root of the test's own holding a copy of the module's complete catalog, embed and mine."""
+    root = tmp_path / "run"
+    for stage in ("catalog", "embed", "mine"):
+        shutil.copytree(mined_run / stage, root / stage)
+    return root
+
+
+def test_annotate_writes_triplets_from_mined_pairs(mined_run, tiny_models, tmp_path):
+    cfg = config(with_mined_pairs(mined_run, tmp_path), tiny_models)
     rows = graph.run_graph(cfg)
-    assert [r.status for r in rows] == ["ran"] * 4
+    assert [r.status for r in rows] == ["skipped"] * 3 + ["ran"]  # the copied stages are complete
     m = manifest.read_complete(storage.resolve(cfg.run.run_root).child("annotate"))
     mined = pq.read_table(tmp_path / "run" / "mine" / "data")
     pairs = first_per_split(mined, cfg.annotate.max_pairs).to_pylist()  # max_pairs caps each split
@@ -67,10 +86,10 @@ def test_annotate_writes_triplets_from_mined_pairs(ray_local, tiny_models, tmp_p
     assert [r.status for r in graph.run_graph(cfg)] == ["skipped"] * 4
 
 
-def test_default_validation_rejects_a_random_models_text(ray_local, tiny_models, tmp_path):
+def test_default_validation_rejects_a_random_models_text(mined_run, tiny_models, tmp_path):
     """With the default bounds (English prose, 20-200 words) byte soup never becomes a triplet."""
     cfg = config(
-        tmp_path / "run",
+        with_mined_pairs(mined_run, tmp_path),
         tiny_models,
         "annotate.english_only=true",
         "annotate.description_words=[20, 200]",
@@ -87,7 +106,7 @@ def test_default_validation_rejects_a_random_models_text(ray_local, tiny_models,
 
 
 @pytest.mark.timeout(240)
-def test_openai_engine_survives_a_misbehaving_server(ray_local, tiny_models, tmp_path):
+def test_openai_engine_survives_a_misbehaving_server(mined_run, tiny_models, tmp_path):
     """HTTP 500s, 429s, timeouts, malformed and empty bodies: the stage finishes, every pair is annotated
     or rejected with a reason, and the retries are counted in the manifest."""
     import httpx
@@ -101,7 +120,10 @@ def test_openai_engine_survives_a_misbehaving_server(ray_local, tiny_models, tmp
             " max_retries: 2, backoff_s: 0.05, concurrency: 4, batch_size: 4}"
         )
         cfg = config(
-            tmp_path / "run", tiny_models, f"annotate.describe={engine}", f"annotate.instruct={engine}"
+            with_mined_pairs(mined_run, tmp_path),
+            tiny_models,
+            f"annotate.describe={engine}",
+            f"annotate.instruct={engine}",
         )
         graph.run_graph(cfg)
         stats = httpx.get(f"{url}/stats", timeout=5).json()
