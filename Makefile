@@ -16,6 +16,7 @@ demo: install models
 test: install
 	$(VENV)/bin/ruff check coral ray_jobs tests benchmarks
 	$(VENV)/bin/ruff format --check coral ray_jobs tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install models
@@ -39,7 +40,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 models: $(MODELS)/.built
 
-$(MODELS)/.built: $(VENV)/.installed coral/models/tiny.py coral/annotate/prompts.py coral/annotate/data/demonstrations.jsonl
+$(MODELS)/.built: $(VENV)/.installed coral/testing/tiny.py coral/annotate/prompts.py coral/annotate/data/demonstrations.jsonl
 	$(PY) -m ray_jobs.build_tiny_models --out $(MODELS) --force
 	touch $@
 

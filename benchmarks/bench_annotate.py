@@ -21,19 +21,25 @@
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
+from PIL import Image
 
-from benchmarks.common import PeakRSS, timed, write_result
-from coral import graph
+from benchmarks.common import PeakGPU, PeakRSS, start_ray, timed, write_result
+from coral import graph, manifest, storage
 from coral import schemas as S
-from coral.catalog import vocab
-from coral.config import load_config
+from coral.annotate import engines, prompts, vllm
+from coral.catalog import draw, vocab
+from coral.config import EngineConfig, load_config
 from coral.merit import compose
-from coral.models.tiny import build_all, build_qwen, build_qwen2_text
+from coral.testing import corpus
+from coral.testing.tiny import build_all, build_qwen, build_qwen2_text
 
 PAIRS, BATCH, NEW_TOKENS = 128, 8, {"describe": 128, "instruct": 64}
 BENCH_QWEN = dict(hidden=512, layers=4)
@@ -67,8 +73,6 @@ def annotate_config(tmp: str, tiny: dict, batch: int):
 
 def run_stage(cfg) -> dict:
     """Rerun annotate; its manifest's per-step details (requests, rate after the first batch)."""
-    from coral import manifest, storage
-
     rows = graph.run_graph(cfg, "annotate")
     assert rows[-1].rows_in == PAIRS
     m = manifest.read_complete(storage.resolve(cfg.run.run_root).child("annotate"))
@@ -81,13 +85,6 @@ def run_batches(engine, ps: list, size: int) -> int:
 
 def per_step(vlm: str, llm: str) -> dict:
     """Seconds for 2 * BATCH prompts of each step, one at a time vs in batches, in this process."""
-    import torch
-    from PIL import Image
-
-    from coral.annotate import engines, prompts
-    from coral.catalog import draw
-    from coral.config import EngineConfig
-
     torch.set_num_threads(1)  # as in a one-CPU actor
     img = draw.png_bytes(Image.new("RGB", (64, 64), (200, 30, 40)))
     keys = sorted(
@@ -140,11 +137,6 @@ def count_generated(engine) -> list[int]:
 
 def hf_rate(model: str, prompts: list, new_tokens: int, batch: int, device: str, dtype: str) -> dict:
     """Generated tokens/s of the hf engine over ``prompts`` in batches of ``batch``, after a warm-up batch."""
-    import torch
-
-    from coral.annotate import engines
-    from coral.config import EngineConfig
-
     cfg = EngineConfig(model=model, max_new_tokens=new_tokens, batch_size=batch, device=device, dtype=dtype)
     engine = engines.HFEngine(cfg)
     counts = count_generated(engine)
@@ -163,8 +155,6 @@ def hf_rate(model: str, prompts: list, new_tokens: int, batch: int, device: str,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }
     if cuda:
-        import gc
-
         del engine
         gc.collect()
         torch.cuda.empty_cache()  # vLLM's actor asks for most of the GPU's memory next
@@ -176,12 +166,6 @@ def vllm_rate(model: str, step, rows: list[dict], new_tokens: int, dtype: str) -
     to exactly ``new_tokens`` (``ignore_eos``; vLLM does not detokenize: a random model picks ids beyond a
     tiny tokenizer's). Steady: the tokens of the blocks after the first one to reach this process over the
     time since it came; the whole run includes the engine's start."""
-    import ray
-
-    from benchmarks.common import PeakGPU
-    from coral.annotate import vllm
-    from coral.config import EngineConfig
-
     engine = EngineConfig(
         kind="vllm",
         model=model,
@@ -214,10 +198,10 @@ def vllm_rate(model: str, step, rows: list[dict], new_tokens: int, dtype: str) -
 
 def annotate_bench() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = build_all(f"{tmp}/tiny", ("clip",))
+        tiny = build_all(f"{tmp}/tiny", ("clip",), corpus=corpus.project())
         tiny["qwen_bench"], tiny["qwen_text_bench"] = Path(tmp) / "qwen_bench", Path(tmp) / "qwen_text_bench"
-        build_qwen(tiny["qwen_bench"], "2", **BENCH_QWEN)
-        build_qwen2_text(tiny["qwen_text_bench"], **BENCH_QWEN)
+        build_qwen(tiny["qwen_bench"], "2", **BENCH_QWEN, corpus=corpus.project())
+        build_qwen2_text(tiny["qwen_text_bench"], **BENCH_QWEN, corpus=corpus.project())
         steps = per_step(str(tiny["qwen_bench"]), str(tiny["qwen_text_bench"]))
         graph.run_graph(annotate_config(tmp, tiny, BATCH), until="mine")
         one_s, one = timed(run_stage, annotate_config(tmp, tiny, 1))
@@ -330,7 +314,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import start_ray
-
     start_ray()
     main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 
-from benchmarks.common import PeakRSS, timed, write_result
+from benchmarks.common import PeakRSS, start_ray, timed, write_result
 from coral import graph
 from coral.catalog.generate import generate_table
 from coral.config import load_config
@@ -50,7 +50,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import start_ray
-
     start_ray()
     main()

@@ -15,13 +15,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import PeakRSS, timed, write_result
+from benchmarks.common import PeakRSS, start_ray, timed, write_result
 from coral import graph
 from coral import schemas as S
 from coral.config import load_config
 from coral.images import decode_image
 from coral.models import encoders
-from coral.models.tiny import build_clip
+from coral.testing.tiny import build_clip
 
 GROUPS, VARIANTS, BATCH = 6000, 3, 32  # 18,000 images: about a minute of work for the plain loop
 SMALL_GROUPS = 10
@@ -104,7 +104,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import start_ray
-
     start_ray()
     main()

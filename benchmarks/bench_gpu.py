@@ -15,17 +15,20 @@ import os
 import tempfile
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import PeakGPU, PeakRSS, timed, write_result
+from benchmarks.bench_knn import D, K, N, clustered
+from benchmarks.common import PeakGPU, PeakRSS, start_ray, timed, write_result
 from coral import graph
 from coral.catalog.generate import generate_table
-from coral.config import load_config
+from coral.config import CatalogConfig, IndexConfig, load_config
 from coral.images import decode_image
 from coral.models import encoders
-from coral.models.tiny import build_clip
+from coral.search import knn
+from coral.testing.tiny import build_clip
 
 DEVICE = os.environ.get("BENCH_GPU_DEVICE", "cuda")
 IMAGES = int(os.environ.get("BENCH_GPU_IMAGES", "20000"))
@@ -36,8 +39,6 @@ SMALL = dict(image_size=64, hidden=64, layers=2, patch=16)
 
 def jpeg_folder(folder: Path, n: int, px: int = 384) -> list[bytes]:
     """``n`` catalog renderings upscaled to ``px`` and saved as JPEG (quality 90), the usual web format."""
-    from coral.config import CatalogConfig
-
     groups = -(-n // 3)
     table = generate_table(CatalogConfig(num_groups=groups, variants_per_group=3), range(groups))
     folder.mkdir(parents=True)
@@ -122,18 +123,12 @@ def embed(
 
 
 def faiss_gpu() -> bool:
-    import faiss
-
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def knn_gpu(n: int | None = None, name: str = "knn_gpu_1m", out_dir: Path | None = None) -> dict | None:
     """``knn()`` on the GPU vs the same call on the CPU path (every core) over ``n`` clustered vectors.
     Without faiss-gpu or a GPU, both calls take the CPU path (``gpu`` false in the result)."""
-    from benchmarks.bench_knn import D, K, N, clustered
-    from coral.config import IndexConfig
-    from coral.mining import knn
-
     n = n or N
     x = clustered(n)
     gpu_cfg, cpu_cfg = (
@@ -181,7 +176,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import start_ray
-
     start_ray()
     main()

@@ -1,6 +1,6 @@
 """Index and evaluation benchmarks.
 
-- Index kinds at 1,000,000 clustered 256-d candidates (``index_stage.build``, as the index stage calls
+- Index kinds at 1,000,000 clustered 256-d candidates (``search_index.build``, as the index stage calls
   it): build seconds, queries/s for 10,000 held-out queries (top 10, one process, FAISS's threads) and
   recall@10 against exact search; the baseline is raw FAISS exact search (IndexFlatIP) on the same data.
 - The evaluate stage end to end on 10,000 held-out MERIT queries (embedding them with the tiny Qwen2-VL
@@ -16,10 +16,21 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
+import torch
 
 from benchmarks.bench_knn import clustered
-from benchmarks.common import PeakRSS, timed, write_result
-from coral.config import IndexConfig, IndexStageConfig
+from benchmarks.common import PeakRSS, start_ray, timed, write_result
+from coral import graph, metrics, storage
+from coral import schemas as S
+from coral.catalog import lookup
+from coral.config import IndexConfig, IndexStageConfig, load_config
+from coral.models import loader, retrievers
+from coral.search import index as search_index
+from coral.search import knn
+from coral.testing import corpus
+from coral.testing.tiny import build_all
+from coral.train import step
 
 N, QUERIES, K = 1_000_000, 10_000, 10
 KINDS = {
@@ -31,9 +42,6 @@ KINDS = {
 
 
 def index_kinds() -> dict:
-    from coral.mining import knn
-    from coral.stages import index as index_stage
-
     x = clustered(N + QUERIES)
     base, queries = np.ascontiguousarray(x[:N]), np.ascontiguousarray(x[N:])
     t = time.perf_counter()
@@ -50,7 +58,7 @@ def index_kinds() -> dict:
     }
     with PeakRSS() as mem:
         for name, cfg in KINDS.items():
-            build_s, index = timed(index_stage.build, base, IndexStageConfig(index=cfg))
+            build_s, index = timed(search_index.build, base, IndexStageConfig(index=cfg))
             search_s, (_, got) = timed(index.search, queries, K)
             recall = float(np.mean([len(set(a) & set(e)) / K for a, e in zip(got, exact, strict=True)]))
             rows[name] = {
@@ -82,20 +90,8 @@ def index_kinds() -> dict:
 
 
 def evaluate_end_to_end() -> dict:
-    import pyarrow.parquet as pq
-    import torch
-
-    from coral import graph, metrics, storage
-    from coral import schemas as S
-    from coral.config import load_config
-    from coral.mining import knn
-    from coral.models import loader
-    from coral.models.tiny import build_all
-    from coral.stages import index as index_stage
-    from coral.train import retrievers, step
-
     with tempfile.TemporaryDirectory() as tmp:
-        base = str(build_all(f"{tmp}/tiny", ("qwen2_vl",))["qwen2_vl"])
+        base = str(build_all(f"{tmp}/tiny", ("qwen2_vl",), corpus=corpus.project())["qwen2_vl"])
         cfg = load_config(
             Path(__file__).resolve().parents[1] / "workflows" / "demo.yaml",
             [
@@ -127,18 +123,18 @@ def evaluate_end_to_end() -> dict:
             retrievers.make("mmret_mllm", loader.load_processor(base)),
         )
         catalog = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.TITLE, S.IMAGE]).to_pydict()
-        products = step.products_from(catalog)
+        products = lookup.products_from(catalog)
         held = sorted(
             (r for r in pq.read_table(root / "merit" / "data").to_pylist() if r[S.SPLIT] == "test"),
             key=lambda r: r[S.QUERY_ID],
         )[:n]
-        index, _, table = index_stage.load(storage.resolve(str(root / "index")), cfg.index)
+        index, _, table = search_index.load(storage.resolve(str(root / "index")), cfg.index)
         pool = table[S.ID].to_pylist()
 
         def plain() -> list[int]:
             with torch.inference_mode():
                 q = step.embed_all(
-                    model, retriever, [step.query_features(retriever, r, products) for r in held]
+                    model, retriever, [retrievers.query_features(retriever, r, products) for r in held]
                 )
             _, top = knn.search(index, q.float().numpy(), K)
             return [
@@ -170,7 +166,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import start_ray
-
     start_ray()
     main()

@@ -1,6 +1,6 @@
 """kNN mining at scale: 1,000,000 clustered 256-d vectors on this machine.
 
-Figures: wall time of ``coral.mining.knn.knn`` as the mine stage calls it (index build + top-11 of every
+Figures: wall time of ``coral.search.knn.knn`` as the mine stage calls it (index build + top-11 of every
 vector, queries on Ray tasks) per encoder, without the pair loop and Parquet I/O around it; recall@10 against exact search on a 10k query sample; time at 100k vs 1M (scaling);
 the baseline is raw FAISS exact search (IndexFlatIP) timed on the same sample and extrapolated.
 """
@@ -12,9 +12,9 @@ import time
 import faiss
 import numpy as np
 
-from benchmarks.common import PeakRSS, write_result
+from benchmarks.common import PeakRSS, start_ray, write_result
 from coral.config import IndexConfig
-from coral.mining import knn
+from coral.search import knn
 
 N, D, CENTRES, K, SAMPLE = 1_000_000, 256, 2_000, 11, 10_000
 INDEX = IndexConfig(kind="ivf_flat", nprobe=4, train_size=100_000)
@@ -95,7 +95,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import start_ray
-
     start_ray()
     main()

@@ -21,14 +21,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import PeakRSS, free_port, timed, write_result
+from benchmarks.common import PeakRSS, free_port, start_ray, timed, write_result
 from coral import graph
 from coral import schemas as S
-from coral.config import TrainConfig, load_config
-from coral.models import loader
-from coral.models.tiny import build_all
-from coral.train import retrievers, step
-from coral.train.coral import CoralHeads
+from coral.catalog import lookup
+from coral.catalog.generate import generate_table
+from coral.config import CatalogConfig, TrainConfig, load_config
+from coral.models import loader, retrievers
+from coral.models.coral import CoralHeads
+from coral.testing import corpus
+from coral.testing.tiny import build_all
+from coral.train import step
+from coral.train.loop import Retriever, peak_memory_gib, scalars_to_buffers
 
 STEPS, GLOBAL_BATCH, WORKERS, THREADS, K = 60, 8, 2, 2, 3
 ZERO2 = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed" / "zero2.json"
@@ -41,7 +45,7 @@ def plain_loop(root: Path, base: str) -> float:
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     catalog = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.TITLE, S.IMAGE])
-    products = step.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
+    products = lookup.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
     rows = [r for r in pq.read_table(root / "merit" / "data").to_pylist() if r[S.SPLIT] == "train"]
     model, processor = loader.load_model(base).train(), loader.load_processor(base)
     retriever = retrievers.make("coral", processor)
@@ -76,12 +80,9 @@ def peak_tflops(device: str) -> tuple[float | None, str]:
     return None, "no peak for a CPU (set GPU_CHECK_PEAK_TFLOPS)"
 
 
-def triplets(n: int, k: int, image_px: int) -> tuple[step.Products, list[dict]]:
+def triplets(n: int, k: int, image_px: int) -> tuple[lookup.Products, list[dict]]:
     """Catalog products rendered at ``image_px`` and ``n`` triplet rows: per query a product's image with a
     change in words, its sibling variant as the positive, ``k`` products of other groups as negatives."""
-    from coral.catalog.generate import generate_table
-    from coral.config import CatalogConfig
-
     table = generate_table(CatalogConfig(num_groups=n + k, image_size=image_px), range(n + k))
     cols = {c: table.column(c).to_pylist() for c in (S.ID, S.TITLE, S.IMAGE)}
     ids = cols[S.ID]  # three variants per group, in order
@@ -94,7 +95,7 @@ def triplets(n: int, k: int, image_px: int) -> tuple[step.Products, list[dict]]:
         }
         for i in range(n)
     ]
-    return step.products_from(cols), rows
+    return lookup.products_from(cols), rows
 
 
 def deepspeed_steps(
@@ -109,9 +110,7 @@ def deepspeed_steps(
     )
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    from coral.train.loop import Retriever, peak_memory_gib, scalars_to_buffers
+    import deepspeed  # here, not at the top: it reads DS_ACCELERATOR (set just above) when imported
 
     deepspeed.init_distributed()
     torch.manual_seed(0)
@@ -184,7 +183,7 @@ def deepspeed_steps(
 
 def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        base = str(build_all(f"{tmp}/tiny", ("qwen2_vl",))["qwen2_vl"])
+        base = str(build_all(f"{tmp}/tiny", ("qwen2_vl",), corpus=corpus.project())["qwen2_vl"])
         cfg = load_config(
             Path(__file__).resolve().parents[1] / "workflows" / "demo.yaml",
             [
@@ -232,7 +231,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    from benchmarks.run_all import start_ray
-
     start_ray()
     main()

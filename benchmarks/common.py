@@ -1,4 +1,4 @@
-"""Benchmark plumbing: machine facts, a peak-memory sampler, and the JSON result writer.
+"""Benchmark plumbing: the local Ray, machine facts, peak-memory samplers, and the JSON result writer.
 
 Every figure is a ratio against a baseline measured in the same process on the same data.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import psutil
 
+from coral import ray_runtime
+from coral.config import RayConfig
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def start_ray() -> None:
+    """The local Ray every benchmark runs on (``make bench`` starts it once for all of them)."""
+    ray_runtime.connect(RayConfig(num_cpus=4, include_dashboard=False))
 
 
 def machine() -> dict:
@@ -80,8 +89,6 @@ class PeakRSS:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

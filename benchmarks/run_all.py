@@ -14,13 +14,7 @@ from benchmarks import (
     bench_serve,
     bench_train,
 )
-
-
-def start_ray() -> None:
-    from coral import ray_runtime
-    from coral.config import RayConfig
-
-    ray_runtime.connect(RayConfig(num_cpus=4, include_dashboard=False))
+from benchmarks.common import start_ray
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from coral.config import Config, section_dict, section_hash_dict
 from coral.errors import ConfigError, UserInputError
 from coral.lease import Lease, LeaseLost
 from coral.stages import STAGES, StageContext
+from coral.stages.base import check_output
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = 
         return SummaryRow(name, "skipped", done["rows_in"], done["rows_out"], done["rows_rejected"], 0.0)
     if done is not None:
         log.info("%s: %s, rerunning", name, "--from given" if force else "config or inputs changed")
-    log.info("%s: running -> %s", name, stage_dir.uri)
+    log.info("%s: running -> %s%s", name, stage_dir.uri, describe_resources(stage.resources(ctx.config)))
     started = time.time()
     try:
         if lease is not None:
@@ -130,6 +131,7 @@ def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = 
         storage.delete_tree(stage_dir)
         ray_runtime.connect(ctx.config.ray)
         result = stage.run(ctx)
+        check_output(ctx.data(name), stage.output(ctx.config))
         if result.rows_out == 0:
             raise EmptyOutput(empty_output_message(name, result.rejected, result.rows_in))
         m = manifest.build(
@@ -168,3 +170,15 @@ def format_summary(rows: list[SummaryRow]) -> str:
         )
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def describe_resources(pools: dict) -> str:
+    """`` (clip_image: 2 x 1 CPU; train: 2 x 1 CPU 1 GPU L4)`` for the start-up log line."""
+    if not pools:
+        return ""
+
+    def one(r) -> str:
+        gpu = f" {r.num_gpus:g} GPU" if r.num_gpus else ""
+        return f"{r.num_actors} x {r.num_cpus:g} CPU{gpu}{' ' + r.accelerator_type if r.accelerator_type else ''}"
+
+    return " (" + "; ".join(f"{k}: {one(r)}" for k, r in pools.items()) + ")"

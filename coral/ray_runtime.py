@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -40,14 +41,37 @@ def connect(cfg: RayConfig) -> str:
     return "local"
 
 
-def remote_args(
-    num_cpus: float, num_gpus: float = 0.0, accelerator_type: str = "", resources: dict | None = None
-) -> dict:
-    """Ray's per-actor (or per-task) resource options from a config section's fields; ``accelerator_type``
-    (``A10G``, ``L4``, ``A100``...) places the actor on a node of that GPU type, as cluster.yaml declares."""
-    args: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-    if accelerator_type:
-        args["accelerator_type"] = accelerator_type
-    if resources:
-        args["resources"] = dict(resources)
+def remote_args(res: Any) -> dict:
+    """Ray's per-actor (or per-task, per-replica) resource options from a section's resources
+    (``coral.config.Resources``: num_cpus, num_gpus, accelerator_type, and custom ``resources`` where the
+    section has them); ``accelerator_type`` (``A10G``, ``L4``, ``A100``...) places the actor on a node of
+    that GPU type, as cluster.yaml declares."""
+    args: dict = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.accelerator_type:
+        args["accelerator_type"] = res.accelerator_type
+    custom = getattr(res, "resources", None)
+    if custom:
+        args["resources"] = dict(custom)
     return args
+
+
+def actor_pool(
+    ds: ray.data.Dataset,
+    cls: type,
+    res: Any,
+    batch_size: int,
+    kwargs: dict,
+    size: int | None = None,
+    batch_format: str = "pyarrow",
+) -> ray.data.Dataset:
+    """``ds`` mapped by a pool of ``cls`` actors (built with ``kwargs``), sized and placed by the stage's
+    declared resources: ``res.num_actors`` actors (or ``size``) of ``remote_args(res)`` each. The one place
+    a stage's resources become Ray Data's actor pool options."""
+    return ds.map_batches(
+        cls,
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(size=size or res.num_actors),
+        batch_size=batch_size,
+        batch_format=batch_format,
+        **remote_args(res),
+    )

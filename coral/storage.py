@@ -7,20 +7,23 @@ Credentials live only inside the filesystem objects; nothing here logs or return
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
+from coral import schemas
 from coral.config import StorageConfig
 from coral.errors import ConfigError, StorageError
 
@@ -237,6 +240,19 @@ def write_parquet(loc: Location, table: Any) -> None:
     if parent and not loc.is_s3:
         loc.fs.create_dir(parent, recursive=True)
     pq.write_table(table, loc.path, filesystem=loc.fs)
+
+
+def keyed_name(keys: Iterable[str]) -> str:
+    """A batch's file name from its rows' keys, so that a retried batch overwrites its own file instead of
+    adding a second copy."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def write_rejected(loc: Location, rows: list[dict], schema: Any = None) -> None:
+    """Rejected rows ({id, reason}, or ``schema``'s columns) as one Parquet file named after their ids."""
+    if rows:
+        table = pa.Table.from_pylist(rows, schema=schema or schemas.REJECTED)
+        write_parquet(loc.child(f"part-{keyed_name(r[schemas.ID] for r in rows)}.parquet"), table)
 
 
 def write_json(loc: Location, obj: Any) -> None:

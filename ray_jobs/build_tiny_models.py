@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from coral.models.tiny import TINY_MODELS, build_all
+from coral.testing import corpus
+from coral.testing.tiny import TINY_MODELS, build_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=TINY_MODELS, default=list(TINY_MODELS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name, path in build_all(args.out, tuple(args.only), args.force).items():
+    for name, path in build_all(args.out, tuple(args.only), args.force, corpus=corpus.project()).items():
         print(f"{name}: {path}")
     return 0
 

@@ -15,8 +15,10 @@ import logging
 import sys
 import time
 
+from coral import graph
 from coral.config import load_config
 from coral.errors import ConfigError, UserInputError
+from coral.stages.evaluate import summary_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from coral import graph  # imports Ray and torch: only once the config is known to be good
 
     try:
         graph.run_graph(config, args.start, args.until, summary=rows)
@@ -69,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nrun '{config.run.name}' at {config.run.run_root} ({time.time() - started:.1f} s)")
             print(graph.format_summary(rows))
             if any(r.stage == "evaluate" for r in rows):
-                from coral.stages.evaluate import summary_table
-
                 table = summary_table(config)
                 if table:
                     print(f"\nheld-out retrieval ({config.run.run_root}/evaluate/metrics.json):\n{table}")

@@ -18,8 +18,11 @@ import time
 
 import yaml
 
+from coral import ray_runtime
 from coral.config import load_config
 from coral.errors import UserInputError
+from coral.serve import deploy
+from coral.serve.http import token_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, f"run.run_root={args.run_root}"]
     try:
         config = load_config(args.config, overrides)
-        from coral.serve import deploy
-        from coral.serve.app import token_of
-
         token_of(config.serve)  # a public host without a token: exit 2 before Ray starts
 
         if args.write_config:
@@ -44,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
                 yaml.safe_dump(body, f, sort_keys=False)
             print(f"wrote {args.write_config}: serve run {args.write_config}")
             return 0
-        from coral import ray_runtime
-
         ray_runtime.connect(config.ray)
         url = deploy.start(config)
     except UserInputError as e:

@@ -33,9 +33,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from coral.models.tiny import build_all
+    from coral.testing import corpus
+    from coral.testing.tiny import build_all
 
-    return build_all(tmp_path_factory.mktemp("tiny"))
+    return build_all(tmp_path_factory.mktemp("tiny"), corpus=corpus.project())
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from coral import net
 from coral.annotate import prefix
 from coral.config import EngineConfig
+from coral.device import pick, to_model
 from coral.errors import ConfigError
+from coral.images import decode_image
+from coral.models import loader
 
 VLM_TYPES = ("qwen2_vl", "qwen2_5_vl")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -72,9 +75,6 @@ class HFEngine:
 
     def __init__(self, cfg: EngineConfig):
         import torch
-
-        from coral.device import pick
-        from coral.models import loader
 
         self.cfg, self.torch = cfg, torch
         self.device = pick(cfg.device)
@@ -145,8 +145,6 @@ class HFEngine:
         return [Generation(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def _generate_cached(self, splits: list[tuple[str, str]]) -> list[Generation]:
-        from coral.device import to_model
-
         encode = self.tokenizer([t for s in splits for t in s], add_special_tokens=False)["input_ids"]
         heads, tails = [tuple(h) for h in encode[0::2]], encode[1::2]
         ids, mask, groups = prefix.assemble(heads, tails, self.tokenizer.pad_token_id)
@@ -158,9 +156,6 @@ class HFEngine:
             return self._generate(cache, **inputs)
 
     def generate(self, prompts: list[list[dict]]) -> list[Generation]:
-        from coral.device import to_model
-        from coral.images import decode_image
-
         if not prompts:
             return []
         if self.prefixes is not None:

@@ -12,6 +12,7 @@ import pyarrow as pa
 import ray
 
 from coral.annotate.engines import Generation, image_parts, openai_messages
+from coral.annotate.steps import finish
 from coral.config import EngineConfig
 from coral.storage import Location
 
@@ -53,8 +54,6 @@ def processor(step, engine: EngineConfig, sampling: dict | None = None):
 
 
 def run_step(ds: ray.data.Dataset, step, engine: EngineConfig, rejected: Location, stats: Location):
-    from coral.stages.annotate import finish
-
     def parse_batch(batch: pa.Table) -> pa.Table:
         rows = batch.column(ROW).to_pylist()
         gens = [Generation(t) for t in batch.column("generated_text").to_pylist()]

@@ -34,9 +34,9 @@ import pyarrow as pa
 
 from coral import schemas as S
 from coral import storage
+from coral.catalog import formats
 from coral.config import StorageConfig
 from coral.images import decode_image
-from coral.merit import formats
 from coral.paths import PathError, confine
 from coral.storage import Location
 

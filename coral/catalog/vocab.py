@@ -4,7 +4,10 @@ Visual attributes (colour, pattern, size, background) are rendered into the imag
 (material, brand) appear only in the title. Titles are written in en, id, ms, vi or th.
 """
 
-LANGUAGES = ("en", "id", "ms", "vi", "th")
+from coral import schemas as S
+from coral.config.catalog import LANGUAGES  # defined in the config layer, which checks catalog.languages
+
+ATTRIBUTE_WORDS = {k: k for k in S.ATTRIBUTE_KEYS}  # the English word an attribute key is named by
 
 # class -> name per language (en, id, ms, vi, th)
 CLASSES = {

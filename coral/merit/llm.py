@@ -1,5 +1,5 @@
 """MERIT's optional LLM steps on composed queries (REFERENCE.md section 4, steps 4 and 5), as annotation
-steps for any engine (``coral.stages.annotate.run_step``).
+steps for any engine (``coral.annotate.runner.run_step``).
 
 - ``Rewrite``: the template query becomes a natural instruction. The rewrite is kept only when every
   ``<Product i>`` / ``</Product i>`` tag and every ``<image>`` slot survives in order
@@ -28,14 +28,13 @@ from collections.abc import Collection, Iterable, Mapping
 import pyarrow as pa
 
 from coral import schemas as S
+from coral import storage
 from coral.annotate.prompts import text
+from coral.annotate.steps import PAIR_ID  # the row key the annotation steps use (here: the query id)
 from coral.catalog import vocab
 from coral.merit.cards import format_card, is_missing, parse_labels
 from coral.merit.compose import COLD_SOURCE, validate_slots
-from coral.stages.base import write_rejected
 from coral.storage import Location
-
-PAIR_ID = "pair_id"  # the row key the annotation steps use (here: the query id)
 
 REWRITE = (
     "Rewrite this product search query as one natural, fluent instruction in English. Keep every "
@@ -118,7 +117,7 @@ class Rewrite:
         rewritten = (raw or "").strip()
         reason = "empty rewrite" if not rewritten else validate_slots(row[S.QUERY_TEXT], rewritten)
         if reason is not None:
-            write_rejected(
+            storage.write_rejected(
                 self.failures, [{S.ID: row[S.QUERY_ID], S.REASON: reason, S.RAW: raw or ""}], S.REJECTED_RAW
             )
             return [row], None

@@ -15,6 +15,7 @@ import torch
 
 from coral.device import pick
 from coral.errors import ConfigError
+from coral.models import processors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,14 +36,12 @@ def _model_classes() -> dict[str, Any]:
 def _processor_classes() -> dict[str, Any]:
     import transformers as T
 
-    from coral.models.processors import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor
-
     return {
         "clip": T.CLIPProcessor,
         "siglip": T.SiglipProcessor,
         "dinov2": T.AutoImageProcessor,
-        "qwen2_vl": Qwen2VLImageOnlyProcessor,
-        "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
+        "qwen2_vl": processors.Qwen2VLImageOnlyProcessor,
+        "qwen2_5_vl": processors.Qwen2_5_VLImageOnlyProcessor,
     }
 
 

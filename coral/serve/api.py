@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from coral import schemas as S
@@ -147,8 +148,6 @@ def authorize(header: str | None, digest: str | None) -> None:
 def check_image(data: str, where: str, limits: Limits) -> tuple[bytes, int]:
     """base64 -> (the image file's bytes, its pixel count), from its header alone: the byte and pixel
     limits are checked before any pixel is decoded (the encoder decodes it)."""
-    from PIL import Image
-
     if len(data) > 4 * -(-limits.max_image_bytes // 3):
         raise ApiError(413, f"{where}: image over {limits.max_image_bytes} bytes")
     try:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import logging
 import time
 
-from coral.config import Config, ServeConfig
+import httpx
+from ray import serve
+from ray.serve.context import _get_global_client  # the controller's target groups, as HAProxy reads them
+
+from coral.config import Config, ServeConfig, parse_override
+from coral.errors import ConfigError
+from coral.serve.app import application
+from coral.typed import is_secret
 
 log = logging.getLogger(__name__)
 BUILDER = "coral.serve.app:build"
@@ -17,8 +24,6 @@ def url_of(cfg: ServeConfig) -> str:
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -33,10 +38,6 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
 
 def start(config: Config, timeout_s: float = 300.0) -> str:
     """Deploy the run's application (checking the checkpoint/index pair first) and wait until it answers."""
-    from ray import serve
-
-    from coral.serve.app import application
-
     cfg = config.serve
     target = application(config)  # raises IndexMismatch before anything starts
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config(cfg))
@@ -62,8 +63,6 @@ def direct_url(cfg: ServeConfig) -> str | None:
     proxy, one hop fewer. ``None`` when Serve proxies every request or the app has several ingress
     replicas (a load balancer, e.g. HAProxy, then spreads over them). The port is Serve's (30000 and
     up) and may change when the replica restarts; ``url_of`` is the stable address."""
-    from ray.serve.context import _get_global_client  # the controller's target groups, as HAProxy reads them
-
     groups = _get_global_client().get_serve_details().get("target_groups", [])
     targets = [
         t
@@ -80,8 +79,6 @@ def direct_url(cfg: ServeConfig) -> str | None:
 
 def stop(config: Config, shutdown: bool = True) -> None:
     """Delete the run's application; ``shutdown``: Serve too (its controller and proxies)."""
-    from ray import serve
-
     serve.delete(config.serve.app_name)
     if shutdown:
         serve.shutdown()
@@ -95,10 +92,6 @@ def serve_config(cfg: ServeConfig, config_path: str | None, overrides: list[str]
     """The Serve config for ``serve run FILE`` / ``serve deploy FILE`` (run from the repository root).
     A secret among ``overrides`` is a ConfigError: the file would carry it to disk and to Serve's
     controller; the replicas take credentials from their environment (AWS_*), as on a cluster."""
-    from coral.config import Config, parse_override
-    from coral.errors import ConfigError
-    from coral.typed import is_secret
-
     for text in overrides:
         keys, _ = parse_override(text)
         if is_secret(Config, keys):

@@ -6,8 +6,6 @@ rows under ``{run_root}/{stage}/rejected/``; the driver writes the manifest and 
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -18,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from coral import manifest, schemas, storage
-from coral.config import Config
+from coral.config import Config, Resources
 from coral.errors import UserInputError
 from coral.storage import Location
 
@@ -55,6 +53,14 @@ class Stage(Protocol):
 
     def section(self, config: Config) -> Any:
         """The config section whose hash (with the inputs' hashes) decides whether to rerun."""
+
+    def output(self, config: Config) -> pa.Schema | None:
+        """The columns (at least) of what it writes under ``data/``, checked once it has run; None when it
+        writes no table (a model, an endpoint)."""
+
+    def resources(self, config: Config) -> dict[str, Resources]:
+        """What it asks Ray for, by pool (an actor pool, Ray Train's workers, tasks, Serve replicas): the
+        same ``Resources`` it hands ``ray_runtime.actor_pool``; logged when it starts."""
 
     def validate(self, config: Config) -> None:
         """Cheap checks run before any stage starts (model paths, kinds); raise ConfigError."""
@@ -96,13 +102,23 @@ def count_rejected(loc: Location) -> dict[str, int]:
     return dict(counts)
 
 
-def write_rejected(loc: Location, rows: list[dict], schema: pa.Schema = schemas.REJECTED) -> None:
-    """Write rejected rows ({id, reason}, or ``schema``'s columns) as one Parquet file named after their
-    ids, so a retried batch overwrites its own file instead of adding a second copy."""
-    if not rows:
+def _same_type(declared: pa.DataType, written: pa.DataType) -> bool:
+    """Equal, or lists (variable, large or fixed size: the size is the model's) of the same values."""
+    lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    if any(f(declared) for f in lists) and any(f(written) for f in lists):
+        return _same_type(declared.value_type, written.value_type)
+    return declared == written
+
+
+def check_output(loc: Location, declared: pa.Schema | None) -> None:
+    """Every Parquet file under ``loc`` has the declared columns, of their types (footers only)."""
+    if declared is None:
         return
-    name = hashlib.sha256("\n".join(r[schemas.ID] for r in rows).encode()).hexdigest()[:16]
-    if not loc.is_s3:
-        loc.fs.create_dir(loc.path, recursive=True)
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, posixpath.join(loc.path, f"part-{name}.parquet"), filesystem=loc.fs)
+    for path in storage.list_files(loc, ".parquet"):
+        with loc.fs.open_input_file(path) as f:
+            written = pq.ParquetFile(f).schema_arrow
+        for field in declared:
+            i = written.get_field_index(field.name)
+            if i < 0 or not _same_type(field.type, written.field(i).type):
+                got = "no such column" if i < 0 else str(written.field(i).type)
+                raise RuntimeError(f"{path}: column '{field.name}' should be {field.type}, found {got}")

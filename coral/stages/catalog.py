@@ -13,16 +13,18 @@ import logging
 import posixpath
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from coral import schemas as S
+from coral import storage
 from coral.catalog import products
 from coral.catalog.generate import generate_table, shard_groups
-from coral.config import CatalogConfig, Config, StorageConfig
+from coral.config import CatalogConfig, Config, Resources, StorageConfig
 from coral.errors import ConfigError, UserInputError
 from coral.manifest import StageResult
-from coral.stages.base import StageContext, write_rejected
+from coral.stages.base import StageContext
 from coral.storage import Location
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,12 @@ class CatalogStage:
 
     def section(self, config: Config) -> CatalogConfig:
         return config.catalog
+
+    def output(self, config: Config) -> pa.Schema:
+        return S.CATALOG
+
+    def resources(self, config: Config) -> dict[str, Resources]:
+        return {"tasks": Resources(num_actors=config.catalog.num_tasks, num_cpus=1.0)}  # write_shard's
 
     def validate(self, config: Config) -> None:
         if config.catalog.source == "products" and not config.catalog.products:
@@ -108,7 +116,7 @@ class CatalogStage:
             rows, rejected = rows + n, rejected + [mark(r, refs[done[0]], len(files)) for r in bad]
             log.info("catalog: %d/%d product shards read (%d products)", total - len(pending), total, rows)
         rejected.sort(key=lambda r: (r[S.REASON].endswith("(catalog.test_products)"), r[products.ITEM]))
-        write_rejected(ctx.rejected(self.name), rejected, products.REJECTED)
+        storage.write_rejected(ctx.rejected(self.name), rejected, products.REJECTED)
         if rows == 0:
             raise UserInputError(
                 f"catalog.products: none of the {count} items of {' and '.join(u for _, u, _ in files)} "

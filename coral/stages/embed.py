@@ -17,12 +17,15 @@ import ray
 
 from coral import ray_runtime, storage
 from coral import schemas as S
-from coral.config import Config, EmbedConfig, EncoderConfig
+from coral.catalog import lookup
+from coral.config import Config, EmbedConfig, EncoderConfig, Resources
 from coral.errors import ConfigError
 from coral.images import decode_image
 from coral.manifest import StageResult
+from coral.models import encoders, loader
+from coral.models.encoders import sentence_transformers_pooling
 from coral.models.kinds import ENCODER_KINDS
-from coral.stages.base import StageContext, count_rejected, count_rows, write_rejected
+from coral.stages.base import StageContext, count_rejected, count_rows
 from coral.storage import Location
 
 COLUMNS = [S.ID, S.IMAGE, S.CAPTION, S.SPLIT]
@@ -37,8 +40,6 @@ class EncodeBatch:
 
     def __init__(self, encoder: EncoderConfig, max_pixels: int, rejected: Location):
         import torch  # only encoder actors pay for torch and transformers
-
-        from coral.models import encoders
 
         torch.set_num_threads(max(1, int(encoder.num_cpus)))
         self.encoder = encoders.build(encoder)
@@ -67,7 +68,7 @@ class EncodeBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         items, keep, bad = self._read(batch)
         if bad:
-            write_rejected(self.rejected, bad)
+            storage.write_rejected(self.rejected, bad)
             batch = batch.take(pa.array(keep, pa.int64()))
         emb = self.encoder.encode(items) if items else np.zeros((0, 0), np.float32)  # (B, D)
         offsets = pa.array(np.arange(len(emb) + 1, dtype=np.int32) * emb.shape[1])
@@ -121,14 +122,17 @@ class EmbedStage:
     def section(self, config: Config) -> EmbedConfig:
         return config.embed
 
-    def validate(self, config: Config) -> None:
-        from coral.models import loader
+    def output(self, config: Config) -> pa.Schema:
+        vectors = [(S.embedding_column(e.name), pa.list_(pa.float32())) for e in config.embed.encoders]
+        return pa.schema([(S.ID, pa.string()), (S.SPLIT, pa.string()), *vectors])
 
+    def resources(self, config: Config) -> dict[str, Resources]:
+        return {e.name: e for e in config.embed.encoders}
+
+    def validate(self, config: Config) -> None:
         for enc in config.embed.encoders:
             kind = loader.model_type(enc.model)  # a missing path fails here, before any stage runs
             if enc.kind == "sentence_transformers":
-                from coral.models.encoders import sentence_transformers_pooling
-
                 sentence_transformers_pooling(loader.resolve(enc.model))  # unsupported pooling: fail now
             accepted = ENCODER_KINDS[enc.kind][1]
             if accepted is not None and kind not in accepted:
@@ -140,7 +144,7 @@ class EmbedStage:
     def _source(self, ctx: StageContext) -> tuple[ray.data.Dataset, int]:
         cfg = ctx.config.embed
         if cfg.source == "catalog":
-            src = ctx.data("catalog")
+            src = lookup.location(ctx.root)  # streamed by Ray Data
             ds = ray.data.read_parquet(src.path, filesystem=src.fs, columns=COLUMNS)
             return ds, ctx.manifest("catalog")["rows_out"]
         src = storage.resolve(cfg.images.uri, ctx.config.storage)
@@ -171,18 +175,8 @@ class EmbedStage:
         per_block = min(max(batch, -(-rows_in // (4 * actors))), 8 * batch)
         ds = ds.repartition(target_num_rows_per_block=per_block)
         for enc in cfg.encoders:
-            ds = ds.map_batches(
-                EncodeBatch,
-                fn_constructor_kwargs={
-                    "encoder": enc,
-                    "max_pixels": cfg.max_image_pixels,
-                    "rejected": rejected,
-                },
-                compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
-                batch_size=enc.batch_size,
-                batch_format="pyarrow",
-                **ray_runtime.remote_args(enc.num_cpus, enc.num_gpus, enc.accelerator_type, enc.resources),
-            )
+            kwargs = {"encoder": enc, "max_pixels": cfg.max_image_pixels, "rejected": rejected}
+            ds = ray_runtime.actor_pool(ds, EncodeBatch, enc, enc.batch_size, kwargs)
         ds = ds.select_columns([S.ID, S.SPLIT, *(S.embedding_column(e.name) for e in cfg.encoders)])
         ds.write_parquet(out.path, filesystem=out.fs)
         rows_out, reasons = count_rows(out), count_rejected(rejected)

@@ -23,12 +23,14 @@ import pyarrow.compute as pc
 
 from coral import checkpoint, metrics, report, storage
 from coral import schemas as S
-from coral.config import Config, EvaluateConfig
+from coral.catalog import lookup
+from coral.config import Config, EvaluateConfig, Resources
 from coral.errors import ConfigError, UserInputError
 from coral.manifest import StageResult
-from coral.mining import knn
+from coral.models import loader
+from coral.search import index as search_index
+from coral.search import knn
 from coral.stages import heldout
-from coral.stages import index as index_stage
 from coral.stages.base import StageContext, as_matrix
 
 NAMES = metrics.MERIT_NAMES
@@ -161,6 +163,19 @@ class EvaluateStage:
     def section(self, config: Config) -> EvaluateConfig:
         return config.evaluate
 
+    def output(self, config: Config) -> pa.Schema:
+        return pa.schema(
+            [
+                (S.QUERY_ID, pa.string()),
+                ("model", pa.string()),
+                ("rank", pa.int32()),
+                ("top_ids", pa.list_(pa.string())),
+            ]
+        )
+
+    def resources(self, config: Config) -> dict[str, Resources]:
+        return {"embed": config.index}  # queries (and a baseline's pool) embedded as the index stage does
+
     def validate(self, config: Config) -> None:
         axes = set(config.merit.ood)
         for split in config.evaluate.splits:
@@ -172,8 +187,6 @@ class EvaluateStage:
                         f"merit.ood (now {list(config.merit.ood)}): only a held-out axis has OOD queries"
                     )
         if config.evaluate.baseline:
-            from coral.models import loader
-
             loader.resolve(config.train.base)
 
     def queries(self, ctx: StageContext, labels: dict[str, dict[str, str]]) -> list[dict]:
@@ -199,23 +212,19 @@ class EvaluateStage:
         import ray
 
         cfg, icfg = ctx.config.evaluate, ctx.config.index
-        uri, kind = index_stage.model_of(ctx.config, ctx.root)
+        uri, kind = search_index.model_of(ctx.config, ctx.root)
         ckpt = checkpoint.describe(uri, kind, ctx.config.storage)
         index_dir = ctx.stage_dir("index")
-        index, meta, candidates = index_stage.load(index_dir, icfg)
+        index, meta, candidates = search_index.load(index_dir, icfg)
         checkpoint.check_bound(meta, ckpt, index_dir.uri)
         ood = heldout.ood_labels(ctx)
         rows = self.queries(ctx, ood)
         pool = candidates[S.ID].to_pylist()
-        src = ctx.data("catalog")
-        catalog = storage.read_table(src, columns=[S.ID, S.TITLE, S.IMAGE])
-        needed = {i for r in rows for i in r[S.QUERY_IMAGE_IDS]}
-        catalog = catalog.filter(pc.is_in(catalog[S.ID], pa.array(sorted(needed))))
-        images = {k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)}
+        images = lookup.columns(lookup.read(ctx.root, ids={i for r in rows for i in r[S.QUERY_IMAGE_IDS]}))
         qds = ray.data.from_arrow(pa.Table.from_pylist(rows))
 
         def embed_queries(model: str) -> np.ndarray:
-            keys, emb = index_stage.embed(
+            keys, emb = search_index.embed(
                 qds, len(rows), kind, model, "query", icfg, ctx.config.storage, images
             )
             if keys != [r[S.QUERY_ID] for r in rows]:  # both in query id order
@@ -228,12 +237,13 @@ class EvaluateStage:
         if "mmeb" in cfg.metrics:
             p1["trained"] = precision_at_1(q_emb, rows, pool, as_matrix(candidates["embedding"]))
         if cfg.baseline:
-            base = index_stage.resolve_model(ctx.config.train.base)
-            cand = ray.data.read_parquet(src.path, filesystem=src.fs, columns=[S.ID, S.TITLE, S.IMAGE])
+            base = search_index.resolve_model(ctx.config.train.base)
+            src = lookup.location(ctx.root)  # streamed: the pool's images need not fit in the driver
+            cand = ray.data.read_parquet(src.path, filesystem=src.fs, columns=list(lookup.PRODUCT))
             cand = cand.map_batches(_in_pool, fn_kwargs={"pool": pool}, batch_format="pyarrow")
-            ids, emb = index_stage.embed(cand, len(pool), kind, base, "candidate", icfg, ctx.config.storage)
+            ids, emb = search_index.embed(cand, len(pool), kind, base, "candidate", icfg, ctx.config.storage)
             q_base = embed_queries(base)
-            found = knn.search(index_stage.build(emb, icfg), q_base, depth(cfg))
+            found = knn.search(search_index.build(emb, icfg), q_base, depth(cfg))
             ranked["baseline"], sims["baseline"] = hits(ids, *found)
             if "mmeb" in cfg.metrics:
                 p1["baseline"] = precision_at_1(q_base, rows, ids, emb)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 from coral import schemas as S
 from coral import storage
+from coral.catalog import lookup
 from coral.config import Config
 from coral.stages.base import StageContext
 
@@ -54,8 +55,7 @@ def training_rows(
 
 def product_info(ctx: StageContext) -> dict[str, tuple[str, str]]:
     """Catalog product id -> (language, class)."""
-    src = ctx.data("catalog")
-    t = storage.read_table(src, columns=[S.ID, S.LANGUAGE, S.CLASS])
+    t = lookup.read(ctx.root, [S.ID, S.LANGUAGE, S.CLASS])
     return {
         i: (lang, cls)
         for i, lang, cls in zip(

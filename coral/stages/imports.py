@@ -32,13 +32,14 @@ import pyarrow as pa
 
 from coral import schemas as S
 from coral import storage
+from coral.catalog import formats, lookup
 from coral.catalog.products import hashed_split
-from coral.config import Config, ImportConfig
+from coral.config import Config, ImportConfig, Resources
 from coral.errors import ConfigError
 from coral.manifest import StageResult
-from coral.merit import compose, formats
+from coral.merit import compose
 from coral.paths import PathError, confine
-from coral.stages.base import StageContext, write_rejected
+from coral.stages.base import StageContext
 
 CANDIDATES = pa.schema([(S.ID, pa.string()), (S.TITLE, pa.string()), (S.IMAGE, pa.string())])
 
@@ -85,6 +86,12 @@ class ImportStage:
 
     def section(self, config: Config) -> ImportConfig:
         return config.imports
+
+    def output(self, config: Config) -> pa.Schema:
+        return S.TRIPLETS
+
+    def resources(self, config: Config) -> dict[str, Resources]:
+        return {}  # reads and checks files in the driver
 
     def validate(self, config: Config) -> None:
         if not config.imports.queries:
@@ -150,8 +157,8 @@ class ImportStage:
                 stage.child("candidates", "part-00000.parquet"),
                 pa.Table.from_pylist(candidates, schema=CANDIDATES),
             )
-        write_rejected(ctx.rejected(self.name), rejected)
-        write_rejected(stage.child("candidates_rejected"), outside)
+        storage.write_rejected(ctx.rejected(self.name), rejected)
+        storage.write_rejected(stage.child("candidates_rejected"), outside)
         reasons = dict(Counter(short(r[S.REASON]) for r in rejected))
         root = storage.resolve(cfg.queries, ctx.config.storage).uri
         details = {
@@ -167,8 +174,7 @@ class ImportStage:
 
 def catalog_splits(ctx: StageContext) -> dict[str, str]:
     """Product id -> split, from the run's catalog."""
-    src = ctx.data("catalog")
-    t = storage.read_table(src, columns=[S.ID, S.SPLIT])
+    t = lookup.read(ctx.root, [S.ID, S.SPLIT])
     return dict(zip(t[S.ID].to_pylist(), t[S.SPLIT].to_pylist(), strict=True))
 
 

@@ -34,14 +34,17 @@ import ray
 
 from coral import schemas as S
 from coral import storage
-from coral.config import Config, MeritConfig
+from coral.annotate.runner import run_step
+from coral.annotate.steps import step_stats
+from coral.catalog import formats, lookup
+from coral.config import Config, MeritConfig, Resources
 from coral.errors import ConfigError
 from coral.manifest import StageResult
-from coral.merit import compose, formats, llm, ood
+from coral.merit import cards as card_lib
+from coral.merit import compose, llm, ood
 from coral.models.kinds import modality
 from coral.paths import PathError, safe_name
-from coral.stages.annotate import step_stats
-from coral.stages.base import StageContext, as_matrix, count_rejected, count_rows, write_rejected
+from coral.stages.base import StageContext, as_matrix, count_rejected, count_rows
 
 PRODUCT_COLUMNS = [S.ID, S.GROUP_ID, S.CLASS, S.ATTRIBUTES, S.TITLE, S.LANGUAGE, S.SPLIT]
 OOD = pa.schema([(S.QUERY_ID, pa.string()), (S.SPLIT, pa.string())])
@@ -143,6 +146,14 @@ class MeritStage:
     def section(self, config: Config) -> MeritConfig:
         return config.merit
 
+    def output(self, config: Config) -> pa.Schema:
+        return S.TRIPLETS
+
+    def resources(self, config: Config) -> dict[str, Resources]:
+        cfg = config.merit
+        steps = {"label": cfg.label, "rewrite": cfg.rewrite, "judge": cfg.judge}
+        return {k: v for k, v in steps.items() if v is not None}
+
     def validate(self, config: Config) -> None:
         unknown = set(config.merit.ood_attributes) - set(S.ATTRIBUTE_KEYS)
         if unknown:
@@ -168,8 +179,7 @@ class MeritStage:
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.merit
-        src = ctx.data("catalog")
-        products = storage.read_table(src, columns=PRODUCT_COLUMNS).to_pylist()
+        products = lookup.read(ctx.root, PRODUCT_COLUMNS).to_pylist()
         label_details = {}
         if cfg.label is not None:
             products, label_details = label(ctx, products)
@@ -194,7 +204,7 @@ class MeritStage:
             }
             if vectors is not None:
                 per_split[split]["without_vector"] = unembedded  # ranked last, left out of query means
-        write_rejected(ctx.rejected(self.name), rejected)
+        storage.write_rejected(ctx.rejected(self.name), rejected)
         if cfg.rewrite is not None or cfg.judge is not None:
             rows = llm_steps(ctx, rows, products)
         out = ctx.data(self.name)
@@ -236,19 +246,14 @@ def label(ctx: StageContext, products: list[dict]) -> tuple[list[dict], dict]:
     """MERIT step 2: a VLM labels the products that lack a label (or all), from attribute cards built
     on the labelled ones; then the label filters (missing values, values seen once, keys with fewer than
     two values, per class). Products the VLM cannot label keep no attributes (still candidates)."""
-    from coral.merit import cards as card_lib
-    from coral.stages.annotate import run_step
-
     cfg, stage = ctx.config.merit, ctx.stage_dir("merit")
     complete = [p for p in products if all(not card_lib.is_missing(v) for v in p[S.ATTRIBUTES].values())]
     todo = products if cfg.label_products == "all" else [p for p in products if p not in complete]
     if not todo:
         return products, {"requests": 0}
     cards = card_lib.build_cards(complete or products)
-    src = ctx.data("catalog")
     ids = [p[S.ID] for p in todo]
-    table = storage.read_table(src, columns=[S.ID, S.IMAGE], filters=[(S.ID, "in", ids)])
-    images = dict(zip(table.column(S.ID).to_pylist(), table.column(S.IMAGE).to_pylist(), strict=True))
+    images = lookup.images_by_id(lookup.read(ctx.root, [S.ID, S.IMAGE], ids))
     schema = pa.schema([S.CATALOG.field(c) for c in PRODUCT_COLUMNS]).append(
         pa.field(llm.PAIR_ID, pa.string())
     )
@@ -271,8 +276,6 @@ def label(ctx: StageContext, products: list[dict]) -> tuple[list[dict], dict]:
 def llm_steps(ctx: StageContext, rows: list[dict], products: list[dict]) -> list[dict]:
     """The optional rewrite and judge steps over the composed queries, on their engines. The rewrite step
     gets the attributes of the rows' positives and the values of each class, to check what it adds."""
-    from coral.stages.annotate import run_step
-
     cfg, stage = ctx.config.merit, ctx.stage_dir("merit")
     rejected, stats = ctx.rejected("merit"), stage.child("stats")
     positives = {pid for r in rows for pid in r[S.POSITIVE_IDS]}
@@ -309,8 +312,7 @@ def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> dict[st
     Products whose id is no safe file name, and the queries naming them, are left out, each with the
     reason under ``merit/export_rejected/``; returns those reasons counted."""
     root = ctx.stage_dir("merit").child("export")
-    src = ctx.data("catalog")
-    table = storage.read_table(src, columns=[S.ID, S.IMAGE])
+    table = lookup.read(ctx.root, [S.ID, S.IMAGE])
     catalog_ids = table.column(S.ID).to_pylist()
     unsafe = unsafe_ids(list(dict.fromkeys([*catalog_ids, *(p[S.ID] for p in products)])))
     rejected = [{S.ID: pid, S.REASON: f"id is not a safe file name: {why}"} for pid, why in unsafe.items()]
@@ -340,5 +342,5 @@ def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> dict[st
     for pid, image in zip(catalog_ids, table.column(S.IMAGE).to_pylist(), strict=True):
         if pid not in unsafe:
             storage.write_bytes(root.child("images", f"{safe_name(pid)}.png"), image)
-    write_rejected(ctx.stage_dir("merit").child("export_rejected"), rejected)
+    storage.write_rejected(ctx.stage_dir("merit").child("export_rejected"), rejected)
     return dict(Counter(r[S.REASON].split(": ")[0] for r in rejected))

@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 
 from coral import schemas as S
 from coral import storage
-from coral.config import Config, MineConfig
+from coral.config import Config, MineConfig, Resources
 from coral.errors import ConfigError
 from coral.manifest import StageResult
-from coral.mining import knn, pairs, plots
-from coral.stages.base import StageContext, as_matrix, write_rejected
+from coral.mining import pairs, plots
+from coral.search import knn
+from coral.stages.base import StageContext, as_matrix
 
 CHUNK = 200_000  # pairs per Parquet file
 
@@ -45,6 +46,12 @@ class MineStage:
 
     def section(self, config: Config) -> MineConfig:
         return config.mine
+
+    def output(self, config: Config) -> pa.Schema:
+        return S.PAIRS
+
+    def resources(self, config: Config) -> dict[str, Resources]:
+        return {}  # FAISS in the driver (and Ray tasks for sharded searches, one CPU each)
 
     def validate(self, config: Config) -> None:
         embedded = {e.name for e in config.embed.encoders}
@@ -85,7 +92,7 @@ class MineStage:
                 stats["encoders"][n]["pairs_in_band"] += split_stats["encoders"][n]["pairs_in_band"]
         stats["pairs_by_encoders"] = pairs.overlap([p for _, _, p in kept])
         self._write(ctx, kept)
-        write_rejected(ctx.rejected(self.name), lonely)
+        storage.write_rejected(ctx.rejected(self.name), lonely)
         stats["queries_with_pairs"] = table.num_rows - len(lonely)
         reasons = dict(Counter(r[S.REASON] for r in lonely))
         return StageResult(table.num_rows, len(kept), reasons, stats)

@@ -10,16 +10,20 @@ keeps serving until interrupted. It runs every time it is selected: serving is a
 from __future__ import annotations
 
 import logging
+import os
 import time
 
+import httpx
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import yaml
 
 from coral import schemas as S
 from coral import storage
-from coral.config import Config, ServeConfig
+from coral.catalog import lookup
+from coral.config import Config, Resources, ServeConfig
 from coral.manifest import StageResult
+from coral.serve import client, deploy
+from coral.serve.http import token_of
 from coral.stages.base import StageContext
 
 log = logging.getLogger(__name__)
@@ -38,9 +42,7 @@ def held_out(ctx: StageContext, n: int) -> list[dict]:
 
 
 def images_of(ctx: StageContext, ids: set[str]) -> dict[str, bytes]:
-    src = ctx.data("catalog")
-    table = storage.read_dataset(src, columns=[S.ID, S.IMAGE], filter=pads.field(S.ID).isin(sorted(ids)))
-    return dict(zip(table[S.ID].to_pylist(), table[S.IMAGE].to_pylist(), strict=True))
+    return lookup.images_by_id(lookup.read(ctx.root, [S.ID, S.IMAGE], ids))
 
 
 class ServeStage:
@@ -53,18 +55,25 @@ class ServeStage:
     def section(self, config: Config) -> ServeConfig:
         return config.serve
 
-    def validate(self, config: Config) -> None:
-        from coral.serve.app import token_of
+    def output(self, config: Config) -> None:
+        return None  # an endpoint, and its probe's answers in the manifest
 
+    def resources(self, config: Config) -> dict[str, Resources]:
+        cfg, pools = config.serve, {}
+        for name, d in (("encoder", cfg.encoder), ("index", cfg.index), ("ingress", cfg.ingress)):
+            replicas = d.autoscaling.get("max_replicas", d.replicas) if d.autoscaling else d.replicas
+            pools[name] = Resources(
+                num_actors=replicas,
+                num_cpus=d.num_cpus,
+                num_gpus=d.num_gpus,
+                accelerator_type=d.accelerator_type,
+            )
+        return pools
+
+    def validate(self, config: Config) -> None:
         token_of(config.serve)  # a public host without a token fails before any stage runs
 
     def run(self, ctx: StageContext) -> StageResult:
-        import os
-
-        import httpx
-
-        from coral.serve import client, deploy
-
         cfg = ctx.config.serve
         url = deploy.start(ctx.config)
         try:

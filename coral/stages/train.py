@@ -25,11 +25,16 @@ import ray
 
 from coral import schemas as S
 from coral import storage
-from coral.config import Config, TrainConfig
+from coral.catalog import lookup
+from coral.config import Config, Resources, TrainConfig, section_hash_dict
 from coral.errors import ConfigError
 from coral.manifest import StageResult, stable_hash
+from coral.models import loader
+from coral.models.retrievers import BASES
 from coral.stages import heldout
 from coral.stages.base import StageContext
+from coral.train import curves, data
+from coral.train.loop import STATE, train_loop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,16 +63,12 @@ def resume_key(cfg: TrainConfig, inputs: dict[str, str]) -> str:
     """What a checkpoint must share with the run to be resumed from: the train section but the step budget
     and the resources, and the lineage hashes of its inputs (``inputs``: stage -> manifest hash). A longer
     run on the same data continues a shorter one; another model, setting or data starts over."""
-    from coral.config import section_hash_dict
-
     section = {k: v for k, v in section_hash_dict(cfg).items() if k != "steps"}
     return stable_hash({"train": section, "inputs": dict(sorted(inputs.items()))})
 
 
 def latest_checkpoint(root, key: str) -> ray.train.Checkpoint | None:
     """The newest checkpoint under ``root`` whose state file carries ``key``, or None."""
-    from coral.train.loop import STATE
-
     info = root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True, recursive=True))
     for state in sorted(
         (i for i in info if i.base_name == STATE), key=lambda i: i.mtime_ns or 0, reverse=True
@@ -86,6 +87,19 @@ class TrainStage:
 
     def section(self, config: Config) -> TrainConfig:
         return config.train
+
+    def output(self, config: Config) -> pa.Schema:
+        return S.TRIPLETS  # the training table it read (the model is under model/)
+
+    def resources(self, config: Config) -> dict[str, Resources]:
+        cfg = config.train
+        workers = Resources(
+            num_actors=cfg.num_workers,
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=1.0 if cfg.use_gpu else 0.0,
+            accelerator_type=cfg.accelerator_type,
+        )
+        return {"workers": workers, "data": Resources(num_actors=cfg.data_workers)}
 
     def validate(self, config: Config) -> None:
         deepspeed_config(config.train)
@@ -113,8 +127,7 @@ class TrainStage:
             if r[S.SOURCE] in ("merit", "import")
         ]
         held = held[: cfg0.validation_queries]
-        src = ctx.data("catalog")
-        catalog = storage.read_table(src, columns=[S.ID, S.TITLE, S.IMAGE, S.SPLIT])
+        catalog = lookup.read(ctx.root, [*lookup.PRODUCT, S.SPLIT])
         pool = [
             i
             for i, s in zip(catalog[S.ID].to_pylist(), catalog[S.SPLIT].to_pylist(), strict=True)
@@ -122,10 +135,9 @@ class TrainStage:
         ]
         needed = set(pool) | {i for r in held for i in r[S.QUERY_IMAGE_IDS]}
         held_catalog = catalog.filter(pa.array([i in needed for i in catalog[S.ID].to_pylist()]))
-        columns = (S.ID, S.TITLE, S.IMAGE)
         shared = {
-            "catalog": {k: catalog[k].to_pylist() for k in columns},
-            "held_catalog": {k: held_catalog[k].to_pylist() for k in columns},
+            "catalog": lookup.columns(catalog),
+            "held_catalog": lookup.columns(held_catalog),
             "held": held,
             "pool": pool,
         }
@@ -182,9 +194,6 @@ def runs(cfg: TrainConfig) -> list[TrainConfig]:
 
 
 def check_base(cfg: TrainConfig) -> None:
-    from coral.models import loader
-    from coral.train.retrievers import BASES
-
     kind = loader.model_type(cfg.base)
     if kind not in BASES[cfg.model]:
         raise ConfigError(
@@ -196,10 +205,6 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
     """Train one model with Ray Train; export it to ``out``; its figures."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from coral.models import loader
-    from coral.train import curves, data
-    from coral.train.loop import train_loop
 
     cfg = dataclasses.replace(cfg, base=loader.resolve(cfg.base))  # workers' cwd differs
     key = resume_key(cfg, {i: ctx.manifest(i)["hash"] for i in TrainStage().inputs(ctx.config)})

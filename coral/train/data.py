@@ -19,18 +19,18 @@ import pyarrow as pa
 import ray
 
 from coral import schemas as S
+from coral.catalog import lookup
 from coral.config import TrainConfig
-from coral.train import retrievers, step
+from coral.models import loader, retrievers
+from coral.train import step
 
 EXAMPLE = "example"
 
 
 class Featurize:
     def __init__(self, kind: str, base: str, catalog: list, k: int, max_image_tokens: int = 0):
-        from coral.models import loader
-
         self.retriever = retrievers.make(kind, loader.load_processor(base), max_image_tokens)
-        self.products = step.products_from(ray.get(catalog[0]))  # [ref]: a bare ref would be resolved early
+        self.products = lookup.products_from(ray.get(catalog[0]))  # [ref]: a bare ref would be resolved early
         self.k = k
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from coral import schemas as S
+from coral.catalog import lookup
 from coral.config import TrainConfig
-from coral.train import curves, data, retrievers, step
-from coral.train.coral import CoralHeads
+from coral.models import loader, retrievers
+from coral.models.coral import CoralHeads
+from coral.train import curves, data, step
 
 STATE = "state.json"
 TIMED = ("data_wait", "forward", "backward", "optimizer")
@@ -68,8 +70,8 @@ def probe(model, retriever, rows: list[dict], pool: list[str], products, n: int 
     checkpoint so the export can be checked against them (the reloaded model must embed alike)."""
     was_training = model.training
     model.eval()
-    q = [step.query_features(retriever, r, products) for r in rows[:n]]
-    c = [step.candidate_features(retriever, i, products) for i in pool[:n]]
+    q = [retrievers.query_features(retriever, r, products) for r in rows[:n]]
+    c = [retrievers.candidate_features(retriever, i, products) for i in pool[:n]]
     out = {
         "query_ids": [r[S.QUERY_ID] for r in rows[:n]],
         "candidate_ids": list(pool[:n]),
@@ -130,8 +132,6 @@ def train_loop(config: dict) -> None:
     import deepspeed
     import ray.train
 
-    from coral.models import loader
-
     cfg: TrainConfig = config["train"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -180,7 +180,7 @@ def train_loop(config: dict) -> None:
         if rank == 0
         else None
     )
-    products = step.products_from(config["catalog"])  # the held-out queries' and pool's products
+    products = lookup.products_from(config["catalog"])  # the held-out queries' and pool's products
     special = set(processor.tokenizer.all_special_ids)
     held_out, pool = config["validation_rows"], config["validation_pool"]
     # under ZeRO-3 a forward gathers partitioned weights collectively: every rank runs it, rank 0 records

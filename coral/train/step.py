@@ -11,46 +11,18 @@ reconstruction and MLM terms are added with their weights. Every term is returne
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
 from coral import metrics
 from coral import schemas as S
+from coral.catalog.lookup import Products
 from coral.config import TrainConfig
-from coral.train.coral import CoralHeads, encode
-from coral.train.loss import info_nce
-
-
-@dataclass
-class Products:
-    """What a candidate needs: its title (may be empty) and its image, by id."""
-
-    titles: dict[str, str]
-    images: Callable[[str], object]  # id -> PIL image
-
-
-def rgb(data: bytes):
-    """An image file's bytes -> an RGB PIL image, as every place that embeds decodes a product's image
-    (the offline stages and the endpoint alike)."""
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def products_from(catalog: dict, cached: int = 4096) -> Products:
-    """Titles and lazily decoded images (the last ``cached`` kept) of a catalog given as columns."""
-    raw = dict(zip(catalog[S.ID], catalog[S.IMAGE], strict=True))
-
-    @functools.lru_cache(maxsize=cached)
-    def image(pid: str):
-        return rgb(raw[pid])
-
-    return Products(dict(zip(catalog[S.ID], catalog[S.TITLE], strict=True)), image)
+from coral.models import retrievers
+from coral.models.coral import CoralHeads, encode
+from coral.train.loss import gather_ids, info_nce, world
 
 
 def candidates(rows: Sequence[dict], k: int) -> list[str]:
@@ -74,8 +46,6 @@ def key(pid: str) -> int:
 def false_negatives(examples: Sequence[dict], k: int) -> torch.Tensor:
     """(B, W * B * (K + 1)) True where a candidate of any worker's batch is one of the query's positives
     other than its own target slot: those logits are left out of the InfoNCE denominator."""
-    from coral.train.loss import gather_ids, world
-
     rank, _ = world()
     mine = torch.tensor([key(c) for e in examples for c in e["candidate_ids"]], dtype=torch.long)
     every = gather_ids(mine)
@@ -86,14 +56,6 @@ def false_negatives(examples: Sequence[dict], k: int) -> torch.Tensor:
     return out
 
 
-def query_features(retriever, row: dict, products: Products) -> dict:
-    return retriever.query(row[S.QUERY_TEXT], [products.images(i) for i in row[S.QUERY_IMAGE_IDS]])
-
-
-def candidate_features(retriever, pid: str, products: Products) -> dict:
-    return retriever.candidate(products.titles.get(pid), products.images(pid))
-
-
 def featurize(retriever, rows: Sequence[dict], products: Products, k: int) -> list[dict]:
     """Per triplet row: {"query": features, "candidates": [positive, K hard negatives] features, and the
     ids of those candidates and of every positive}."""
@@ -102,8 +64,8 @@ def featurize(retriever, rows: Sequence[dict], products: Products, k: int) -> li
         ids = candidates([r], k)
         out.append(
             {
-                "query": query_features(retriever, r, products),
-                "candidates": [candidate_features(retriever, c, products) for c in ids],
+                "query": retrievers.query_features(retriever, r, products),
+                "candidates": [retrievers.candidate_features(retriever, c, products) for c in ids],
                 "candidate_ids": ids,
                 "positive_ids": list(r[S.POSITIVE_IDS]),
             }
@@ -169,8 +131,12 @@ def validate(
     """MERIT metrics of ``rows`` against the candidate ``pool`` (ids), with the evaluation's metric code."""
     was_training = model.training
     model.eval()
-    q = embed_all(model, retriever, [query_features(retriever, r, products) for r in rows], batch_size)
-    c = embed_all(model, retriever, [candidate_features(retriever, i, products) for i in pool], batch_size)
+    q = embed_all(
+        model, retriever, [retrievers.query_features(retriever, r, products) for r in rows], batch_size
+    )
+    c = embed_all(
+        model, retriever, [retrievers.candidate_features(retriever, i, products) for i in pool], batch_size
+    )
     model.train(was_training)
     ranked = metrics.rank_candidates(q.float().cpu().numpy(), c.float().cpu().numpy(), list(pool), k=10)
     ranks = [metrics.first_rank(r, set(row[S.POSITIVE_IDS])) for r, row in zip(ranked, rows, strict=True)]

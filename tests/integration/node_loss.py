@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 
 from coral import graph
 from coral.config import load_config
-from coral.models.tiny import build_clip
+from coral.testing.tiny import build_clip
 
 
 def start_cluster(head_cpus: int, node_cpus: int, slot: str) -> tuple[Cluster, list]:

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from benchmarks import gpu_check
+from benchmarks.gpu import part
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -79,12 +80,11 @@ def test_tiny_gpu_check_writes_every_part(tmp_path):
     assert f"results in {tmp_path}" in stdout
 
 
-def test_a_failing_part_records_its_error_and_a_timeout(tmp_path, monkeypatch):
+def test_a_failing_part_records_its_error_and_a_timeout(tmp_path):
     def broken(size, work, out):
         raise RuntimeError("no such device")
 
-    monkeypatch.setitem(gpu_check.RUNNERS, "knn", broken)
-    assert gpu_check.run_part("knn", "tiny", tmp_path, tmp_path) == 1
+    assert part.run_part("knn", broken, "tiny", tmp_path, tmp_path) == 1
     r = gpu_check.settle("knn", tmp_path, 1, 2.0, 60.0)
     assert (
         r["status"] == "error"

@@ -154,7 +154,7 @@ def test_sharded_knn_matches_one_search(ray_local, tasks, kind):
     import faiss
 
     from coral.config import IndexConfig
-    from coral.mining import knn
+    from coral.search import knn
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1001, 16)).astype(np.float32)  # 1001: shards of unequal size

@@ -15,9 +15,9 @@ import pytest
 from coral import checkpoint, manifest, storage
 from coral import schemas as S
 from coral.errors import ConfigError
-from coral.mining import knn
+from coral.search import index as search_index
+from coral.search import knn
 from coral.stages import STAGES, StageContext, heldout
-from coral.stages import index as index_stage
 from tests.conftest import REPO
 from tests.integration.conftest import overrides
 
@@ -36,7 +36,7 @@ def test_index_is_bound_to_the_trained_checkpoint(run, tiny_models):
     assert meta["checkpoint"]["hash"] == trained.hash and meta["dim"] == trained.dim
     test_products = [p for p in pq.read_table(root / "catalog" / "data").to_pylist() if p[S.SPLIT] == "test"]
     assert meta["count"] == len(test_products)
-    index, _, table = index_stage.load(storage.resolve(str(root / "index")), cfg.index)
+    index, _, table = search_index.load(storage.resolve(str(root / "index")), cfg.index)
     assert table["row"].to_pylist() == list(range(meta["count"]))
     assert sorted(table[S.ID].to_pylist()) == sorted(p[S.ID] for p in test_products)
     emb = np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(meta["count"], -1)

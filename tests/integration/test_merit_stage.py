@@ -12,10 +12,10 @@ import pytest
 
 from coral import graph, manifest, storage
 from coral import schemas as S
+from coral.catalog import formats
 from coral.config import load_config
 from coral.errors import ConfigError
 from coral.manifest import StageResult
-from coral.merit import formats
 from coral.stages.base import StageContext
 from coral.stages.merit import MeritStage
 from tests.conftest import REPO, encoders_override

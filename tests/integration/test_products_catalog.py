@@ -12,11 +12,10 @@ from PIL import Image
 
 from coral import graph, manifest, storage
 from coral import schemas as S
+from coral.catalog import formats, lookup
 from coral.config import load_config
 from coral.errors import ConfigError
-from coral.merit import formats
 from coral.stages import STAGES
-from coral.train import step
 from tests.conftest import SECRET
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -105,7 +104,7 @@ def check_run(root: storage.Location, files: dict[str, bytes]) -> None:
         assert t[S.SPLIT] == "train"
     assert manifest.read_complete(root.child("import_triplets"))["details"]["checked_against_catalog"]
     # what train/index/evaluate do with the catalog: every product a triplet names decodes
-    products = step.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
+    products = lookup.products_from({k: catalog[k].to_pylist() for k in (S.ID, S.TITLE, S.IMAGE)})
     for t in triplets:
         for pid in (*t[S.QUERY_IMAGE_IDS], *t[S.POSITIVE_IDS]):
             assert products.images(pid).size == (16, 16) and products.titles[pid] == f"Product {pid}"

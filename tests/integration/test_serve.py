@@ -24,6 +24,8 @@ from PIL import Image
 
 from coral import checkpoint, manifest, storage
 from coral import schemas as S
+from coral.catalog import lookup
+from coral.models import retrievers
 from coral.serve import client, deploy
 from coral.serve.app import application
 from tests.conftest import free_port
@@ -96,19 +98,18 @@ def test_routes(served):
 
 
 def test_served_embeddings_equal_offline(served):
-    from coral.embedder import Embedder
-    from coral.train import step
+    from coral.search.embedder import Embedder
 
     url, http, root, _ = served
     embedder = Embedder(str(root / "train" / "model"), "coral")
     images = catalog_images(root)
-    products = step.products_from(
+    products = lookup.products_from(
         {S.ID: list(images), S.TITLE: [""] * len(images), S.IMAGE: list(images.values())}
     )
     q = held_out(root, 1)[0]
     parts = client.parts_for(q[S.QUERY_TEXT], q[S.QUERY_IMAGE_IDS], set(), images)  # images inline
     served_q = np.asarray(http.post(f"{url}/v1/embed", json={"parts": parts}).json()["embedding"])
-    offline_q = embedder([step.query_features(embedder.retriever, q, products)])[0]
+    offline_q = embedder([retrievers.query_features(embedder.retriever, q, products)])[0]
     np.testing.assert_allclose(served_q, offline_q, atol=1e-5)
     # a candidate: title + product, against the vector the index stage stored for it
     table = pq.read_table(root / "index" / "data").to_pylist()[0]
@@ -504,8 +505,8 @@ def test_a_replica_checks_the_binding_again_when_it_starts(trained_run, tmp_path
     file or checkpoint swapped after the app was built refuses to load, as does a damaged index file."""
     import shutil
 
-    from coral.serve import app as serve_app
-    from coral.stages import index as index_stage
+    from coral.search import index as search_index
+    from coral.serve import deployments
 
     root, cfg = trained_run
     copy = tmp_path / "run"
@@ -519,27 +520,27 @@ def test_a_replica_checks_the_binding_again_when_it_starts(trained_run, tmp_path
     meta_path.write_text(json.dumps(meta))
     config = replace(cfg, run=replace(cfg.run, run_root=str(copy)))
     index_dir = storage.resolve(str(copy / "index"))
-    ckpt = serve_app.check_binding(
-        config, index_dir, serve_app.binding(meta, checkpoint.describe(meta["checkpoint"]["uri"], "coral"))
+    ckpt = deployments.check_binding(
+        config, index_dir, deployments.binding(meta, checkpoint.describe(meta["checkpoint"]["uri"], "coral"))
     )
-    bound = serve_app.binding(meta, ckpt)
-    serve_app.IndexTable(index_dir.uri, config.storage, config.index, bound)  # as built: loads
+    bound = deployments.binding(meta, ckpt)
+    deployments.IndexTable(index_dir.uri, config.storage, config.index, bound)  # as built: loads
 
     faiss_file = copy / "index" / "index.faiss"
     original = faiss_file.read_bytes()
     faiss_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit flipped
     with pytest.raises(checkpoint.IndexMismatch, match="replaced or damaged"):
-        index_stage.load(index_dir, config.index)
+        search_index.load(index_dir, config.index)
     with pytest.raises(checkpoint.IndexMismatch, match="replaced or damaged"):
-        serve_app.IndexTable(index_dir.uri, config.storage, config.index, bound)
+        deployments.IndexTable(index_dir.uri, config.storage, config.index, bound)
     faiss_file.write_bytes(original)
 
     weights = next((copy / "train" / "model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b"\0")  # another checkpoint at the same path
     with pytest.raises(checkpoint.IndexMismatch, match="was built with checkpoint"):
-        serve_app.check_binding(config, index_dir, bound)
+        deployments.check_binding(config, index_dir, bound)
 
     meta["index_sha256"] = "0" * 64  # index.json rewritten since the app was built
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.IndexMismatch, match="changed since this app was built"):
-        serve_app.check_binding(config, index_dir, bound)
+        deployments.check_binding(config, index_dir, bound)

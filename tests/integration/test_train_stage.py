@@ -13,9 +13,10 @@ import torch
 
 from coral import checkpoint, graph, manifest, storage
 from coral import schemas as S
+from coral.catalog import lookup
 from coral.config import load_config
-from coral.models import loader
-from coral.train import curves, retrievers, step
+from coral.models import loader, retrievers
+from coral.train import curves, step
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -48,10 +49,10 @@ def assert_export_embeds_like_the_trained_model(root, metrics: dict, kind: str, 
     ref = str(root / "train" / export)
     model, retriever = loader.load_model(ref).eval(), retrievers.make(kind, loader.load_processor(ref))
     catalog = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.TITLE, S.IMAGE]).to_pydict()
-    products = step.products_from(catalog)
+    products = lookup.products_from(catalog)
     rows = {r[S.QUERY_ID]: r for r in pq.read_table(root / "merit" / "data").to_pylist()}
-    q = [step.query_features(retriever, rows[i], products) for i in probe["query_ids"]]
-    c = [step.candidate_features(retriever, i, products) for i in probe["candidate_ids"]]
+    q = [retrievers.query_features(retriever, rows[i], products) for i in probe["query_ids"]]
+    c = [retrievers.candidate_features(retriever, i, products) for i in probe["candidate_ids"]]
     with torch.no_grad():
         got_q, got_c = step.embed_all(model, retriever, q), step.embed_all(model, retriever, c)
     torch.testing.assert_close(got_q, torch.tensor(probe["queries"]), atol=1e-4, rtol=1e-4)

@@ -13,10 +13,11 @@ from PIL import Image
 
 from coral import graph
 from coral import schemas as S
+from coral.catalog import lookup
 from coral.config import TrainConfig, load_config
-from coral.models import loader
-from coral.train import retrievers, step
-from coral.train.coral import CoralHeads
+from coral.models import loader, retrievers
+from coral.models.coral import CoralHeads
+from coral.train import step
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -38,7 +39,7 @@ def merit_run(ray_local, tmp_path_factory):
     graph.run_graph(cfg)
     catalog = pq.read_table(root / "catalog" / "data", columns=[S.ID, S.TITLE, S.IMAGE, S.SPLIT]).to_pylist()
     images = {p[S.ID]: Image.open(io.BytesIO(p[S.IMAGE])).convert("RGB") for p in catalog}
-    products = step.Products({p[S.ID]: p[S.TITLE] for p in catalog}, images.__getitem__)
+    products = lookup.Products({p[S.ID]: p[S.TITLE] for p in catalog}, images.__getitem__)
     rows = pq.read_table(root / "merit" / "data").to_pylist()
     pool = [p[S.ID] for p in catalog if p[S.SPLIT] == "test"]
     return (

@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a local model dir (see coral.models.tiny)")
+    ap.add_argument("--model", required=True, help="a local model dir (see coral.testing.tiny)")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1"], help="loopback only")
     ap.add_argument("--faults", default=None, help='e.g. "500:3,429:5,timeout:7,malformed:11,empty:13"')

@@ -131,8 +131,8 @@ def test_instruction_cap_and_description_checks():
 def test_pairs_are_ordered_by_their_prompt_head():
     import pyarrow as pa
 
+    from coral.annotate.steps import PAIR_ID, Instruct, order_by_head
     from coral.config import AnnotateConfig
-    from coral.stages.annotate import PAIR_ID, Instruct, order_by_head
 
     keys = [f"q{i}>t{i}" for i in range(40)]
     pairs = pa.table({PAIR_ID: keys, "n": list(range(40))})
@@ -224,11 +224,11 @@ def test_config_checks_name_the_step(tiny_models):
 def test_step_stats_add_up_batches_and_give_the_rate_after_the_first(tmp_path, monkeypatch):
     from coral import storage
     from coral.annotate.engines import Generation
-    from coral.stages.annotate import step_stats, write_stats
+    from coral.annotate.steps import step_stats, write_stats
 
     loc = storage.resolve(str(tmp_path / "stats"))
     clock = iter([100.0, 104.0, 106.0, 200.0])
-    monkeypatch.setattr("coral.stages.annotate.time.time", lambda: next(clock))
+    monkeypatch.setattr("coral.annotate.steps.time.time", lambda: next(clock))
     ok, retried, failed = (
         Generation("x"),
         Generation("y", attempts=3),

@@ -11,10 +11,9 @@ from PIL import Image
 
 from coral import schemas as S
 from coral import storage
-from coral.catalog import products
+from coral.catalog import formats, products
 from coral.config import CatalogConfig, Config, ImportConfig, load_config
 from coral.errors import ConfigError
-from coral.merit import formats
 from coral.stages.catalog import CatalogStage
 from coral.stages.imports import to_rows
 

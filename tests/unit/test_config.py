@@ -1,9 +1,24 @@
+import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from coral.config import Config, StorageConfig, load_config, section_dict, section_hash_dict
+import coral.config
+from coral.catalog import vocab
+from coral.config import (
+    Config,
+    EncoderConfig,
+    EngineConfig,
+    IndexStageConfig,
+    Resources,
+    StorageConfig,
+    load_config,
+    section_dict,
+    section_hash_dict,
+)
+from coral.config.catalog import LANGUAGES
 from coral.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,3 +235,92 @@ def test_evaluate_metrics_and_gate_are_checked():
         load_config(None, ["evaluate.gate={mAP@5: 0.1}"])  # merit only by default
     with pytest.raises(ConfigError, match=r"merit: ood: axes must be among"):
         load_config(None, ["merit.ood=[colour]"])
+
+
+PLACEMENT = {"num_actors", "num_cpus", "num_gpus", "accelerator_type", "device"}
+
+
+def test_every_section_with_ray_actors_is_a_resources():
+    sections = [getattr(coral.config, n) for n in coral.config.__all__ if n != "Resources"]
+    with_actors = {
+        c for c in sections if dataclasses.is_dataclass(c) and "num_actors" in c.__dataclass_fields__
+    }
+    assert with_actors == {EncoderConfig, EngineConfig, IndexStageConfig}
+    assert all(issubclass(c, Resources) for c in with_actors)
+    for cls in with_actors:  # declared once, in Resources, and only dtype decides a rerun
+        assert not PLACEMENT & set(vars(cls).get("__annotations__", {})), cls
+        hashed = section_hash_dict(cls())
+        assert "dtype" in hashed and not PLACEMENT & set(hashed), cls
+    cfg = load_config(None, ["merit.label={model: m}"])
+    for section in (
+        *cfg.embed.encoders,
+        cfg.annotate.describe,
+        cfg.annotate.instruct,
+        cfg.merit.label,
+        cfg.index,
+    ):
+        assert isinstance(section, Resources)
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("embed:\n  encoders:\n    - {name: a}\n    - {name: b, num_actors: 0}\n", "embed.encoders[1]"),
+        ("annotate:\n  instruct: {num_actors: 0}\n", "annotate.instruct"),
+        ("merit:\n  judge: {model: m, num_actors: 0}\n", "merit.judge"),
+        ("index:\n  num_actors: 0\n", "index"),
+    ],
+)
+def test_a_bad_resource_value_names_the_file_and_the_section(tmp_path, text, where):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: {where}: num_actors must be >= 1, got 0"
+
+
+def test_a_bad_resource_override_names_the_file_and_the_section(tmp_path):
+    p = write(tmp_path, "{}")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["index.num_gpus=-1"])
+    assert str(e.value) == f"{p} (with command-line overrides): index: num_gpus must be >= 0, got -1.0"
+
+
+def test_resource_keys_stay_flat_and_errors_in_them_name_the_path(tmp_path):
+    p = write(tmp_path, "index:\n  num_actor: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)  # the known keys listed include the ones inherited from Resources
+    assert str(p) in msg and "unknown key 'index.num_actor'" in msg and "num_actors" in msg
+    p = write(tmp_path, "embed:\n  encoders:\n    - {name: a}\n    - {name: b, batch_size: x}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: embed.encoders[1].batch_size: expected int, got str 'x'"
+    p = write(tmp_path, "annotate:\n  describe: {device: tpu}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert (
+        str(e.value) == f"{p}: annotate.describe.device: expected one of ['auto', 'cpu', 'cuda'], got 'tpu'"
+    )
+
+
+def test_vocab_languages_come_from_the_config_layer():
+    assert vocab.LANGUAGES is LANGUAGES
+
+
+def test_the_config_package_imports_only_downward_and_at_module_level():
+    allowed = {"coral.typed", "coral.errors", "coral.metrics"}
+    for path in sorted((REPO / "coral" / "config").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                )
+                for name in (n for n in names if n.split(".")[0] == "coral"):
+                    assert id(node) in top, f"{path.name}: function-local import of {name}"
+                    if path.name in ("__init__.py", "load.py"):
+                        continue
+                    assert name in allowed or (
+                        name.startswith("coral.config.") and name != "coral.config.load"
+                    ), f"{path.name} imports {name}"

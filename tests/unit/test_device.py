@@ -14,12 +14,13 @@ import torch
 
 from coral import schemas as S
 from coral.annotate.engines import HFEngine
+from coral.catalog import lookup
 from coral.config import EncoderConfig, EngineConfig, TrainConfig
 from coral.device import placement, to_model
-from coral.embedder import Embedder
-from coral.models import encoders, loader
-from coral.train import loop, retrievers, step
-from coral.train.coral import CoralHeads
+from coral.models import encoders, loader, retrievers
+from coral.models.coral import CoralHeads
+from coral.search.embedder import Embedder
+from coral.train import loop, step
 from tests.devices import DeviceMixup, Elsewhere, OnDevice, elsewhere
 from tests.unit.test_models import images
 
@@ -30,7 +31,7 @@ BASE = {"mmret_clip": "clip", "mmret_mllm": "qwen2_vl", "coral": "qwen2_vl"}
 def products():
     pics = [*images(3), images(1, px=48)[0]]
     ids = ["p0", "p1", "p2", "p3"]
-    return step.Products(
+    return lookup.Products(
         dict(zip(ids, ["red mug", "", "striped hat", "wooden lamp"], strict=True)),
         dict(zip(ids, pics, strict=True)).get,
     )

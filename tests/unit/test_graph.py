@@ -1,13 +1,18 @@
 """The driver's ordering, skip, rerun and failure logic, with in-process fake stages (no Ray)."""
 
 import json
+from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from coral import graph, ray_runtime
-from coral.config import load_config
+from coral import graph, ray_runtime, storage
+from coral.config import Resources, load_config
 from coral.errors import ConfigError, StorageError, UserInputError
 from coral.manifest import StageResult
+from coral.stages import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Fake:
@@ -19,6 +24,12 @@ class Fake:
 
     def section(self, config):
         return {"seed": config.catalog.seed} if self.name == "a" else {"n": config.catalog.num_groups}
+
+    def output(self, config):
+        return None
+
+    def resources(self, config):
+        return {}
 
     def validate(self, config):
         if config.run.name == "invalid":
@@ -154,3 +165,46 @@ def test_an_unreadable_manifest_stops_the_run_and_deletes_nothing(tmp_path, stag
     assert (tmp_path / "run" / "a" / "_SUCCESS").exists() and (tmp_path / "run" / "a" / "data").exists()
     assert [s.calls for s in stages.values()] == [1, 1, 1]  # nothing redone
     assert not (tmp_path / "run" / "_lease.json").exists()  # released on the way out
+
+
+class Writes(Fake):
+    """A stage that writes a table whose columns may not be the ones it declares."""
+
+    def __init__(self, name, table, declared):
+        super().__init__(name)
+        self.table, self.declared = table, declared
+
+    def output(self, config):
+        return self.declared
+
+    def run(self, ctx):
+        storage.write_parquet(ctx.data(self.name).child("part-0.parquet"), self.table)
+        return StageResult(rows_in=1, rows_out=1, rejected={})
+
+
+def test_a_stage_that_writes_other_columns_than_it_declares_fails_naming_the_column(tmp_path, monkeypatch):
+    vectors = pa.array([[0.5, 0.5]], pa.list_(pa.float32(), 2))  # fixed size: a list of float32 all the same
+    table = pa.table({"id": ["p1"], "embedding": vectors})
+    good = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+    monkeypatch.setattr(ray_runtime, "connect", lambda cfg: "none")
+    monkeypatch.setattr(graph, "STAGES", {"a": Writes("a", table, good)})
+    assert graph.run_graph(cfg(tmp_path, "run.stages=[a]"))[0].status == "ran"
+    for bad, column in [
+        (pa.schema([("id", pa.string()), ("split", pa.string())]), "split"),
+        (pa.schema([("id", pa.int64())]), "id"),
+        (pa.schema([("embedding", pa.list_(pa.float64()))]), "embedding"),
+    ]:
+        monkeypatch.setattr(graph, "STAGES", {"a": Writes("a", table, bad)})
+        with pytest.raises(graph.StageFailed, match=f"column '{column}'"):
+            graph.run_graph(cfg(tmp_path, "run.stages=[a]"), start="a")
+
+
+def test_every_stage_declares_its_output_and_resources():
+    config = load_config(REPO / "workflows" / "demo.yaml")
+    for name, stage in STAGES.items():
+        out = stage.output(config)
+        assert out is None or isinstance(out, pa.Schema), name
+        pools = stage.resources(config)
+        assert all(isinstance(r, Resources) for r in pools.values()), name
+    assert set(STAGES["embed"].resources(config)) == {e.name for e in config.embed.encoders}
+    assert "2 x 1 CPU" in graph.describe_resources({"p": Resources(num_actors=2, num_cpus=1)})

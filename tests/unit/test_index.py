@@ -12,9 +12,9 @@ import pytest
 from coral import checkpoint, storage
 from coral import schemas as S
 from coral.config import IndexConfig, IndexStageConfig
-from coral.mining import knn
+from coral.search import index as search_index
+from coral.search import knn
 from coral.stages import evaluate
-from coral.stages import index as index_stage
 
 
 def clustered(n: int, d: int = 64, centres: int = 100, seed: int = 0) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_index_kinds_agree_with_exact_search_within_their_recall(kind, floor, re
     cfg = IndexStageConfig(
         index=IndexConfig(kind=kind, list_size=100, nprobe=16, pq_m=16, ef_search=128, refine=refine)
     )
-    index = index_stage.build(x, cfg)
+    index = search_index.build(x, cfg)
     assert index.ntotal == len(x)
     _, got = index.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from coral.config import IndexConfig
-from coral.mining import knn
+from coral.search import knn
 
 
 def clustered(n=6_000, d=64, centres=100, seed=0) -> np.ndarray:

@@ -243,6 +243,11 @@ def test_rayservice_builder_and_deployments_exist():
     tree = ast.parse(Path(spec.origin).read_text())
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    for n in tree.body:  # and the classes it imports from coral (the deployments' own module)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("coral."):
+            source = Path(importlib.util.find_spec(n.module).origin).read_text()
+            defined = {c.name for c in ast.parse(source).body if isinstance(c, ast.ClassDef)}
+            classes |= defined & {a.name for a in n.names}
     assert attr in functions, f"{module} has no builder {attr}()"
     assert set(app["args"]) <= {"config", "overrides"}, "coral.serve.app:build reads only these args"
     assert any(re.fullmatch(r"run\.run_root=s3://[^/]+/\S+", o) for o in app["args"]["overrides"])
@@ -277,7 +282,7 @@ def test_rayservice_matches_the_workflow():
     sections = {"Encoder": config.serve.encoder, "Index": config.serve.index, "Ingress": config.serve.ingress}
     for d in app["deployments"]:
         want = sections[d["name"]]
-        expected = ray_runtime.remote_args(want.num_cpus, want.num_gpus, want.accelerator_type)
+        expected = ray_runtime.remote_args(want)
         assert d["ray_actor_options"] == expected, d["name"]
         assert d["max_ongoing_requests"] == want.max_ongoing_requests, d["name"]
         if want.autoscaling:

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from coral import schemas as S
+from coral.catalog import formats as F
 from coral.merit import compose as C
-from coral.merit import formats as F
 
 # The two example records of the MERIT README, verbatim, unicode escapes decoded.
 QUERY_291 = {

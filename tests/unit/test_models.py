@@ -14,6 +14,9 @@ from coral.config import EncoderConfig
 from coral.errors import ConfigError
 from coral.images import decode_image
 from coral.models import encoders, loader
+from coral.stages.embed import EncodeBatch
+from coral.testing import corpus
+from coral.testing.tiny import build_all
 
 
 def images(n=3, px=64):
@@ -59,9 +62,7 @@ def test_tiny_models_round_trip_through_from_pretrained(tiny_models, name, kind)
 
 
 def test_rebuild_is_seeded(tiny_models, tmp_path):
-    from coral.models.tiny import build_all
-
-    again = build_all(tmp_path, ("dinov2",))["dinov2"]
+    again = build_all(tmp_path, ("dinov2",), corpus=corpus.project())["dinov2"]
     a = loader.load_model(str(tiny_models["dinov2"])).state_dict()
     b = loader.load_model(str(again)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # one seed, one init order: bit-equal by design
@@ -188,8 +189,6 @@ def test_decode_image_rejects_oversized_images_before_decoding():
 
 
 def test_encoders_reject_what_they_cannot_read(tiny_models, tmp_path):
-    from coral.stages.embed import EncodeBatch
-
     rejected = storage.resolve(str(tmp_path / "rejected"))
     good = [draw.png_bytes(im) for im in images(2)]
     batch = pa.table(

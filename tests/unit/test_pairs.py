@@ -56,7 +56,7 @@ def test_union_records_every_encoder_and_caps_per_query():
 
 def test_on_real_vectors_duplicates_and_far_points_are_excluded():
     from coral.config import IndexConfig
-    from coral.mining import knn
+    from coral.search import knn
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=(1, 16))

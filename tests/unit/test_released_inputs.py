@@ -23,10 +23,9 @@ import pytest
 import torch
 
 from coral import schemas as S
-from coral.embedder import Embedder
 from coral.merit.compose import product_slot
-from coral.models import loader
-from coral.train import retrievers
+from coral.models import loader, retrievers
+from coral.search.embedder import Embedder
 from tests.unit.test_models import images
 
 pytestmark = pytest.mark.timeout(120)

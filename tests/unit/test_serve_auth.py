@@ -11,7 +11,7 @@ from coral import net
 from coral.config import ServeConfig, StorageConfig, load_config
 from coral.errors import ConfigError
 from coral.serve import deploy
-from coral.serve.app import token_of
+from coral.serve.http import token_of
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "my-host.example"])

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from coral import schemas as S
-from coral.models import loader
-from coral.train import collate, retrievers
+from coral.models import collate, loader, retrievers
 from tests.unit.test_models import images
 
 QUERY = (

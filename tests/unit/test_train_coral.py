@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from coral.models import loader
-from coral.train.coral import CoralHeads, encode, maskable
-from coral.train.heads import last_token
+from coral.models.coral import CoralHeads, encode, maskable
+from coral.models.heads import last_token
 from tests.unit.test_models import images
 
 

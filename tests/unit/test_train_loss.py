@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from coral import schemas as S
+from coral.models.heads import fuse, last_token
 from coral.train import step
-from coral.train.heads import fuse, last_token
 from coral.train.loss import gather_ids, info_nce
 
 B, K, D_IN, D, T = 3, 2, 8, 4, 0.05  # queries per worker, hard negatives, sizes, temperature

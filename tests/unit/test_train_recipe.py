@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from coral.config import RECIPES, TrainConfig
-from coral.models import loader
-from coral.train import retrievers
+from coral.models import loader, retrievers
 from coral.train.loop import lr_factor, with_lora
 from tests.unit.test_models import images
 

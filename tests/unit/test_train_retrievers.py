@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from coral import schemas as S
-from coral.models import loader
-from coral.train import retrievers
+from coral.models import loader, retrievers
 from tests.unit.test_models import images
 
 

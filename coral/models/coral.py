@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coral.device import to_model
-from coral.train.heads import last_token
+from coral.models.heads import last_token
 
 
 @dataclass

@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from coral import schemas as S
-from coral.catalog.vocab import CLASSES
-from coral.merit.compose import ATTRIBUTE_WORDS
+from coral.catalog.vocab import ATTRIBUTE_WORDS, CLASSES
 
 CANDIDATE_PREFIX = f"Represent the given product: {S.IMAGE_SLOT}\n"
 IMPORT_SOURCE = "import"

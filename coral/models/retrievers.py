@@ -27,8 +27,9 @@ import torch
 
 from coral import schemas as S
 from coral.device import to_model
-from coral.train import collate
-from coral.train.heads import fuse
+from coral.models import collate
+from coral.models.coral import encode
+from coral.models.heads import fuse
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -82,8 +83,6 @@ class MLLMRetriever:
         return batch
 
     def embed(self, model, batch: dict) -> torch.Tensor:
-        from coral.train.coral import encode
-
         return encode(model, batch).embedding  # ``encode`` moves the batch to the model
 
 
@@ -173,3 +172,12 @@ def make(kind: str, processor, max_image_tokens: int | None = None) -> MLLMRetri
     if kind == "mmret_clip":
         return ClipRetriever(processor)
     return MLLMRetriever(processor, kind, max_image_tokens)
+
+
+def query_features(retriever, row: dict, products) -> dict:
+    """A triplet row's query features; ``products``: a ``coral.catalog.lookup.Products``."""
+    return retriever.query(row[S.QUERY_TEXT], [products.images(i) for i in row[S.QUERY_IMAGE_IDS]])
+
+
+def candidate_features(retriever, pid: str, products) -> dict:
+    return retriever.candidate(products.titles.get(pid), products.images(pid))

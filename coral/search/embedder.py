@@ -13,6 +13,7 @@ import torch
 from coral import checkpoint
 from coral.config import StorageConfig
 from coral.device import pick
+from coral.models import loader, retrievers
 
 
 class Embedder:
@@ -24,9 +25,6 @@ class Embedder:
         device: str = "auto",
         dtype: str = "float32",
     ):
-        from coral.models import loader
-        from coral.train import retrievers
-
         src = checkpoint.local_dir(model, storage_cfg)
         self.device = pick(device)
         self.model = loader.load_model(src, self.device, dtype).eval()

@@ -9,9 +9,12 @@ the real loading code without any download.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from coral.models import processors
 
 log = logging.getLogger(__name__)
 
@@ -168,24 +171,9 @@ def build_dinov2(out: Path) -> None:
     )
 
 
-def _bpe_corpus() -> list[str]:
-    """Text a tiny chat model's tokenizer is trained on: the project's prompts, demonstrations and
-    catalog words (so prompts tokenize to about as many tokens as with a real BPE vocabulary)."""
-    from coral.annotate import prompts
-    from coral.catalog import vocab
-
-    lines = [prompts.DESCRIBE, prompts.INSTRUCT_HEAD, "Description: Instructions:"]
-    for demo in prompts.demonstrations():
-        lines += [demo["description"], *demo["instructions"]]
-    for table in (vocab.CLASSES, vocab.PATTERNS, vocab.MATERIALS):
-        lines += [" ".join(names) for names in table.values()]
-    lines += [" ".join(names) for _, names in vocab.COLOURS.values()]
-    lines += [" ".join(vocab.BRANDS), "Find a product of that have the same with <Product 1> </Product 1>"]
-    return lines
-
-
-def _qwen_tokenizer():
-    """A byte-level BPE tokenizer (1,024 tokens) trained here on ``_bpe_corpus``, Qwen's special tokens."""
+def _qwen_tokenizer(corpus: Sequence[str]):
+    """A byte-level BPE tokenizer (1,024 tokens) trained here on ``corpus`` (the caller's text: the project's
+    is ``coral.testing.corpus.project``), with Qwen's special tokens."""
     import json
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -199,7 +187,7 @@ def _qwen_tokenizer():
         initial_alphabet=_byte_alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_bpe_corpus(), trainer)
+    bpe.train_from_iterator(list(corpus), trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
@@ -251,15 +239,15 @@ def build_qwen(
     max_pixels: int = 224 * 224,
     device: str = "cpu",
     dtype: str = "float32",
+    *,
+    corpus: Sequence[str],
 ) -> None:
     """Tiny Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"); benchmarks pass a wider, deeper text model,
     or ``sizes``: {"text": {...}, "vision": {...}, other top-level config keys} laid over the tiny
     config (a real model's sizes; the GPU check's Qwen2-VL-2B), built on ``device``, saved in ``dtype``."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from coral.models import processors
-
-    tok = _qwen_tokenizer()
+    tok = _qwen_tokenizer(corpus)
     if version == "2":
         from transformers import Qwen2VLConfig as Cfg
         from transformers import Qwen2VLForConditionalGeneration as Model
@@ -305,11 +293,11 @@ def build_qwen(
     proc_cls(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(out)
 
 
-def build_qwen2_text(out: Path, hidden: int = 64, layers: int = 2) -> None:
+def build_qwen2_text(out: Path, hidden: int = 64, layers: int = 2, *, corpus: Sequence[str]) -> None:
     """A tiny text-only chat LLM (Qwen2 architecture) with the same tokenizer, for text-only steps."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tok = _qwen_tokenizer()
+    tok = _qwen_tokenizer(corpus)
     text = _qwen_text_config(tok, hidden, layers)
     text.pop("rope_parameters")  # plain RoPE, no multimodal sections
     torch.manual_seed(0)
@@ -359,19 +347,22 @@ def build_sentence_transformers(out: Path) -> None:
     (out / "2_Normalize").mkdir(exist_ok=True)
 
 
-BUILDERS = {
-    "clip": build_clip,
-    "siglip": build_siglip,
-    "dinov2": build_dinov2,
-    "qwen2_vl": lambda out: build_qwen(out, "2"),
-    "qwen2_5_vl": lambda out: build_qwen(out, "2.5"),
-    "qwen2": build_qwen2_text,
-    "sentence_transformers": build_sentence_transformers,
+BUILDERS = {  # name -> builder(out, corpus): the chat models' tokenizers learn the corpus
+    "clip": lambda out, corpus: build_clip(out),
+    "siglip": lambda out, corpus: build_siglip(out),
+    "dinov2": lambda out, corpus: build_dinov2(out),
+    "qwen2_vl": lambda out, corpus: build_qwen(out, "2", corpus=corpus),
+    "qwen2_5_vl": lambda out, corpus: build_qwen(out, "2.5", corpus=corpus),
+    "qwen2": lambda out, corpus: build_qwen2_text(out, corpus=corpus),
+    "sentence_transformers": lambda out, corpus: build_sentence_transformers(out),
 }
 
 
-def build_all(root: str | Path, names: tuple[str, ...] = TINY_MODELS, force: bool = False) -> dict[str, Path]:
-    """Build each tiny model into ``root/name`` unless already complete; returns name -> dir."""
+def build_all(
+    root: str | Path, names: tuple[str, ...] = TINY_MODELS, force: bool = False, *, corpus: Sequence[str]
+) -> dict[str, Path]:
+    """Build each tiny model into ``root/name`` unless already complete; returns name -> dir. ``corpus``:
+    the text the chat models' tokenizers are trained on (``coral.testing.corpus.project()``)."""
     root = Path(root)
     out = {}
     for name in names:
@@ -379,7 +370,7 @@ def build_all(root: str | Path, names: tuple[str, ...] = TINY_MODELS, force: boo
         if force or not (d / MARKER).exists() or (d / MARKER).read_text().strip() != VERSION:
             log.info("building tiny %s in %s", name, d)
             d.mkdir(parents=True, exist_ok=True)
-            BUILDERS[name](d)
+            BUILDERS[name](d, corpus)
             (d / MARKER).write_text(VERSION + "\n")
         out[name] = d
     return out

@@ -1,0 +1,69 @@
+"""The deployments without Ray: the encoder's settings are a small frozen value made from the serve
+section, and each deployment class, as Serve pickled it (by value, when it was decorated), still finds
+every module-level name its methods use."""
+
+from __future__ import annotations
+
+import dataclasses
+import dis
+import pickle
+import types
+
+import pytest
+from ray import cloudpickle
+
+from coral.config import DeploymentConfig, ServeConfig
+from coral.serve import deployments
+from coral.serve.deployments import Encoder, Index, Ingress, ReplicaSettings
+
+
+def test_replica_settings_come_from_the_serve_section():
+    cfg = ServeConfig(device="cpu", dtype="bfloat16", batch_size=8, batch_wait_s=0.01)
+    cfg = dataclasses.replace(cfg, encoder=DeploymentConfig(num_cpus=3.5))
+    settings = ReplicaSettings.of(cfg)
+    assert settings == ReplicaSettings(
+        threads=3, device="cpu", dtype="bfloat16", batch_size=8, batch_wait_s=0.01
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.threads = 4  # type: ignore[misc]
+    assert len(pickle.dumps(settings)) < 1000
+
+
+def test_a_fractional_cpu_share_still_gets_one_thread():
+    cfg = dataclasses.replace(ServeConfig(), encoder=DeploymentConfig(num_cpus=0.25))
+    assert ReplicaSettings.of(cfg).threads == 1
+
+
+def globals_used(code: types.CodeType) -> set[str]:
+    """The global names a function's code (and its nested functions', lambdas', comprehensions') loads."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= globals_used(const)
+    return names
+
+
+def functions_of(cls: type):
+    for klass in cls.__mro__:
+        if klass.__module__ != deployments.__name__:
+            continue
+        for value in vars(klass).values():
+            fn = getattr(value, "__func__", value)  # staticmethod, classmethod
+            fn = getattr(fn, "__wrapped__", fn)  # serve.batch
+            if isinstance(fn, types.FunctionType):
+                yield klass, fn
+
+
+@pytest.mark.parametrize("deployment", [Encoder, Index, Ingress], ids=lambda d: d.name)
+def test_each_pickled_deployment_finds_the_module_names_it_uses(deployment):
+    """Serve pickles a deployment class by value when it is decorated: a helper defined below the class
+    in the module is missing from its methods' globals in the replica (a NameError when it runs)."""
+    cls = cloudpickle.loads(deployment._replica_config.serialized_deployment_def)
+    module_names = set(vars(deployments))
+    missing = {
+        f"{klass.__name__}.{fn.__name__}: {name}"
+        for klass, fn in functions_of(cls)
+        for name in globals_used(fn.__code__) & module_names
+        if name not in fn.__globals__
+    }
+    assert not missing, sorted(missing)
