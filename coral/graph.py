@@ -11,12 +11,12 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from coral import manifest, ray_runtime, storage
+from coral import manifest, ray_runtime, report, storage
 from coral.config import Config, section_dict, section_hash_dict
 from coral.errors import ConfigError, UserInputError
 from coral.lease import Lease, LeaseLost
-from coral.stages import STAGES, StageContext
-from coral.stages.base import check_output
+from coral.stages.base import StageContext, check_output
+from coral.stages.registry import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +157,9 @@ def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = 
 
 
 def format_summary(rows: list[SummaryRow]) -> str:
-    header = ("stage", "status", "rows_in", "rows_out", "rejected", "seconds")
-    body = [
-        (r.stage, r.status, str(r.rows_in), str(r.rows_out), str(r.rows_rejected), f"{r.seconds:.1f}")
-        for r in rows
-    ]
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-
-    def line(cells):
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+    header = ["stage", "status", "rows_in", "rows_out", "rejected", "seconds"]
+    body = [[r.stage, r.status, r.rows_in, r.rows_out, r.rows_rejected, f"{r.seconds:.1f}"] for r in rows]
+    return report.text_table(header, body, left=2)
 
 
 def describe_resources(pools: dict) -> str:

@@ -38,10 +38,26 @@ def bars_png(
     return buf.getvalue()
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+def cell(v) -> str:
+    """A table cell: floats to three decimals (metrics), anything else as its str."""
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
+
+def text_table(header: list[str], rows: list[list], left: int = 1) -> str:
+    """A fixed-width table for a terminal: the first ``left`` columns left-aligned, the rest right-aligned
+    (numbers), a rule under the header."""
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)

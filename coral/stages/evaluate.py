@@ -377,14 +377,9 @@ def summary_table(config: Config) -> str | None:
         return None
     result = storage.read_json(loc)
     models, names = result["models"], result.get("metrics", list(NAMES))
-    w = max(9, *(len(k) + 2 for k in names))
     head = names[0]
-    lines = [f"{'model':<10}" + "".join(f"{k:>{w}}" for k in names) + f"{'queries':>9}  {head} 95% interval"]
+    rows = []
     for m, s in sorted(models.items(), key=lambda kv: kv[0] != "trained"):
         lo, hi = s["intervals"][head]
-        lines.append(
-            f"{m:<10}"
-            + "".join(f"{s[k]:>{w}.3f}" for k in names)
-            + f"{s['queries']:>9}  [{lo:.3f}, {hi:.3f}]"
-        )
-    return "\n".join(lines)
+        rows.append([m, *(float(s[k]) for k in names), s["queries"], f"[{lo:.3f}, {hi:.3f}]"])
+    return report.text_table(["model", *names, "queries", f"{head} 95% interval"], rows)

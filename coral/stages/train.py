@@ -99,7 +99,7 @@ class TrainStage:
             num_gpus=1.0 if cfg.use_gpu else 0.0,
             accelerator_type=cfg.accelerator_type,
         )
-        return {"workers": workers, "data": Resources(num_actors=cfg.data_workers)}
+        return {"workers": workers, "data": data.resources(cfg)}
 
     def validate(self, config: Config) -> None:
         deepspeed_config(config.train)

@@ -18,9 +18,10 @@ import pickle
 import pyarrow as pa
 import ray
 
+from coral import ray_runtime
 from coral import schemas as S
 from coral.catalog import lookup
-from coral.config import TrainConfig
+from coral.config import Resources, TrainConfig
 from coral.models import loader, retrievers
 from coral.train import step
 
@@ -83,17 +84,16 @@ def pipeline(rows: pa.Table, catalog: dict, cfg: TrainConfig) -> ray.data.Datase
     # from the first seconds (one big block would arrive only once all of it is featurised)
     per_block = max(1, 4 * cfg.batch_size)
     blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)] or [rows]
-    return ray.data.from_arrow(blocks).map_batches(
-        Featurize,
-        fn_constructor_kwargs={
-            "kind": cfg.model,
-            "base": cfg.base,
-            "catalog": [ray.put(catalog)],
-            "k": cfg.hard_negatives,
-            "max_image_tokens": cfg.max_image_tokens,
-        },
-        batch_format="pyarrow",
-        batch_size=per_block,
-        concurrency=cfg.data_workers,
-        num_cpus=1,
-    )
+    kwargs = {
+        "kind": cfg.model,
+        "base": cfg.base,
+        "catalog": [ray.put(catalog)],
+        "k": cfg.hard_negatives,
+        "max_image_tokens": cfg.max_image_tokens,
+    }
+    return ray_runtime.actor_pool(ray.data.from_arrow(blocks), Featurize, resources(cfg), per_block, kwargs)
+
+
+def resources(cfg: TrainConfig) -> Resources:
+    """The featurising actors: ``data_workers`` of one CPU each."""
+    return Resources(num_actors=cfg.data_workers, num_cpus=1.0)

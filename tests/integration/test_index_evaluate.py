@@ -17,7 +17,9 @@ from coral import schemas as S
 from coral.errors import ConfigError
 from coral.search import index as search_index
 from coral.search import knn
-from coral.stages import STAGES, StageContext, heldout
+from coral.stages import heldout
+from coral.stages.base import StageContext
+from coral.stages.registry import STAGES
 from tests.conftest import REPO
 from tests.integration.conftest import overrides
 

@@ -15,7 +15,7 @@ from coral import schemas as S
 from coral.catalog import formats, lookup
 from coral.config import load_config
 from coral.errors import ConfigError
-from coral.stages import STAGES
+from coral.stages.registry import STAGES
 from tests.conftest import SECRET
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

@@ -22,7 +22,7 @@ from coral.models.coral import CoralHeads
 from coral.search.embedder import Embedder
 from coral.train import loop, step
 from tests.devices import DeviceMixup, Elsewhere, OnDevice, elsewhere
-from tests.unit.test_models import images
+from tests.unit.models.test_loader import images
 
 pytestmark = pytest.mark.timeout(120)
 BASE = {"mmret_clip": "clip", "mmret_mllm": "qwen2_vl", "coral": "qwen2_vl"}

@@ -10,7 +10,7 @@ from coral import graph, ray_runtime, storage
 from coral.config import Resources, load_config
 from coral.errors import ConfigError, StorageError, UserInputError
 from coral.manifest import StageResult
-from coral.stages import STAGES
+from coral.stages.registry import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -26,7 +26,7 @@ from coral import schemas as S
 from coral.merit.compose import product_slot
 from coral.models import loader, retrievers
 from coral.search.embedder import Embedder
-from tests.unit.test_models import images
+from tests.unit.models.test_loader import images
 
 pytestmark = pytest.mark.timeout(120)
 

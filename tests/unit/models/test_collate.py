@@ -7,7 +7,7 @@ import torch
 
 from coral import schemas as S
 from coral.models import collate, loader, retrievers
-from tests.unit.test_models import images
+from tests.unit.models.test_loader import images
 
 QUERY = (
     "Find a product of mug that have the same colour with <Product 1> <image>\nKova mug </Product 1> "

@@ -21,7 +21,7 @@ from coral.config import (
 from coral.config.catalog import LANGUAGES
 from coral.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def write(tmp_path, text: str) -> Path:

@@ -9,7 +9,7 @@ import torch
 from coral.models import loader
 from coral.models.coral import CoralHeads, encode, maskable
 from coral.models.heads import last_token
-from tests.unit.test_models import images
+from tests.unit.models.test_loader import images
 
 
 def batch(ref: str):

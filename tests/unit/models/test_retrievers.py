@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from coral import schemas as S
 from coral.models import loader, retrievers
-from tests.unit.test_models import images
+from tests.unit.models.test_loader import images
 
 
 def test_clip_fusion_matches_its_formula(tiny_models):

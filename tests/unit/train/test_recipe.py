@@ -8,7 +8,7 @@ import pytest
 from coral.config import RECIPES, TrainConfig
 from coral.models import loader, retrievers
 from coral.train.loop import lr_factor, with_lora
-from tests.unit.test_models import images
+from tests.unit.models.test_loader import images
 
 
 def test_unset_fields_take_the_kinds_paper_recipe_and_set_ones_win():
