@@ -618,7 +618,8 @@ def test_header_says_how_to_create_the_secrets_and_install_the_operator(name):
     install = r"helm install kuberay-operator\b.*?--version (\S+)"
     installs = re.findall(install, text)
     assert installs, "no operator install"
-    for version in installs + re.findall(install, (REPO / "README.md").read_text()):
+    docs = (REPO / "README.md").read_text() + (REPO / "docs" / "cluster.md").read_text()
+    for version in installs + re.findall(install, docs):
         assert Version(version) >= Version(AUTH_OPTIONS_SINCE), f"KubeRay {version} drops authOptions"
     namespaces = set(re.findall(r"--namespace (\S+)", text))
     peers = {
