@@ -4,44 +4,66 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MODELS ?= models/tiny
 
+# Where torch comes from: pip installs it alone, first, from this index (then the rest from the usual one;
+# the pinned version is requirements.txt's torch== line). PyPI's Linux torch is the CUDA build and pulls
+# about 20 nvidia-* wheels (GBs), so name the build you want:
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     # Linux, CPU only
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   # Linux + NVIDIA GPU (CUDA 12.8)
+#   make install TORCH_INDEX_URL=https://pypi.org/simple                  # macOS (CPU / MPS)
+# Empty (the default): pip's own configuration (pip config list: PIP_INDEX_URL, pip.conf, find-links),
+# which on the CI machines offers the CPU wheel. pip keeps a torch that already meets the pin, so to
+# change the build of an existing venv: rm -rf $(VENV), then make install TORCH_INDEX_URL=...
+TORCH_INDEX_URL ?=
+TORCH := $(shell grep -E '^torch==' requirements.txt)
+
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench gpu-check install models clean
+.PHONY: demo test bench gpu-check install install-dev models clean
 
 demo: install models
-	$(PY) -m ray_jobs.run --config workflows/demo.yaml $(ARGS)
+	$(VENV)/bin/coral run --config workflows/demo.yaml $(ARGS)
 
-test: install
+test: install-dev
 	$(VENV)/bin/ruff check coral ray_jobs tests benchmarks
 	$(VENV)/bin/ruff format --check coral ray_jobs tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install models
+bench: install-dev models
 	$(PY) -m benchmarks.run_all
 
 # The GPU figures at real sizes, random weights, no download: full size with a CUDA GPU (at most 8 min on
 # one H100/H200; results in benchmarks/results/gpu_*.json), else the tiny size on the CPU (a temp dir).
 # faiss-gpu and vLLM parts need `pip install .[gpu,vllm]`; without them they are recorded as skipped.
-gpu-check: install
+gpu-check: install-dev
 	$(PY) -m benchmarks.gpu_check
 
+# install: what the code needs to run (make demo): torch from TORCH_INDEX_URL, then requirements.txt (the
+# pinned runtime set with faiss-cpu, pyproject.toml's `cpu` extra), then the project itself, editable
+# (the `coral` command). install-dev: that plus the test and lint tools of requirements-dev.txt (make test,
+# bench, gpu-check). A package install instead: pip install torch==... first, then pip install ".[cpu]"
+# (or ".[gpu]"; never both: each provides the faiss module; ".[vllm]" adds Ray's vLLM).
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
-# torch==2.13.0 comes first in requirements.txt so pip never resolves a CUDA build for CPU machines.
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 models: $(MODELS)/.built
 
 $(MODELS)/.built: $(VENV)/.installed coral/testing/tiny.py coral/annotate/prompts.py coral/annotate/data/demonstrations.jsonl
-	$(PY) -m ray_jobs.build_tiny_models --out $(MODELS) --force
+	$(VENV)/bin/coral build-tiny-models --out $(MODELS) --force
 	touch $@
 
 clean:

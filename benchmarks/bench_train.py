@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.common import PeakRSS, free_port, start_ray, timed, write_result
-from coral import graph
+from coral import graph, shipped
 from coral import schemas as S
 from coral.catalog import lookup
 from coral.catalog.generate import generate_table
@@ -35,7 +35,7 @@ from coral.train import step
 from coral.train.loop import Retriever, peak_memory_gib, scalars_to_buffers
 
 STEPS, GLOBAL_BATCH, WORKERS, THREADS, K = 60, 8, 2, 2, 3
-ZERO2 = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed" / "zero2.json"
+ZERO2 = shipped.DEEPSPEED / "zero2.json"
 # dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity), matched against the device name
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 

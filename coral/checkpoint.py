@@ -3,7 +3,10 @@ content hash, its embedding size, and the index bound to it.
 
 A checkpoint is an exported Hugging Face dir (model + processor) on local disk or object storage, or a hub
 id. Its hash is the SHA-256 of its files' names and bytes (a hub id hashes to the id itself): two dirs with
-the same weights and processor have the same hash wherever they live. ``local_dir`` copies an ``s3://``
+the same weights and processor have the same hash wherever they live. The export's description files
+(``METADATA``: the model card, which the evaluate stage rewrites with its figures, and
+``coral_retriever.json``) are left out of the hash and the listing's fingerprint: they describe the
+weights, and rewriting them leaves the index bound to the checkpoint. ``local_dir`` copies an ``s3://``
 dir once into a local cache keyed by its content, so every actor on every node can load it through the
 one loader and a rewritten checkpoint is never served from a stale copy.
 """
@@ -23,6 +26,7 @@ from coral.config import StorageConfig
 from coral.errors import ConfigError
 
 INDEX_META = "index.json"
+METADATA = ("README.md", "coral_retriever.json")  # top-level files of a checkpoint dir the hash leaves out
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,13 @@ class Checkpoint:
 def _files(uri: str, cfg: StorageConfig | None) -> tuple[storage.Location, list[str]]:
     loc = storage.resolve(uri, cfg)
     files = sorted(storage.list_files(loc))
-    if not files:
+    if not [f for f in files if not is_metadata(loc, f)]:
         raise ConfigError(f"checkpoint {uri}: no files there")
     return loc, files
+
+
+def is_metadata(loc: storage.Location, path: str) -> bool:
+    return posixpath.relpath(path, loc.path) in METADATA
 
 
 def is_storage_path(uri: str) -> bool:
@@ -50,7 +58,7 @@ def content_hash(uri: str, cfg: StorageConfig | None = None) -> str:
         return "hub:" + uri
     loc, files = _files(uri, cfg)
     h = hashlib.sha256()
-    for path in files:
+    for path in (f for f in files if not is_metadata(loc, f)):
         h.update(posixpath.relpath(path, loc.path).encode() + b"\0")
         with loc.fs.open_input_stream(path) as f:
             while chunk := f.read(1 << 20):
@@ -62,7 +70,7 @@ def listing_fingerprint(uri: str, cfg: StorageConfig | None = None) -> str:
     """A cheap stand-in for the content hash: every file's name, size and modification time (rewriting
     an object on S3 changes its time), without reading the bytes."""
     loc, files = _files(uri, cfg)
-    infos = loc.fs.get_file_info(files)
+    infos = loc.fs.get_file_info([f for f in files if not is_metadata(loc, f)])
     h = hashlib.sha256()
     for info in sorted(infos, key=lambda i: i.path):
         h.update(f"{posixpath.relpath(info.path, loc.path)}\0{info.size}\0{info.mtime_ns}\0".encode())

@@ -1,7 +1,8 @@
 """The graph driver: order stages, skip the completed ones, run the rest, write manifests, summarise.
 
 It schedules nothing itself: Ray schedules the work inside each stage. A stage is skipped when its
-``_SUCCESS`` marker exists and its manifest's config hash and input hashes match this run's.
+``_SUCCESS`` marker exists and its manifest's config hash and input hashes match this run's. A stage that
+fails leaves a ``failed`` manifest and its full traceback in ``{stage}/error.log``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ def empty_output_message(name: str, rejected: dict[str, int], rows_in: int, most
     return f"{name} wrote 0 rows ({rows_in} in); most common rejections: {why}"
 
 
+ERROR_LOG = "error.log"  # a failed stage's full traceback, in its folder
+
+
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, cause: BaseException):
+    """``stage 'x' failed: Error: message``; ``log``: the URI of its ``error.log`` (None if unwritten)."""
+
+    def __init__(self, stage: str, cause: BaseException, log: str | None = None):
         super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
-        self.stage = stage
+        self.stage, self.log = stage, log
 
 
 @dataclass
@@ -145,15 +151,30 @@ def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = 
         failed = manifest.build(
             name, section_dict(section), config_hash, inputs, "failed", started, error=error
         )
-        try:
-            if not isinstance(e, LeaseLost):  # the stage folder is another run's now
-                manifest.write_failed(stage_dir, failed)
-        except Exception:
-            log.warning("%s: could not record the failure:\n%s", name, traceback.format_exc())
+        error_log = None
+        if not isinstance(e, LeaseLost):  # the stage folder is another run's now
+            error_log = write_error_log(stage_dir, name, traceback.format_exc())
+            try:
+                manifest.write_failed(stage_dir, failed | ({"error_log": error_log} if error_log else {}))
+            except Exception:
+                log.warning("%s: could not record the failure:\n%s", name, traceback.format_exc())
         if isinstance(e, KeyboardInterrupt | SystemExit):
             raise
-        raise StageFailed(name, e) from e
+        raise StageFailed(name, e, error_log) from e
     return SummaryRow(name, "ran", result.rows_in, result.rows_out, result.rows_rejected, m["duration_s"])
+
+
+def write_error_log(stage_dir: storage.Location, name: str, trace: str) -> str | None:
+    """The failed stage's traceback (its code's, chained causes included) into ``{stage}/error.log``;
+    its URI, or None when it could not be written (a warning says why)."""
+    loc = stage_dir.child(ERROR_LOG)
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        storage.write_bytes(loc, f"stage '{name}' failed at {when}\n\n{trace}".encode())
+    except Exception:
+        log.warning("%s: could not write %s:\n%s", name, loc.uri, traceback.format_exc())
+        return None
+    return loc.uri
 
 
 def format_summary(rows: list[SummaryRow]) -> str:

@@ -12,8 +12,8 @@ from coral.testing import corpus
 from coral.testing.tiny import TINY_MODELS, build_all
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.build_tiny_models")
+def main(argv: list[str] | None = None, prog: str = "python -m ray_jobs.build_tiny_models") -> int:
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--out", default="models/tiny")
     p.add_argument("--force", action="store_true", help="rebuild even if complete")
     p.add_argument("--only", nargs="*", choices=TINY_MODELS, default=list(TINY_MODELS))

@@ -15,8 +15,8 @@ from coral.config import load_config
 from coral.errors import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.check_cluster", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m ray_jobs.check_cluster") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--cluster", default="cluster.yaml")
     p.add_argument("--config", required=True, help="the workflow YAML")
     p.add_argument("overrides", nargs="*", help="key.path=value, as for ray_jobs.run")

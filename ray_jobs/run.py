@@ -5,7 +5,8 @@
     python -m ray_jobs.run --config workflows/megapairs.yaml --overlay workflows/overlays/local.yaml   # in miniature
     ray job submit --working-dir . -- python -m ray_jobs.run --config workflows/<name>.yaml
 
-Exit codes: 0 done, 1 a stage failed (named), 2 bad input (config, storage), 130 interrupted.
+Exit codes: 0 done, 1 a stage failed (named, its traceback in {run_root}/{stage}/error.log), 2 bad input
+(config, storage), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ from coral.errors import ConfigError, UserInputError
 from coral.stages.evaluate import summary_table
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.run", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="workflow YAML, e.g. workflows/demo.yaml")
+def main(argv: list[str] | None = None, prog: str = "python -m ray_jobs.run") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--config",
+        required=True,
+        help="workflow YAML, e.g. workflows/demo.yaml; a path that does not exist names a shipped one "
+        "(demo, megapairs, merit, ci_small: coral.shipped)",
+    )
     p.add_argument(
         "--overlay",
         action="append",
         default=[],
-        help="a YAML merged over the config (repeatable), e.g. workflows/overlays/local.yaml: any workflow on this machine",
+        help="a YAML merged over the config (repeatable), e.g. workflows/overlays/local.yaml (shipped: local): "
+        "any workflow on this machine",
     )
     p.add_argument("--from", dest="start", help="rerun from this stage on (earlier stages must be complete)")
     p.add_argument("--until", help="stop after this stage")
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except graph.StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
+        if e.log:
+            print(f"full traceback: {e.log}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

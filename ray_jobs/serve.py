@@ -25,8 +25,8 @@ from coral.serve import deploy
 from coral.serve.http import token_of
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.serve", description=__doc__.split("\n")[1])
+def main(argv: list[str] | None = None, prog: str = "python -m ray_jobs.serve") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[1])
     p.add_argument("--run-root", required=True, help="the run whose index (and checkpoint) to serve")
     p.add_argument("--config", help="the workflow YAML the run used (defaults otherwise)")
     p.add_argument("--write-config", metavar="FILE", help="write a Serve config YAML and exit")

@@ -12,6 +12,15 @@
   "q_text": [instruction], "t_img": path, "hns": [paths]}`` (the query image usually first in ``hns``).
   On import ``inst`` may stand for ``q_text`` and either may be a string; ``t_img`` may be a one-item
   list; a line with several instructions gives one row per instruction.
+- ``{query, pos, neg}`` JSON lines (FlagEmbedding's and Tevatron's training triplets, ``query_pos_neg``),
+  one line per query: ``{"query_id": id, "query": text, "query_image": [paths], "pos": [texts],
+  "pos_image": [paths], "neg": [texts], "neg_image": [paths]}``. ``query``, ``pos`` and ``neg`` are
+  FlagEmbedding's keys (a text-only trainer reads them as they are: the query and the candidates'
+  titles); the images are paths, as in MegaPairs' lines, one per ``<image>`` slot of ``query`` and one
+  per candidate, in the order of ``pos`` and ``neg``. On import a candidate is named by its image
+  (``pos_image``, ``neg_image``; ``pos``/``neg`` texts may be left out), a query with images but no
+  ``<image>`` slot gets one per image in front (MegaPairs' ``<image>\n{instruction}``), and a line
+  without ``query_id`` is named by its position.
 
 Images are paths in these files and ids in TRIPLETS: ``path_of(id)`` and ``id_of(path)`` convert (default:
 the same string); ``image_paths`` lists the paths an item names, for ``coral.paths.confine`` to check.
@@ -186,9 +195,67 @@ def from_megapairs(
     ]
 
 
+# --- {query, pos, neg} JSON lines -------------------------------------------------------------------------
+
+
+def to_query_pos_neg(
+    row: Mapping, path_of: Callable[[str], str] = _same, titles: Mapping[str, str] | None = None
+) -> dict:
+    """One line's object; ``titles`` (product id -> title) gives ``pos`` and ``neg`` their texts."""
+    titles = titles or {}
+    positives, negatives = list(row[S.POSITIVE_IDS]), list(row.get(S.HARD_NEGATIVE_IDS) or [])
+    return {
+        "query_id": row[S.QUERY_ID],
+        "query": row[S.QUERY_TEXT],
+        "query_image": [path_of(i) for i in row[S.QUERY_IMAGE_IDS]],
+        "pos": [titles.get(p) or "" for p in positives],
+        "pos_image": [path_of(p) for p in positives],
+        "neg": [titles.get(n) or "" for n in negatives],
+        "neg_image": [path_of(n) for n in negatives],
+    }
+
+
+def _paths(obj: Mapping, key: str) -> list[str]:
+    value = obj.get(key) or []
+    return [value] if isinstance(value, str) else [str(p) for p in value]
+
+
+def from_query_pos_neg(
+    obj: Mapping,
+    position: int | str = 0,
+    id_of: Callable[[str], str] = _same,
+    split: str = "train",
+    languages: Mapping[str, str] | None = None,
+) -> dict:
+    """A TRIPLETS row; candidates are named by their images (``id_of`` maps a path to a product id)."""
+    text = obj["query"]
+    if not isinstance(text, str):
+        raise TypeError(f"query is a {type(text).__name__}, not a string")
+    images = [id_of(p) for p in _paths(obj, "query_image")]
+    if images and S.IMAGE_SLOT not in text:
+        text = f"{S.IMAGE_SLOT}\n" * len(images) + text
+    if "pos_image" not in obj:
+        raise KeyError("pos_image")  # a candidate is named by its image; a text alone names no product
+    candidates = {}
+    for key in ("pos", "neg"):
+        paths = _paths(obj, f"{key}_image")
+        if key in obj and obj[key] is not None and len(_paths(obj, key)) != len(paths):
+            raise ValueError(f"{key} has {len(_paths(obj, key))} items but {key}_image {len(paths)} images")
+        candidates[key] = [id_of(p) for p in paths]
+    cls, n, keys = parse_query_text(text)
+    language = (languages or {}).get(images[0], "") if images else ""
+    qid = obj.get("query_id", position)
+    return _triplet(
+        qid, text, images, candidates["pos"], candidates["neg"], split, language, cls, keys, n or None
+    )
+
+
 def image_paths(fmt: str, obj: Mapping) -> list:
-    """The image paths, as written, an item of format ``fmt`` (``merit``, ``megapairs``, or a candidate
-    with ``candidate``) names; MERIT's released queries name product ids, not paths."""
+    """The image paths, as written, an item of format ``fmt`` (``merit``, ``megapairs``,
+    ``query_pos_neg``, or a candidate with ``candidate``) names; MERIT's released queries name product
+    ids, not paths."""
+    if fmt == "query_pos_neg":
+        return [p for key in ("query_image", "pos_image", "neg_image") for p in _paths(obj, key)]
     if fmt in ("merit", "candidate"):
         images = obj["image"]
         return [images] if isinstance(images, str) else list(images)

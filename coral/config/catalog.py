@@ -70,15 +70,17 @@ class CatalogConfig:
 @dataclass(frozen=True)
 class ImportConfig:
     """Training triplets from released datasets: MERIT's conversation JSON (``merit``, with its candidates
-    file to map image paths to product ids), MERIT's released queries (``released``), or MegaPairs' JSON
-    lines (``megapairs``). Image ids are the paths as written, relative to the queries file's folder; a
+    file to map image paths to product ids), MERIT's released queries (``released``), MegaPairs' JSON
+    lines (``megapairs``), or ``{query, pos, neg}`` JSON lines (``query_pos_neg``: FlagEmbedding's and
+    Tevatron's training triplets, candidates named by ``pos_image``/``neg_image``, mapped to product ids
+    through ``candidates`` as MERIT's). Image ids are the paths as written, relative to the queries file's folder; a
     path that resolves outside that folder (``..``, absolute, a symlink out, another URI scheme) and outside
     ``allowed_image_roots`` (absolute local folders or ``s3://bucket[/prefix]``; default none) rejects its
     item with the reason (``coral.paths``)."""
 
-    format: Literal["merit", "released", "megapairs"] = "merit"
+    format: Literal["merit", "released", "megapairs", "query_pos_neg"] = "merit"
     queries: str = ""  # a JSON list or JSON lines file, local or s3://
-    candidates: str | None = None  # merit: the candidates file (id, title, image path)
+    candidates: str | None = None  # merit, query_pos_neg: the candidates file (id, title, image path)
     test_queries: str = ""  # the held-out queries' file (MERIT: queries-test.json): their split is test
     test_candidates: str | None = None  # merit: the held-out candidates file, for its image paths
     allowed_image_roots: tuple[str, ...] = ()  # image paths may also resolve under these (local or s3://)

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from coral import shipped
 from coral.config.annotate import AnnotateConfig
 from coral.config.catalog import CatalogConfig, ImportConfig
 from coral.config.embed import EmbedConfig
@@ -78,12 +79,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from a file; errors name the file."""
+    """A YAML mapping from a file, or from the shipped workflow or overlay that a path which does not exist
+    names (``demo.yaml``, ``workflows/demo.yaml``: ``coral.shipped``); errors name the path as given."""
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(shipped.workflow(path).read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{source}: config file not found") from None
+        raise ConfigError(
+            f"{source}: config file not found (shipped: {', '.join(shipped.names())})"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: cannot read the config file: {type(e).__name__}") from None
     except yaml.YAMLError as e:

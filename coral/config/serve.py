@@ -76,6 +76,8 @@ class ServeConfig:
     max_pixels: int = 4096 * 4096  # one image's
     max_request_pixels: int = 4096 * 4096  # a request's images' in all (about 50 MB as RGB)
     max_top_k: int = 100
+    # inputs a request may hold: /v1/search's queries, /v1/embeddings' inputs
+    max_inputs_per_request: int = 32
     examples: int = 3  # held-out queries sent over HTTP by the stage, printed with their top results
     access_log: bool = False  # Serve's line per request and replica (proxy, ingress, encoder, index): CPU
     forever: bool = False
@@ -86,6 +88,7 @@ class ServeConfig:
         check(1 <= self.port <= 65535, f"serve.port must be in 1..65535, got {self.port}")
         check(self.batch_size >= 1 and self.batch_wait_s >= 0, "serve.batch_size >= 1, batch_wait_s >= 0")
         limits = (self.max_body_bytes, self.max_parts, self.max_text_chars, self.max_image_bytes)
+        limits += (self.max_inputs_per_request,)
         check(
             min(*limits, self.max_pixels, self.max_request_pixels, self.max_top_k) >= 1,
             "serve limits must be >= 1",

@@ -72,7 +72,7 @@ class TrainConfig:
     mlm_weight: float = 0.1
     vision_mask_ratio: float = 0.5
     text_mask_ratio: float = 0.15
-    deepspeed: str = "cluster/deepspeed/zero2.json"
+    deepspeed: str = "zero2.json"  # a JSON file, or one shipped (coral.shipped): zero2, zero2_bf16, zero3
     gradient_accumulation: int = 1
     gradient_checkpointing: bool = False
     lora_rank: int | None = None

@@ -6,6 +6,11 @@ A query is a list of parts: ``{"type": "text", "text": ...}``, ``{"type": "image
 the candidate pool, its image taken from the catalog). Parts join into the retriever's interleaved text,
 an image slot where each image or product stands, exactly as the offline queries are written.
 
+A search request holds one query (``parts``) or several (``queries``: each ``{"parts": [...]}``, with
+its own ``top_k`` or the request's); a request's queries are checked together (their number, and the
+pixel budget over all their images) and answered in order. ``coral.serve.embeddings`` takes the
+OpenAI-compatible ``/v1/embeddings`` request to the same queries.
+
 Errors are ``ApiError(status, message)``: 400 malformed JSON, 401 a missing or wrong token, 413 a body,
 image or pixel count (an image's, or a request's images' in all) over its limit, 422 anything else the
 request gets wrong, including an input the model cannot take (``Refused``, answered by the encoder for
@@ -24,8 +29,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from coral import schemas as S
 
@@ -57,10 +63,35 @@ class ProductPart(BaseModel):
 Part = Annotated[TextPart | ImagePart | ProductPart, Field(discriminator="type")]
 
 
-class SearchRequest(BaseModel):
+class SearchQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     parts: list[Part] = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1, description="this query's; the request's top_k when unset")
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parts: list[Part] | None = Field(None, min_length=1, description="one query (or give queries)")
+    queries: list[SearchQuery] | None = Field(
+        None, min_length=1, description="several queries, answered in order, each a list of results"
+    )
     top_k: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if (self.parts is None) == (self.queries is None):
+            raise ValueError("give parts (one query) or queries (several), not both nor neither")
+        return self
+
+    def asked(self) -> tuple[list[list], list[int], list[str]]:
+        """Each query's parts, top_k, and the name its errors carry (``parts``, ``queries[i].parts``)."""
+        if self.queries is None:
+            return [self.parts], [self.top_k], ["parts"]
+        return (
+            [q.parts for q in self.queries],
+            [q.top_k or self.top_k for q in self.queries],
+            [f"queries[{i}].parts" for i in range(len(self.queries))],
+        )
 
 
 class EmbedRequest(BaseModel):
@@ -78,8 +109,15 @@ class Hit(BaseModel):
     title: str
 
 
-class SearchResponse(BaseModel):
+class QueryResults(BaseModel):
     results: list[Hit]
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit] | None = Field(None, description="the query's hits (a request with parts)")
+    queries: list[QueryResults] | None = Field(
+        None, description="each query's hits, in the request's order (a request with queries)"
+    )
     checkpoint: str = Field(description="content hash of the checkpoint that embedded the query")
     index: str = Field(description="id of the index that answered (the index stage's lineage hash)")
 
@@ -99,6 +137,7 @@ class Limits:
     max_pixels: int
     max_request_pixels: int
     max_top_k: int
+    max_inputs_per_request: int
 
 
 @dataclass
@@ -109,6 +148,15 @@ class Query:
     text: str
     images: list  # bytes and product ids (str), in slot order
     pixels: int = 0  # the inline images' decoded pixels, in all
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """What the encoder answers for an embedding: the vector, and the tokens of the model's input as its
+    processor built them (``/v1/embeddings``' usage)."""
+
+    vector: np.ndarray
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -180,52 +228,80 @@ def check_text(text: str, where: str) -> None:
         raise ApiError(422, f"{where}: text is not valid Unicode (a lone surrogate)") from None
 
 
-def to_query(parts: list, limits: Limits, products) -> Query:
-    """A request's parts -> Query; ``products``: the ids a product part may name. CPU work (base64, image
-    headers): the ingress runs it in a worker thread, off its event loop."""
+def to_query(parts: list, limits: Limits, products, where: str = "parts", used: int = 0) -> Query:
+    """A request's parts -> Query; ``products``: the ids a product part may name; ``where``: the parts'
+    name in errors; ``used``: pixels the request's earlier queries took of its budget. CPU work (base64,
+    image headers): the ingress runs it in a worker thread, off its event loop."""
     if len(parts) > limits.max_parts:
-        raise ApiError(422, f"{len(parts)} parts, over the limit {limits.max_parts}")
-    text, images, chars, pixels = [], [], 0, 0
+        raise ApiError(422, f"{where}: {len(parts)} parts, over the limit {limits.max_parts}")
+    text, images, chars, pixels = [], [], 0, used
     for i, part in enumerate(parts):
-        where = f"parts[{i}]"
+        at = f"{where}[{i}]"
         if part.type == "text":
             chars += len(part.text)
             if chars > limits.max_text_chars:
-                raise ApiError(422, f"{where}: text over {limits.max_text_chars} characters in all")
-            check_text(part.text, where)
+                raise ApiError(422, f"{at}: text over {limits.max_text_chars} characters in all")
+            check_text(part.text, at)
             text.append(part.text)
         elif part.type == "image":
-            raw, n = check_image(part.image, where, limits)
+            raw, n = check_image(part.image, at, limits)
             pixels += n
             if pixels > limits.max_request_pixels:
                 raise ApiError(
                     413,
-                    f"{where}: the request's images come to {pixels} pixels, over the limit "
+                    f"{at}: the request's images come to {pixels} pixels, over the limit "
                     f"{limits.max_request_pixels} a request",
                 )
             text.append(S.IMAGE_SLOT)
             images.append(raw)
         else:
             if part.id not in products:
-                raise ApiError(
-                    422, f"{where}: unknown product id {part.id[:80]!r} (not in the candidate pool)"
-                )
+                raise ApiError(422, f"{at}: unknown product id {part.id[:80]!r} (not in the candidate pool)")
             text.append(S.IMAGE_SLOT)
             images.append(part.id)
-    return Query("".join(text), images, pixels)
+    return Query("".join(text), images, pixels - used)
 
 
-def to_candidate(parts: list, limits: Limits, products) -> Query:
+def to_candidate(parts: list, limits: Limits, products, where: str = "parts", used: int = 0) -> Query:
     """A candidate: its text parts are the title, and it has exactly one image or product part."""
-    q = to_query(parts, limits, products)
+    q = to_query(parts, limits, products, where, used)
     if len(q.images) != 1:
-        raise ApiError(422, f"a candidate has exactly one image or product part, got {len(q.images)}")
+        raise ApiError(
+            422, f"{where}: a candidate has exactly one image or product part, got {len(q.images)}"
+        )
     return Query(q.text.replace(S.IMAGE_SLOT, ""), q.images, q.pixels)
+
+
+def to_queries(parts: list[list], names: list[str], limits: Limits, products, to=to_query) -> list[Query]:
+    """A request's inputs (each a list of parts, named ``names[i]`` in errors) -> queries (``to``:
+    ``to_query`` or ``to_candidate``), within the request's limits: at most ``max_inputs_per_request``,
+    and ``max_request_pixels`` over all their images."""
+    check_inputs(len(parts), limits)
+    out: list[Query] = []
+    used = 0
+    for p, name in zip(parts, names, strict=True):
+        out.append(to(p, limits, products, name, used))
+        used += out[-1].pixels
+    return out
+
+
+def check_inputs(n: int, limits: Limits) -> None:
+    if n > limits.max_inputs_per_request:
+        raise ApiError(422, f"{n} inputs, over the limit {limits.max_inputs_per_request} a request")
 
 
 def check_top_k(top_k: int, limits: Limits) -> None:
     if top_k > limits.max_top_k:
         raise ApiError(422, f"top_k={top_k}, over the limit {limits.max_top_k}")
+
+
+def answers(results: list, names: list[str]) -> list:
+    """The encoder's answers to a request's inputs; the first it refused fails the request, named (when
+    the request has several inputs)."""
+    for result, name in zip(results, names, strict=True):
+        if isinstance(result, Refused):  # this request alone: the rest of its batch got theirs
+            raise ApiError(result.status, f"{name}: {result.message}" if len(names) > 1 else result.message)
+    return results
 
 
 def validation_message(errors: list[dict]) -> tuple[int, str]:

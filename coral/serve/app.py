@@ -8,10 +8,12 @@ encoder replica itself.
 raises ``IndexMismatch`` naming both and nothing starts. ``build(args)`` is the same for Serve's own
 tools (``serve run`` / ``serve deploy`` of the YAML that ``serve_config`` writes).
 
-Routes: ``POST /v1/search``, ``POST /v1/embed``, ``GET /v1/info``, ``GET /healthz``; OpenAPI at
-``/docs`` and ``/openapi.json``. This module assembles the application; the deployments are in
-``coral.serve.deployments``, the HTTP layer (middleware, token) in ``coral.serve.http``, and the request
-checks in ``coral.serve.api``.
+Routes: ``POST /v1/search`` (one query or several), ``POST /v1/embed``, ``POST /v1/embeddings``
+(OpenAI's embeddings API), ``GET /v1/info``, ``GET /healthz``; OpenAPI at ``/docs`` and
+``/openapi.json``; docs/serving.md. This module assembles the application; the deployments are in
+``coral.serve.deployments``, what their replicas check as they start in ``coral.serve.binding``, the HTTP
+layer (middleware, token) in ``coral.serve.http``, the request checks in ``coral.serve.api`` and
+``coral.serve.embeddings``, the metrics in ``coral.serve.metrics``.
 """
 
 from __future__ import annotations
@@ -23,16 +25,8 @@ from coral import checkpoint, manifest, ray_runtime, storage
 from coral.config import Config, DeploymentConfig, ServeConfig, load_config
 from coral.errors import ConfigError
 from coral.serve import api
-from coral.serve.deployments import (
-    Encoder,
-    Index,
-    IndexTable,
-    Ingress,
-    ReplicaSettings,
-    binding,
-    bound_checkpoint,
-    check_binding,
-)
+from coral.serve.binding import IndexTable, binding, bound_checkpoint, check_binding
+from coral.serve.deployments import Encoder, Index, Ingress, ReplicaSettings
 from coral.serve.http import token_of
 
 # ``build`` is Serve's import path (``coral.serve.app:build`` in Serve configs and cluster manifests); the

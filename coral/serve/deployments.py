@@ -1,7 +1,7 @@
 """The Serve deployments of the retriever: the query ``Encoder`` (batches concurrent requests with
 ``@serve.batch``), the ``Index`` (an ``IndexTable``: the FAISS index and its candidate table) and the HTTP
-``Ingress``, and what their replicas check and read when they start: the checkpoint/index binding the app
-was built with, and the candidate pool, read from storage rather than carried in deployment arguments.
+``Ingress``. What their replicas check and read when they start (the checkpoint/index binding the app was
+built with, the candidate pool) is in ``coral.serve.binding``; their metrics in ``coral.serve.metrics``.
 
 ``coral.serve.app`` chooses where the index lives and binds these into the application.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,15 +19,14 @@ from fastapi import Depends
 from ray import serve
 from ray.serve._private import constants as serve_constants
 
-from coral import checkpoint, storage
-from coral import schemas as S
+from coral import storage
 from coral.catalog import lookup
 from coral.config import Config, IndexStageConfig, ServeConfig, StorageConfig
-from coral.search import index as search_index
-from coral.search import knn
 from coral.search.embedder import Embedder
-from coral.serve import api
+from coral.serve import api, embeddings
+from coral.serve.binding import IndexTable, check_binding, pool_ids, pool_products
 from coral.serve.http import app, authorized, configure
+from coral.serve.metrics import EncoderMetrics, HttpMetrics
 from coral.serve.pacing import BatchWait
 from coral.serve.retry import retried
 
@@ -68,82 +68,14 @@ def over_serve_transport(handle):
     return handle.options(_by_reference=not serve_constants.RAY_SERVE_USE_GRPC_BY_DEFAULT)
 
 
-def pool_ids(index_dir: storage.Location) -> list[str]:
-    """The candidate pool's product ids (the index's rows)."""
-    data = index_dir.child("data")
-    return storage.read_dataset(data, columns=[S.ID])[S.ID].to_pylist()
-
-
-def pool_products(config: Config, index_dir: storage.Location) -> dict:
-    """id, title and image columns of the candidate pool's products (for product parts)."""
-    run_root = storage.resolve(config.run.run_root, config.storage)
-    return lookup.columns(lookup.read(run_root, ids=pool_ids(index_dir)))
-
-
-def bound_checkpoint(config: Config, meta: dict, index_dir: storage.Location) -> checkpoint.Checkpoint:
-    """The checkpoint to serve, checked against the index: refuses a pair that does not belong together."""
-    built = meta["checkpoint"]
-    uri = config.serve.checkpoint or built["uri"]
-    ckpt = checkpoint.describe(uri, built["kind"], config.storage)
-    checkpoint.check_bound(meta, ckpt, index_dir.uri)
-    return ckpt
-
-
-def binding(meta: dict, ckpt: checkpoint.Checkpoint) -> dict:
-    """What a replica checks again when it starts: the checkpoint's content hash and the index file's."""
-    return {"checkpoint": ckpt.hash, "index_sha256": meta.get("index_sha256")}
-
-
-def same_index(meta: dict, bound: dict, where: str) -> None:
-    """``index.json`` still names the index file and checkpoint the app was built with."""
-    now = {"checkpoint": meta["checkpoint"]["hash"], "index_sha256": meta.get("index_sha256")}
-    if now != bound:
-        raise checkpoint.IndexMismatch(
-            f"the index at {where} changed since this app was built (it was built with checkpoint "
-            f"{bound['checkpoint']} and index file sha256 {bound['index_sha256']}; {checkpoint.INDEX_META} "
-            f"now names {now['checkpoint']} and {now['index_sha256']}); redeploy the app"
-        )
-
-
-def check_binding(config: Config, index_dir: storage.Location, bound: dict) -> checkpoint.Checkpoint:
-    """In a replica as it starts: the index is still the one the app was built with, and the checkpoint
-    at the path is still the one that built it (hashed again, not trusted)."""
-    meta = checkpoint.read_index_meta(index_dir)
-    same_index(meta, bound, index_dir.uri)
-    return bound_checkpoint(config, meta, index_dir)
-
-
-class IndexTable:
-    """The FAISS index and its candidate table (row -> id, title). ``bound``: the checkpoint and index the
-    app was built with; an index that is not that one any more refuses to load."""
-
-    def __init__(self, index_uri: str, storage_cfg: StorageConfig, index_cfg: IndexStageConfig, bound: dict):
-        index_dir = storage.resolve(index_uri, storage_cfg)
-        self.index, meta, table = search_index.load(index_dir, index_cfg)  # checks index.faiss's SHA-256
-        same_index(meta, bound, index_dir.uri)
-        self.ids, self.titles = table[S.ID].to_pylist(), table[S.TITLE].to_pylist()
-
-    def search_many(self, vectors: np.ndarray, ks: list[int]) -> list[list[dict]]:
-        """One FAISS search for a batch of query vectors; row i keeps its own top ``ks[i]``."""
-        k = min(max(ks), len(self.ids))
-        scores, rows = knn.search(self.index, np.ascontiguousarray(vectors, dtype=np.float32), k)
-        return [
-            [
-                {"rank": r + 1, "id": self.ids[i], "score": float(s), "title": self.titles[i] or ""}
-                for r, (i, s) in enumerate(zip(row[:want], score[:want], strict=True))
-                if i >= 0
-            ]
-            for row, score, want in zip(rows, scores, ks, strict=True)
-        ]
-
-
 @serve.deployment
 class Encoder:
     """Query and candidate embeddings, and the search of queries: concurrent requests are embedded together
-    (``@serve.batch``) and a batch's queries go to the index in one call. A request whose input the model
-    cannot take gets ``api.Refused`` for itself alone. A request whose HTTP client goes away is cancelled
-    by Serve down to here, and a cancelled request waiting for a batch is left out of it (``serve.batch``
-    drops cancelled requests when it forms the batch)."""
+    (``@serve.batch``), a request's several inputs queued together into the same batch where they fit, and
+    a batch's queries go to the index in one call. A request whose input the model cannot take gets
+    ``api.Refused`` for that input. A request whose HTTP client goes away is cancelled by Serve down to
+    here, and a cancelled request waiting for a batch is left out of it (``serve.batch`` drops cancelled
+    requests when it forms the batch)."""
 
     def __init__(self, config: Config, bound: dict, settings: ReplicaSettings, index):
         """``bound``: the checkpoint and index the app was built with, checked again here (a replica may
@@ -163,6 +95,7 @@ class Encoder:
         self.run_many.set_max_batch_size(settings.batch_size)
         self.pacing = BatchWait(settings.batch_wait_s)
         self.counts = {"batches": 0, "requests": 0, "refused": 0}  # what this replica ran (``/v1/info``)
+        self.metrics = EncoderMetrics()  # here, in the replica's process: Ray exports them from it
         self.turn = asyncio.Lock()  # one run at a time
 
     def features(self, role: str, query: api.Query) -> dict:
@@ -187,23 +120,26 @@ class Encoder:
             return [v for f in features for v in self._embed([f])]
 
     def _work(self, items: list[tuple]) -> tuple[list, list[int], list | None]:
-        """The batch's embeddings (or ``Refused``), the rows that want hits, and their hits when the
-        index is here."""
+        """The batch's embeddings (``Embedded``, or ``Refused``), the rows that want hits, and their hits
+        when the index is here."""
         out: list = [None] * len(items)
         features = {}
-        for i, (role, query, _) in enumerate(items):
+        for i, (role, query, _, _) in enumerate(items):
             try:
                 features[i] = self.features(role, query)
             except Exception as e:
                 out[i] = api.refused(e)
         for i, v in zip(features, self._embed(list(features.values())), strict=True):
             out[i] = v
-        wanted = [i for i, (_, _, k) in enumerate(items) if k > 0 and isinstance(out[i], np.ndarray)]
+        wanted = [i for i, item in enumerate(items) if item[2] > 0 and isinstance(out[i], np.ndarray)]
         hits = (
             self.table.search_many(*self._queries(items, out, wanted))
             if self.table is not None and wanted
             else None
         )
+        for i, f in features.items():  # an embedding comes with its input's tokens (``/v1/embeddings``)
+            if items[i][2] == 0 and isinstance(out[i], np.ndarray):
+                out[i] = api.Embedded(out[i], int(np.asarray(f.get("input_ids", ())).size))
         return out, wanted, hits
 
     @staticmethod
@@ -211,19 +147,26 @@ class Encoder:
         return np.stack([vectors[i] for i in wanted]), [items[i][2] for i in wanted]
 
     async def run(self, items: list[tuple]) -> list:
-        """(role, query, top_k) -> the embedding, or the top_k hits when top_k > 0, or ``Refused``. The
-        model runs in a worker thread, so that the replica's event loop (where Serve runs this) keeps
-        taking requests and the next batch fills meanwhile: even for a lone request, since one run on the
-        loop would hide the requests that arrive during it, and each would look alone in turn. Runs take
-        turns (a lone request's and a batch's would otherwise share the cores)."""
+        """(role, query, top_k, arrived) -> the embedding, or the top_k hits when top_k > 0, or
+        ``Refused``. The model runs in a worker thread, so that the replica's event loop (where Serve runs
+        this) keeps taking requests and the next batch fills meanwhile: even for a lone request, since one
+        run on the loop would hide the requests that arrive during it, and each would look alone in turn.
+        Runs take turns (a lone request's and a batch's would otherwise share the cores)."""
         async with self.turn:
+            start = time.perf_counter()
             self.counts["batches"] += 1
             self.counts["requests"] += len(items)
             with self.pacing.running(len(items)):  # the next batch waits about as long as this runs
                 out, wanted, hits = await asyncio.to_thread(self._work, items)
                 if wanted and hits is None:
                     hits = await self.index.search_many.remote(*self._queries(items, out, wanted))
-        self.counts["refused"] += sum(isinstance(v, api.Refused) for v in out)
+        refused = sum(isinstance(v, api.Refused) for v in out)
+        self.counts["refused"] += refused
+        self.metrics.batch(
+            [start - item[3] for item in items],
+            time.perf_counter() - start,
+            {"searched": len(wanted), "embedded": len(items) - len(wanted) - refused, "refused": refused},
+        )
         for i, h in zip(wanted, hits or [], strict=True):
             out[i] = h
         return out
@@ -232,24 +175,32 @@ class Encoder:
     async def run_many(self, items: list[tuple]) -> list:
         return await self.run(items)
 
-    async def _one(self, item: tuple):
-        wait = self.pacing.arrive()
+    async def _all(self, items: list[tuple]) -> list:
+        """One request's inputs (role, query, top_k): queued at once, so that they land in the same batch
+        where they fit; a lone request of one input runs at once, without the batch queue."""
+        now = time.perf_counter()
+        items = [(*item, now) for item in items]
+        wait = self.pacing.arrive(len(items))
+        self.metrics.in_flight(self.pacing.in_flight)
         try:
-            if self.pacing.alone():  # nothing to batch with: no batch queue
-                return (await self.run([item]))[0]
+            if len(items) == 1 and self.pacing.alone():  # nothing to batch with: no batch queue
+                return await self.run(items)
             self.run_many.set_batch_wait_timeout_s(wait)  # read when the request opens a batch
-            return await self.run_many(item)
+            return list(await asyncio.gather(*(self.run_many(item) for item in items)))
         finally:
-            self.pacing.leave()
+            self.pacing.leave(len(items))
+            self.metrics.in_flight(self.pacing.in_flight)
 
-    async def embed(self, role: str, query: api.Query):
-        return await self._one((role, query, 0))
+    async def embed(self, role: str, queries: list[api.Query]) -> list:
+        """Each query's ``Embedded`` (or ``Refused``), in order."""
+        return await self._all([(role, q, 0) for q in queries])
 
-    async def search(self, query: api.Query, k: int):
-        return await self._one(("query", query, k))
+    async def search(self, queries: list[api.Query], ks: list[int]) -> list:
+        """Each query's top ``ks[i]`` hits (or ``Refused``), in order."""
+        return await self._all([("query", q, k) for q, k in zip(queries, ks, strict=True)])
 
     async def ran(self) -> dict:
-        """Batches and requests this replica has run, and requests it refused."""
+        """Batches and inputs (queries, embeddings) this replica has run, and inputs it refused."""
         return dict(self.counts)
 
 
@@ -277,18 +228,7 @@ class Ingress:
         self.limits = api.Limits(**info["limits"])
         # the ids a product part may name, read here from storage (not deployment arguments)
         self.pool = pool_ids(storage.resolve(config.run.run_root, config.storage).child("index"))
-        configure(self.limits, token_digest)
-
-    async def _parts(self, to, parts: list) -> api.Query:
-        """The request's parts checked and turned into a query in a worker thread (base64 and image
-        headers are CPU work): the event loop keeps answering, ``/healthz`` included."""
-        return await asyncio.to_thread(to, parts, self.limits, self.pool)
-
-    @staticmethod
-    def _answer(result):
-        if isinstance(result, api.Refused):  # this request alone: the rest of its batch got theirs
-            raise api.ApiError(result.status, result.message)
-        return result
+        configure(self.limits, token_digest, HttpMetrics())  # metrics made here, in the replica
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -299,24 +239,49 @@ class Ingress:
         """The app's description, and what the encoder replica that answers has run so far."""
         return {**self.info_body, "encoder_ran": await retried(lambda: self.encoder.ran.remote())}
 
-    @app.post("/v1/search", dependencies=[Depends(authorized)], response_model=api.SearchResponse)
+    @app.post(
+        "/v1/search",
+        dependencies=[Depends(authorized)],
+        response_model=api.SearchResponse,
+        response_model_exclude_none=True,
+    )
     async def search(self, body: api.SearchRequest) -> dict:
-        api.check_top_k(body.top_k, self.limits)
-        query = await self._parts(api.to_query, body.parts)
+        """One query (``parts``): its ``results``; several (``queries``): each one's, in order."""
+        parts, ks, names = body.asked()
+        for k in ks:
+            api.check_top_k(k, self.limits)
+        # checked and turned into queries in a worker thread (base64 and image headers are CPU work): the
+        # event loop keeps answering, ``/healthz`` included
+        queries = await asyncio.to_thread(api.to_queries, parts, names, self.limits, self.pool)
         # embedded and searched in the encoder's batch; sent again if its replica dies meanwhile
-        hits = self._answer(await retried(lambda: self.encoder.search.remote(query, body.top_k)))
-        return {
-            "results": hits,
+        hits = api.answers(await retried(lambda: self.encoder.search.remote(queries, ks)), names)
+        answered = {
             "checkpoint": self.info_body["checkpoint"]["hash"],
             "index": self.info_body["index"]["id"],
         }
+        if body.queries is None:
+            return {"results": hits[0], **answered}
+        return {"queries": [{"results": h} for h in hits], **answered}
 
     @app.post("/v1/embed", dependencies=[Depends(authorized)], response_model=api.EmbedResponse)
     async def embed(self, body: api.EmbedRequest) -> dict:
-        query = await self._parts(api.to_query if body.role == "query" else api.to_candidate, body.parts)
-        vector = self._answer(await retried(lambda: self.encoder.embed.remote(body.role, query)))
+        to = api.to_query if body.role == "query" else api.to_candidate
+        queries = await asyncio.to_thread(api.to_queries, [body.parts], ["parts"], self.limits, self.pool, to)
+        vector = api.answers(await retried(lambda: self.encoder.embed.remote(body.role, queries)), ["parts"])
+        vector = vector[0].vector
         return {
             "embedding": vector.tolist(),
             "dim": len(vector),
             "checkpoint": self.info_body["checkpoint"]["hash"],
         }
+
+    @app.post(
+        "/v1/embeddings", dependencies=[Depends(authorized)], response_model=embeddings.EmbeddingsResponse
+    )
+    async def openai_embeddings(self, body: embeddings.EmbeddingsRequest) -> dict:
+        """OpenAI's embeddings API (``coral.serve.embeddings``): one embedding an input, in order."""
+        role = embeddings.role_of(body)
+        embeddings.check_dimensions(body.dimensions, self.info_body["dim"])
+        queries, names = await asyncio.to_thread(embeddings.to_queries, body, role, self.limits, self.pool)
+        embedded = api.answers(await retried(lambda: self.encoder.embed.remote(role, queries)), names)
+        return embeddings.response(embedded, self.info_body["checkpoint"]["hash"], body.encoding_format)

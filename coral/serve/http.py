@@ -1,5 +1,5 @@
-"""The Serve app's HTTP layer: the FastAPI app, the body-size middleware, the error responses, and the
-bearer token (the check on each route, and ``token_of``, which refuses a public host without one).
+"""The Serve app's HTTP layer: the FastAPI app, the body-size and metrics middleware, the error responses,
+and the bearer token (the check on each route, and ``token_of``, which refuses a public host without one).
 
 The ingress deployment (``coral.serve.deployments.Ingress``) serves this ``app``; the request schema and
 the checks of its parts are in ``coral.serve.api``.
@@ -7,8 +7,10 @@ the checks of its parts are in ``coral.serve.api``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -20,6 +22,7 @@ from coral import net
 from coral.config import ServeConfig
 from coral.errors import ConfigError
 from coral.serve import api
+from coral.serve.metrics import route_of
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,40 @@ class BodyLimit:
         return await self.inner(scope, counted, send)
 
 
+class Measured:
+    """ASGI middleware, outside ``BodyLimit``: every response's route, status and seconds go to
+    ``app.state.metrics`` (the ingress replica's ``coral.serve.metrics.HttpMetrics``), refusals by the
+    middleware, the token check and validation included. A client that leaves first counts as 499."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        metrics = getattr(app.state, "metrics", None)
+        if scope["type"] != "http" or metrics is None:
+            return await self.inner(scope, receive, send)
+        start, status = time.perf_counter(), None
+
+        async def sent(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, sent)
+        except asyncio.CancelledError:
+            status = status or 499
+            raise
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            metrics.request(route_of(scope), status or 500, time.perf_counter() - start)
+
+
 app.add_middleware(BodyLimit)
+app.add_middleware(Measured)  # added last: the outermost, so it sees BodyLimit's 413s
 
 
 @app.exception_handler(api.ApiError)
@@ -74,10 +110,10 @@ async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
-def configure(limits: api.Limits, token_digest: str | None) -> None:
-    """Set the limits and token the middleware and the auth dependency read. A module function, so that it
-    runs on this module's ``app`` even from a deployment class that Serve serialised by value."""
-    app.state.limits, app.state.token_digest = limits, token_digest
+def configure(limits: api.Limits, token_digest: str | None, metrics=None) -> None:
+    """Set the limits, token and metrics the middleware and the auth dependency read. A module function, so
+    that it runs on this module's ``app`` even from a deployment class that Serve serialised by value."""
+    app.state.limits, app.state.token_digest, app.state.metrics = limits, token_digest, metrics
 
 
 async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:

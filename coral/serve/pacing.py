@@ -58,11 +58,12 @@ class BatchWait:
         self.in_flight, self.company = 0, 0.0
         self.cost, self.batch = BatchCost(), None  # batch: (start, size) of the running one
 
-    def arrive(self) -> float:
-        """A request arrives: the wait for the batch it may open, in seconds."""
+    def arrive(self, n: int = 1) -> float:
+        """A request arrives with ``n`` inputs (several queries or embeddings, queued together): the wait
+        for the batch it may open, in seconds. The company average counts the request once."""
         self.company += self.smoothing * (self.in_flight - self.company)
         busy = self.in_flight > 0 or self.company >= self.busy_at
-        self.in_flight += 1
+        self.in_flight += n
         wait = self.wait_s if busy else 0.0
         if self.batch is not None and self.wait_s > 0:
             start, size = self.batch
@@ -71,12 +72,12 @@ class BatchWait:
         return wait
 
     def alone(self) -> bool:
-        """Only one request is at the encoder, and requests have not been keeping each other company."""
+        """Only one input is at the encoder, and requests have not been keeping each other company."""
         return self.in_flight <= 1 and self.company < self.busy_at
 
-    def leave(self) -> None:
-        """The request's answer is out."""
-        self.in_flight -= 1
+    def leave(self, n: int = 1) -> None:
+        """The request's answer (for its ``n`` inputs) is out."""
+        self.in_flight -= n
 
     @contextmanager
     def running(self, size: int):

@@ -9,7 +9,9 @@ Written under ``{run_root}/evaluate/``: ``metrics.json`` (per model: R@1, R@5, R
 bootstrap intervals, counts, and the same figures by number of conditions, language and class, and by
 the merit stage's out-of-distribution labels when ``merit.ood`` held axes out: each label apart and the
 rest as ``in_distribution``),
-``data/`` (every query's rank, top-10 ids and their scores per model), ``report.md`` and its PNG plots. With
+``data/`` (every query's rank, top-10 ids and their scores per model), ``report.md`` and its PNG plots,
+``trec/`` (TREC runs and qrels per split; the train export's model card gets the figures:
+``coral.stages.artifacts``). With
 ``evaluate.gate`` set, a trained metric below its bar fails the stage (outputs kept) and stops the graph.
 """
 
@@ -30,7 +32,7 @@ from coral.manifest import StageResult
 from coral.models import loader
 from coral.search import index as search_index
 from coral.search import knn
-from coral.stages import heldout
+from coral.stages import artifacts, heldout
 from coral.stages.base import StageContext, as_matrix
 
 NAMES = metrics.MERIT_NAMES
@@ -263,6 +265,7 @@ class EvaluateStage:
             "metrics": metric_names(cfg),
         }
         storage.write_json(out.child("metrics.json"), result)
+        artifacts.after_evaluate(ctx, rows, ranked, sims, ood, result)  # trec/, the train export's card
         table = pa.table(
             {
                 S.QUERY_ID: [q[S.QUERY_ID] for q in rows for _ in ranks],
@@ -314,21 +317,17 @@ def write_report(out: storage.Location, scores: dict, ranks: dict, meta: dict, n
         "",
         "![ranks](ranks.png)",
         "",
+        "![Recall@k](recall_at_k.png)",
+        "",
     ]
-    bins = [str(i) for i in range(1, 11)] + ["miss"]
-    hist = {
-        m: [sum(1 for r in ranks[m] if (r == i if i else r < 0)) for i in [*range(1, 11), 0]] for m in models
-    }
-    storage.write_bytes(
-        out.child("ranks.png"),
-        report.bars_png(bins, {m: [float(v) for v in hist[m]] for m in models}, "rank of the best positive"),
-    )
+    storage.write_bytes(out.child("ranks.png"), report.png(report.ranks_figure(ranks)))
+    storage.write_bytes(out.child("recall_at_k.png"), report.png(report.recall_figure(ranks)))
     for group in GROUPS:
         cats = sorted(scores["trained"]["by"][group])
         series = {m: [scores[m]["by"][group][c][head] for c in cats] for m in models}
-        storage.write_bytes(
-            out.child(f"r1_by_{group}.png"), report.bars_png(cats, series, f"{head} by {group}", 1.0)
-        )
+        counts = [scores["trained"]["by"][group][c]["queries"] for c in cats]
+        fig = report.bars_figure(cats, series, f"{head} by {group}", 1.0, group, head, counts)
+        storage.write_bytes(out.child(f"r1_by_{group}.png"), report.png(fig))
         lines += [
             f"## {head} by {group}",
             "",

@@ -1,14 +1,15 @@
-"""import_triplets: training triplets read from a released dataset's files (MERIT or MegaPairs formats),
-so the training stage can train on them like on the graph's own.
+"""import_triplets: training triplets read from a released dataset's files (MERIT's or MegaPairs' formats,
+or ``{query, pos, neg}`` JSON lines), so the training stage can train on them like on the graph's own.
 
 Every item becomes TRIPLETS rows (MegaPairs: one per instruction); an item that cannot be read is
 rejected with its position and the reason, and the rest go on. MERIT's queries name images by path and
-positives by product id: with ``imports.candidates`` the paths are mapped to product ids and the
-candidates (id, title, image path) are written to ``candidates/``. Image paths are kept as written;
-``details.image_root`` is the folder they are relative to. Every image path an item names must resolve
-under its file's folder or ``imports.allowed_image_roots`` (``coral.paths.confine``); an item naming any
-other is rejected with the reason, and a candidate naming one is left out (``candidates_rejected/``,
-counted in ``details.candidates_rejected``).
+positives by product id, ``{query, pos, neg}`` lines every image and candidate by path: with
+``imports.candidates`` the paths are mapped to product ids and the candidates (id, title, image path) are
+written to ``candidates/``. Image paths are kept as written; ``details.image_root`` is the folder they
+are relative to. Every image path an item names must resolve under its file's folder or
+``imports.allowed_image_roots`` (``coral.paths.confine``); an item naming any other is rejected with the
+reason, and a candidate naming one is left out (``candidates_rejected/``, counted in
+``details.candidates_rejected``).
 
 Held out (MERIT's protocol): ``imports.test_queries`` (MERIT's ``queries-test.json``) gives the
 ``test`` rows, ``imports.queries`` the training ones (``imports.split``), in one run; with
@@ -69,6 +70,8 @@ def to_rows(cfg: ImportConfig, item: dict, position: int, id_of, prefix: str = "
         rows = [formats.from_merit_query(item, id_of, cfg.split)]
     elif cfg.format == "released":
         rows = [formats.from_released_query(item, f"{prefix}{position}" if prefix else position, cfg.split)]
+    elif cfg.format == "query_pos_neg":
+        rows = [formats.from_query_pos_neg(item, f"qpn-{prefix}{position:09d}", id_of, cfg.split)]
     else:
         rows = formats.from_megapairs(item, f"megapairs-{prefix}{position:09d}", id_of, cfg.split)
     if cfg.test_fraction > 0 and rows:  # one split per item (MegaPairs: its rows), by its first query id

@@ -19,9 +19,12 @@ Also written: for each axis ``merit.ood`` holds out of training, out-of-distribu
 ``ood/{language,attribute,class}/`` (query id -> ``train`` or ``ood_{kind}_{value}``; the train stage
 drops the rows that touch a held-out value, evaluate scores the labelled queries apart), and with
 ``export`` MERIT's layout under ``export/``: ``queries-{split}.json``, ``candidates-{split}.json`` (the
-products of each split) and the images they name (``images/<id>.png``): a product whose id is not one safe
-file-name component (``coral.paths.safe_name``), and every query naming it, are left out of the export,
-each with the reason under ``export_rejected/`` and counted in ``details.export_rejected``.
+products of each split) and the images they name (``images/<id>.png``), and the same queries as
+``{query, pos, neg}`` JSON lines, hard negatives included (``{split}.jsonl``, FlagEmbedding's and
+Tevatron's training format; ``coral.catalog.formats``): a product whose id is not one safe file-name
+component (``coral.paths.safe_name``), and every query naming it as a query product or positive, are left
+out of the export, each with the reason under ``export_rejected/`` and counted in
+``details.export_rejected`` (as a hard negative it is only left out of the query's ``neg``).
 """
 
 from __future__ import annotations
@@ -308,7 +311,8 @@ def unsafe_ids(ids: list[str]) -> dict[str, str]:
 
 def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> dict[str, int]:
     """MERIT's layout: queries-{split}.json and candidates-{split}.json (conversation format, what MERIT's
-    training and inference scripts read), and every image they name (PNG), under ``merit/export/``.
+    training and inference scripts read), and every image they name (PNG), under ``merit/export/``; the
+    queries also as ``{split}.jsonl``, ``{query, pos, neg}`` JSON lines with their hard negatives.
     Products whose id is no safe file name, and the queries naming them, are left out, each with the
     reason under ``merit/export_rejected/``; returns those reasons counted."""
     root = ctx.stage_dir("merit").child("export")
@@ -332,9 +336,20 @@ def export(ctx: StageContext, rows: list[dict], products: list[dict]) -> dict[st
             )
         else:
             kept.append(r)
+    titles = {p[S.ID]: p[S.TITLE] for p in products}
     for split in sorted({r[S.SPLIT] for r in rows}):
         items = [formats.to_merit_query(r, path_of) for r in kept if r[S.SPLIT] == split]
         storage.write_bytes(root.child(f"queries-{split}.json"), formats.dumps(items).encode())
+        lines = [
+            formats.to_query_pos_neg(
+                {**r, S.HARD_NEGATIVE_IDS: [n for n in r.get(S.HARD_NEGATIVE_IDS) or [] if n not in unsafe]},
+                path_of,
+                titles,
+            )
+            for r in kept
+            if r[S.SPLIT] == split
+        ]
+        storage.write_bytes(root.child(f"{split}.jsonl"), formats.dumps(lines, lines=True).encode())
     for split in sorted({p[S.SPLIT] for p in products}):
         pool = [p for p in products if p[S.SPLIT] == split and p[S.ID] not in unsafe]
         items = [formats.to_merit_candidate(p[S.ID], p[S.TITLE], path_of(p[S.ID])) for p in pool]

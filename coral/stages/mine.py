@@ -7,8 +7,9 @@ over Ray tasks), pairs inside that encoder's similarity band. Then the union acr
 query, and hard negatives for the kept pairs; every pair carries its split. Units in the manifest: ``rows_in`` counts query images
 (rows of the mined splits), ``rows_out`` counts pairs, ``rows_rejected`` counts query images left without
 any pair (recorded in ``rejected/``).
-Statistics (pairs per encoder, overlap, similarity histograms per split, also as PNG under ``stats/``)
-go to the manifest.
+Statistics (pairs per encoder, overlap, similarity histograms per split) go to the manifest, and as
+figures under ``stats/``: ``sims_{split}_{encoder}.png`` (each histogram, the band shaded) and
+``pairs.png`` (pairs per encoder and split; the kept pairs by the encoders that found them).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class MineStage:
             for n in names:
                 stats["encoders"][n]["pairs_in_band"] += split_stats["encoders"][n]["pairs_in_band"]
         stats["pairs_by_encoders"] = pairs.overlap([p for _, _, p in kept])
+        figure = plots.pairs_png(stats["splits"], stats["pairs_by_encoders"])
+        storage.write_bytes(ctx.stage_dir(self.name).child("stats", "pairs.png"), figure)
         self._write(ctx, kept)
         storage.write_rejected(ctx.rejected(self.name), lonely)
         stats["queries_with_pairs"] = table.num_rows - len(lonely)
@@ -116,7 +119,11 @@ class MineStage:
             storage.write_bytes(
                 ctx.stage_dir(self.name).child("stats", f"sims_{split}_{name}.png"),
                 plots.histogram_png(
-                    counts, edges, band, f"{name} ({split}): similarity of top-{cfg.k} neighbours"
+                    counts,
+                    edges,
+                    band,
+                    f"{name} ({split}): similarity of top-{cfg.k} neighbours",
+                    len(per_encoder[name]),
                 ),
             )
             stats["encoders"][name] = {

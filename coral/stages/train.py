@@ -6,7 +6,8 @@ counted per stage and source in the manifest (``rows_by_source``). Validation: u
 ``validation_queries`` held-out (``test`` split) MERIT queries against every test product, scored at the
 start and the end with the evaluation's metric code. Checkpoints go to ``{run_root}/_checkpoints/train``
 (outside the stage folder, so a rerun after an interruption resumes from the last one); the exported
-Hugging Face dir of the final model goes to ``train/model/``. Units: ``rows_in`` counts training rows,
+Hugging Face dir of the final model goes to ``train/model/``, with its model card ``README.md`` and
+``coral_retriever.json`` (``coral.stages.artifacts``). Units: ``rows_in`` counts training rows,
 ``rows_out`` training steps.
 """
 
@@ -24,24 +25,21 @@ import pyarrow.fs as pafs
 import ray
 
 from coral import schemas as S
-from coral import storage
+from coral import shipped, storage
 from coral.catalog import lookup
 from coral.config import Config, Resources, TrainConfig, section_hash_dict
 from coral.errors import ConfigError
 from coral.manifest import StageResult, stable_hash
 from coral.models import loader
 from coral.models.retrievers import BASES
-from coral.stages import heldout
+from coral.stages import artifacts, heldout
 from coral.stages.base import StageContext
 from coral.train import curves, data
 from coral.train.loop import STATE, train_loop
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
-    path = Path(cfg.deepspeed)
-    path = path if path.is_absolute() or path.exists() else REPO / path
+    path = shipped.deepspeed(cfg.deepspeed)  # a file, else the shipped one it names (zero2.json)
     try:
         ds = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -141,12 +139,19 @@ class TrainStage:
             "held": held,
             "pool": pool,
         }
-        results = []
+        results, facts = [], artifacts.training_facts(ctx, tables, train.num_rows, sources)
         for i, cfg in enumerate(runs(cfg0)):
             out = ctx.stage_dir(self.name).child(*(("model",) if i == 0 else ("compare", cfg.model)))
             results.append(fit(ctx, cfg, train, shared, out))
+            artifacts.write_model_card(cfg, results[-1], out, facts, compare=i > 0)  # the card, its JSON
         # the loss history and the export check's probe go to metrics.json only, not the manifest
         extra = [{k: r.pop(k) for k in ("history", "probe")} for r in results]
+        for i, (r, e) in enumerate(zip(results, extra, strict=True)):
+            title = f"{r['model']} on {posixpath.basename(r['base'].rstrip('/'))}"
+            name = f"curves_{r['model']}.png" if i else "curves.png"  # a compare entry's apart
+            storage.write_bytes(
+                ctx.stage_dir(self.name).child(name), curves.png(e["history"], r["validation"], title)
+            )
         first = results[0]
         details = dict(first) | sources
         if len(results) > 1:

@@ -76,6 +76,7 @@ def check_pairs(root, cfg, n) -> None:
         for name in ("clip_image", "caption"):
             png = root.child("mine", "stats", f"sims_{split}_{name}.png")
             assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.read_bytes(root.child("mine", "stats", "pairs.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     split_of = {r[S.ID]: r[S.SPLIT] for r in emb}
     for row in table.to_pylist():  # each split is mined among itself: nothing crosses
         named = {row[S.QUERY_ID], row[S.TARGET_ID], *row[S.HARD_NEGATIVE_IDS]}

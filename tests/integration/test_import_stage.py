@@ -1,4 +1,5 @@
-"""import_triplets: MERIT's exported JSON comes back as the same triplets; bad items are rejected."""
+"""import_triplets: MERIT's exported JSON, and its ``{query, pos, neg}`` lines, come back as the same triplets;
+bad items are rejected."""
 
 from __future__ import annotations
 
@@ -64,6 +65,31 @@ def test_merit_export_imports_back_and_bad_items_are_rejected(ray_local, tmp_pat
     candidates = pq.read_table(tmp_path / "run" / "import_triplets" / "candidates").to_pylist()
     assert len(candidates) == m["details"]["candidates"] > 0
     assert m["details"]["image_root"].endswith("export")
+    # the same queries as {query, pos, neg} JSON lines come back as the same triplets, hard negatives too
+    qpn = load_config(
+        REPO / "workflows" / "ci_small.yaml",
+        [
+            *base,
+            "run.stages=[import_triplets]",
+            "imports.format=query_pos_neg",
+            f"imports.queries={export / 'test.jsonl'}",
+            f"imports.candidates={export / 'candidates-test.json'}",
+            "imports.split=test",
+        ],
+    )
+    graph.run_graph(qpn)
+    m = manifest.read_complete(storage.resolve(str(tmp_path / "run")).child("import_triplets"))
+    assert m["rows_in"] == m["rows_out"] == len(original) and m["rows_rejected"] == 0
+    imported = {
+        r[S.QUERY_ID]: r for r in pq.read_table(tmp_path / "run" / "import_triplets" / "data").to_pylist()
+    }
+    assert imported.keys() == original.keys()
+    for qid, row in imported.items():
+        cols = [S.QUERY_TEXT, S.QUERY_IMAGE_IDS, S.POSITIVE_IDS, S.HARD_NEGATIVE_IDS, S.CLASS, S.SPLIT]
+        if original[qid][S.SOURCE] == "merit":
+            cols += [S.NUM_CONDITIONS, S.CONDITION_KEYS]
+        for col in cols:
+            assert row[col] == original[qid][col], (qid, col)
 
 
 def test_megapairs_paths_outside_the_files_folder_are_rejected(tmp_path):

@@ -55,6 +55,12 @@ def test_index_is_bound_to_the_trained_checkpoint(run, tiny_models):
         checkpoint.check_bound(meta, clip, "the run's index")
 
 
+def test_the_train_stage_draws_its_curves(run):
+    root, _ = run
+    png = (root / "train" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
 def test_evaluation_writes_trained_and_baseline_rows(run):
     root, _ = run
     m = json.loads((root / "evaluate" / "metrics.json").read_text())
@@ -76,8 +82,16 @@ def test_evaluation_writes_trained_and_baseline_rows(run):
     assert len(ranks) == 2 * len(held)
     trained = [r["rank"] for r in ranks if r["model"] == "trained"]
     assert np.mean([r == 1 for r in trained]) == pytest.approx(m["models"]["trained"]["R@1"])
-    for name in ("report.md", "ranks.png", "r1_by_conditions.png", "r1_by_language.png", "r1_by_class.png"):
+    figures = (
+        "ranks.png",
+        "recall_at_k.png",
+        "r1_by_conditions.png",
+        "r1_by_language.png",
+        "r1_by_class.png",
+    )
+    for name in ("report.md", *figures):
         assert (root / "evaluate" / name).stat().st_size > 100, name
+    assert all(f"]({name})" in (root / "evaluate" / "report.md").read_text() for name in figures)
     assert (root / "evaluate" / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = manifest.read_complete(storage.resolve(str(root)).child("evaluate"))
     assert row["details"]["trained"]["queries"] == len(held)

@@ -1,6 +1,7 @@
 """The Serve application over real HTTP on 127.0.0.1, on the session's short training run: every route,
-served embeddings equal to offline ones, served top-10 equal to the offline evaluation's, the right 4xx
-for bad requests and tokens, a mismatched checkpoint refused, and the graph's serve stage."""
+served embeddings equal to offline ones (and OpenAI's ``/v1/embeddings`` equal to ``/v1/embed``),
+served top-10 equal to the offline evaluation's, several queries a search, the right 4xx for bad requests
+and tokens, the app's metrics on Ray's metrics endpoint, a mismatched checkpoint refused."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from coral import checkpoint, manifest, storage
 from coral import schemas as S
 from coral.catalog import lookup
 from coral.models import retrievers
-from coral.serve import client, deploy
+from coral.serve import binding, client, deploy
 from coral.serve.app import application
 from tests.conftest import free_port
 from tests.tolerance import assert_same_search, ranking_differences
@@ -86,7 +87,7 @@ def test_routes(served):
     assert info["replica_calls"] == "grpc"
     assert info["index"]["in_encoder"] is True and info["index"]["layout"].startswith("auto: the index is")
     spec = http.get(f"{url}/openapi.json").json()
-    assert {"/v1/search", "/v1/embed", "/v1/info", "/healthz"} <= set(spec["paths"])
+    assert {"/v1/search", "/v1/embed", "/v1/embeddings", "/v1/info", "/healthz"} <= set(spec["paths"])
     r = http.post(f"{url}/v1/search", json={"parts": [{"type": "text", "text": "a red mug"}], "top_k": 7})
     body = r.json()
     assert r.status_code == 200 and len(body["results"]) == 7
@@ -169,6 +170,178 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def openai_body(inputs, **extra) -> dict:
+    """OpenAI's wire format, as its Python client sends it (``encoding_format`` base64 by default)."""
+    return {"model": "coral", "input": inputs, "encoding_format": "float", **extra}
+
+
+def data_uri(image: bytes) -> str:
+    return f"data:image/png;base64,{b64(image)}"
+
+
+def test_openai_embeddings_equal_embed_for_the_same_input(served):
+    """``/v1/embeddings`` in OpenAI's wire format: OpenAI's response shape, one vector an input in order,
+    each the one ``/v1/embed`` gives the same input (the same batch or not: a tolerance), the candidate
+    role by field or model suffix, base64 as OpenAI's client decodes it; its inputs share one batch."""
+    url, http, root, config = served
+    images, pool = catalog_images(root), sorted(pool_ids(root))
+    picture = next(iter(images.values()))
+    inputs = [
+        "a red mug",
+        [{"type": "text", "text": "like "}, {"type": "image_url", "image_url": {"url": data_uri(picture)}}],
+        [{"type": "text", "text": "like "}, {"type": "product", "id": pool[0]}],
+    ]
+    as_parts = [
+        [{"type": "text", "text": "a red mug"}],
+        [{"type": "text", "text": "like "}, {"type": "image", "image": b64(picture)}],
+        inputs[2],
+    ]
+    before = http.get(f"{url}/v1/info").json()["encoder_ran"]
+    r = http.post(f"{url}/v1/embeddings", json=openai_body(inputs))
+    after = http.get(f"{url}/v1/info").json()["encoder_ran"]
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"object", "data", "model", "usage"} and body["object"] == "list"
+    info = http.get(f"{url}/v1/info").json()
+    assert body["model"] == info["checkpoint"]["hash"]
+    assert [(d["object"], d["index"]) for d in body["data"]] == [("embedding", i) for i in range(3)]
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    assert (after["requests"] - before["requests"], after["batches"] - before["batches"]) == (3, 1)
+    for got, parts in zip(body["data"], as_parts, strict=True):
+        assert len(got["embedding"]) == info["dim"]
+        alone = http.post(f"{url}/v1/embed", json={"parts": parts}).json()["embedding"]
+        np.testing.assert_allclose(got["embedding"], alone, atol=1e-5)
+    packed = http.post(f"{url}/v1/embeddings", json=openai_body("a red mug", encoding_format="base64")).json()
+    unpacked = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="float32")
+    np.testing.assert_allclose(unpacked, body["data"][0]["embedding"], atol=1e-5)
+    candidate = [{"type": "text", "text": "Red mug"}, {"type": "product", "id": pool[1]}]
+    expected = http.post(f"{url}/v1/embed", json={"parts": candidate, "role": "candidate"}).json()[
+        "embedding"
+    ]
+    for extra in ({"role": "candidate"}, {"model": "coral:candidate"}):
+        got = http.post(f"{url}/v1/embeddings", json=openai_body([candidate], **extra)).json()["data"][0]
+        np.testing.assert_allclose(got["embedding"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        (
+            openai_body([[{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]]),
+            422,
+            "input[0][0]: image_url is an http(s) URL",
+        ),
+        (openai_body([[1, 2, 3]]), 422, "token ids are not accepted"),
+        (openai_body("x", dimensions=3), 422, "dimensions=3"),
+        (openai_body(["x"] * 33), 422, "33 inputs, over the limit 32"),
+        (openai_body(["Red mug"], role="candidate"), 422, "input[0]: a candidate has exactly one image"),
+        (openai_body(["x", "y" * 5000]), 422, "input[1][0]: text over 4000 characters"),
+        (
+            openai_body(
+                ["ok", [{"type": "image_url", "image_url": {"url": data_uri(png_header(5000, 5000))}}]]
+            ),
+            413,
+            "input[1][0]: image is 5000x5000",
+        ),
+        (
+            openai_body(["ok", [{"type": "image_url", "image_url": {"url": data_uri(black_png(1, 300))}}]]),
+            422,
+            "input[1]: the model cannot take this input",
+        ),
+        (openai_body("x" * (BODY_LIMIT + 10)), 413, "request body over"),
+    ],
+)
+def test_bad_embeddings_requests_get_a_4xx_naming_the_input(served, body, status, words):
+    url, http, _, _ = served
+    r = http.post(f"{url}/v1/embeddings", json=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"] and "Traceback" not in r.json()["detail"]
+
+
+def test_several_queries_a_search_are_answered_in_order_from_one_batch(served):
+    """``queries``: each query's results, in order and with its own top_k, as a search of each alone
+    answers (scores within a tolerance: another batch); all of them run in one encoder batch."""
+    url, http, root, _ = served
+    pool = sorted(pool_ids(root))
+    asks = [
+        {"parts": [{"type": "text", "text": "like "}, {"type": "product", "id": pool[i]}], "top_k": 3 + i}
+        for i in range(5)
+    ]
+    asks[4] = {"parts": [{"type": "text", "text": "a red mug"}]}  # the request's top_k
+    before = http.get(f"{url}/v1/info").json()["encoder_ran"]
+    r = http.post(f"{url}/v1/search", json={"queries": asks, "top_k": 4})
+    after = http.get(f"{url}/v1/info").json()["encoder_ran"]
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"queries", "checkpoint", "index"} and len(body["queries"]) == len(asks)
+    assert (after["requests"] - before["requests"], after["batches"] - before["batches"]) == (5, 1)
+    for answer, ask in zip(body["queries"], asks, strict=True):
+        alone = http.post(f"{url}/v1/search", json={"top_k": 4, **ask}).json()
+        assert len(answer["results"]) == ask.get("top_k", 4)
+        assert_same_search({**answer, "checkpoint": body["checkpoint"], "index": body["index"]}, alone)
+    many = client.search_many(http, url, [a["parts"] for a in asks[:2]], top_k=2)
+    assert [[h["rank"] for h in hits] for hits in many] == [[1, 2], [1, 2]]
+
+
+def scrape(address: str) -> dict[str, float]:
+    """Ray's metrics endpoint: each sample name's value, summed over its labels; and ``name{k=v,...}``
+    for the coral metrics' labelled samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names = [sample.name]
+            if sample.name.startswith("ray_coral_serve"):
+                keep = {k: v for k, v in sample.labels.items() if k in ("route", "status", "outcome", "le")}
+                names.append(sample.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(keep.items())) + "}")
+            for name in names:
+                totals[name] = totals.get(name, 0.0) + sample.value
+    return totals
+
+
+def test_the_apps_metrics_reach_rays_metrics_endpoint(served):
+    """Batch sizes, queue waits, latency by route, requests and refusals, recorded by the replicas through
+    ``ray.util.metrics`` and exported on the node's metrics endpoint (Ray reports them every few
+    seconds: polled, within a bound)."""
+    import ray
+
+    url, http, root, _ = served
+    pool = sorted(pool_ids(root))
+    queries = [{"parts": [{"type": "text", "text": "like "}, {"type": "product", "id": p}]} for p in pool[:4]]
+    assert http.post(f"{url}/v1/search", json={"queries": queries, "top_k": 3}).status_code == 200
+    assert http.post(f"{url}/v1/embeddings", json=openai_body(["a", "b"])).status_code == 200
+    assert http.post(f"{url}/v1/embed", json={"parts": []}).status_code == 422
+    assert httpx.post(f"{url}/v1/search", json=queries[0]).status_code == 401  # no token
+    node = next(n for n in ray.nodes() if n["Alive"])
+    address = f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+    wanted = {
+        "ray_coral_serve_requests_total{route=/v1/search,status=200}",
+        "ray_coral_serve_requests_total{route=/v1/embeddings,status=200}",
+        "ray_coral_serve_refusals_total{route=/v1/embed,status=422}",
+        "ray_coral_serve_refusals_total{route=/v1/search,status=401}",
+        "ray_coral_serve_request_seconds_count{route=/v1/search}",
+        "ray_coral_serve_request_seconds_count{route=/v1/embeddings}",
+        "ray_coral_serve_batch_size_count",
+        "ray_coral_serve_batch_size_sum",
+        "ray_coral_serve_queue_wait_seconds_count",
+        "ray_coral_serve_batch_seconds_count",
+        "ray_coral_serve_encoder_inputs_total{outcome=searched}",
+        "ray_coral_serve_encoder_inputs_total{outcome=embedded}",
+    }
+    deadline, seen = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        seen = scrape(address)
+        if all(seen.get(name, 0) > 0 for name in wanted) and "ray_coral_serve_encoder_in_flight" in seen:
+            break
+        time.sleep(2)
+    missing = sorted(name for name in wanted if seen.get(name, 0) <= 0)
+    assert not missing, (missing, sorted(n for n in seen if "coral" in n)[:40])
+    # the 4-query search ran as one batch: batches over 2 inputs are on record
+    assert seen["ray_coral_serve_batch_size_bucket{le=2.0}"] < seen["ray_coral_serve_batch_size_count"]
+
+
 @pytest.mark.parametrize(
     "body,status,words",
     [
@@ -191,6 +364,26 @@ def b64(data: bytes) -> str:
         ({"parts": [{"type": "text", "text": "x"}], "top_k": 0}, 422, "top_k"),
         ({"parts": []}, 422, "parts"),
         ({"parts": [{"type": "text", "text": "x"}], "extra": 1}, 422, "extra"),
+        (
+            {
+                "parts": [{"type": "text", "text": "x"}],
+                "queries": [{"parts": [{"type": "text", "text": "y"}]}],
+            },
+            422,
+            "not both",
+        ),
+        ({"queries": [{"parts": [{"type": "text", "text": "x"}]}] * 33}, 422, "33 inputs, over the limit 32"),
+        (
+            {
+                "queries": [
+                    {"parts": [{"type": "text", "text": "x"}]},
+                    {"parts": [{"type": "product", "id": "no"}]},
+                ]
+            },
+            422,
+            "queries[1].parts[0]: unknown product id",
+        ),
+        ({"queries": [{"parts": [{"type": "text", "text": "x"}], "top_k": 101}]}, 422, "top_k=101"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message(served, body, status, words):
@@ -210,6 +403,7 @@ def test_token_is_checked_on_every_route_but_healthz_and_never_logged(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         assert httpx.post(f"{url}/v1/search", json=q, headers=headers).status_code == 401
         assert httpx.post(f"{url}/v1/embed", json=q, headers=headers).status_code == 401
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": "a"}, headers=headers).status_code == 401
         assert httpx.get(f"{url}/v1/info", headers=headers).status_code == 401
     assert httpx.get(f"{url}/healthz").status_code == 200
     logs = Path("/tmp/ray/session_latest/logs")  # this session's: the tests' Ray uses the default temp dir
@@ -351,7 +545,13 @@ def test_fuzzing_from_the_openapi_spec_finds_no_5xx(served, mode):
     url, _, _, _ = served
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=client.headers(TOKEN), timeout=30)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/search", "/v1/embed", "/v1/info", "/healthz"}
+    assert {op.path for op in operations} >= {
+        "/v1/search",
+        "/v1/embed",
+        "/v1/embeddings",
+        "/v1/info",
+        "/healthz",
+    }
     seen: list[int] = []
     for op in operations:
         if mode == "negative" and op.method.upper() == "GET":
@@ -506,7 +706,6 @@ def test_a_replica_checks_the_binding_again_when_it_starts(trained_run, tmp_path
     import shutil
 
     from coral.search import index as search_index
-    from coral.serve import deployments
 
     root, cfg = trained_run
     copy = tmp_path / "run"
@@ -520,11 +719,11 @@ def test_a_replica_checks_the_binding_again_when_it_starts(trained_run, tmp_path
     meta_path.write_text(json.dumps(meta))
     config = replace(cfg, run=replace(cfg.run, run_root=str(copy)))
     index_dir = storage.resolve(str(copy / "index"))
-    ckpt = deployments.check_binding(
-        config, index_dir, deployments.binding(meta, checkpoint.describe(meta["checkpoint"]["uri"], "coral"))
+    ckpt = binding.check_binding(
+        config, index_dir, binding.binding(meta, checkpoint.describe(meta["checkpoint"]["uri"], "coral"))
     )
-    bound = deployments.binding(meta, ckpt)
-    deployments.IndexTable(index_dir.uri, config.storage, config.index, bound)  # as built: loads
+    bound = binding.binding(meta, ckpt)
+    binding.IndexTable(index_dir.uri, config.storage, config.index, bound)  # as built: loads
 
     faiss_file = copy / "index" / "index.faiss"
     original = faiss_file.read_bytes()
@@ -532,15 +731,15 @@ def test_a_replica_checks_the_binding_again_when_it_starts(trained_run, tmp_path
     with pytest.raises(checkpoint.IndexMismatch, match="replaced or damaged"):
         search_index.load(index_dir, config.index)
     with pytest.raises(checkpoint.IndexMismatch, match="replaced or damaged"):
-        deployments.IndexTable(index_dir.uri, config.storage, config.index, bound)
+        binding.IndexTable(index_dir.uri, config.storage, config.index, bound)
     faiss_file.write_bytes(original)
 
     weights = next((copy / "train" / "model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b"\0")  # another checkpoint at the same path
     with pytest.raises(checkpoint.IndexMismatch, match="was built with checkpoint"):
-        deployments.check_binding(config, index_dir, bound)
+        binding.check_binding(config, index_dir, bound)
 
     meta["index_sha256"] = "0" * 64  # index.json rewritten since the app was built
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.IndexMismatch, match="changed since this app was built"):
-        deployments.check_binding(config, index_dir, bound)
+        binding.check_binding(config, index_dir, bound)

@@ -78,6 +78,12 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     assert changed  # the export holds the trained weights, every tensor present
     assert set(trained) == {n for n, _ in base.named_parameters()}
     assert_export_embeds_like_the_trained_model(root, metrics, "coral")
+    card = (root / "train" / "model" / "README.md").read_text()  # the model card, coral_retriever.json
+    assert card.startswith("---\nlibrary_name: transformers\n") and "pipeline_tag: feature-extraction" in card
+    assert f"{m['rows_in']} triplets" in card and "4 optimizer steps" in card and "Not evaluated yet" in card
+    spec = json.loads((root / "train" / "model" / "coral_retriever.json").read_text())
+    assert spec["retriever"] == "coral" and spec["pooling"] == "last_token"
+    assert spec["embedding_dim"] == checkpoint.embedding_dim(str(root / "train" / "model"))
     board = curves.read(
         str(root / "train" / "tensorboard" / "coral")
     )  # tensorboard --logdir <run_root>/train
@@ -91,6 +97,7 @@ def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
         "samples_per_s",
     ):
         assert sorted(board[f"train/{tag}"]) == [2, 4], tag
+    assert (root / "train" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # losses, validation
     # linear decay after the warm-up: the rate of step 4 is below the one of step 2
     assert 0 < board["train/lr"][4] < board["train/lr"][2] <= cfg.train.lr
     # a longer run continues from step 4 instead of starting over

@@ -207,7 +207,7 @@ def test_gpu_extras_match_the_pins():
             )
         if has_gpu:
             assert text.index("uninstall -y -q faiss-cpu") < text.index("faiss-gpu=="), name
-    assert "vllm==" in " ".join(node_setup(spec)["gpu_inference"])  # the vLLM annotation engines
+    assert f"ray[llm]=={pinned['ray']}" in " ".join(node_setup(spec)["gpu_inference"])  # vLLM, Ray's pin
 
 
 def test_repository_and_ref_are_settings_defined_once_and_used():
@@ -305,7 +305,7 @@ def test_setup_commands_run_under_bash(stub_node):
             if nodes_gpu(spec, name):
                 assert calls[3] == "-m pip uninstall -y -q faiss-cpu", f"{name}: {calls}"
                 assert f"faiss-gpu=={pinned['faiss-gpu']}" in calls[4], f"{name}: {calls}"
-                assert ("vllm" in " ".join(calls[5:])) == (name == "gpu_inference"), f"{name}: {calls}"
+                assert ("ray[llm]" in " ".join(calls[5:])) == (name == "gpu_inference"), f"{name}: {calls}"
             else:
                 assert len(calls) == 3, f"{name}: {calls}"
 

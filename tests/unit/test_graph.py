@@ -119,6 +119,37 @@ def test_failure_names_stage_and_leaves_no_marker(tmp_path, stages):
     assert [r.status for r in rows] == ["skipped", "ran", "ran"]
 
 
+def test_a_failed_stage_leaves_its_traceback_in_error_log(tmp_path, stages):
+    stages["b"].fail = True
+    with pytest.raises(graph.StageFailed) as e:
+        graph.run_graph(cfg(tmp_path))
+    log = tmp_path / "run" / "b" / "error.log"
+    assert e.value.log == str(log) and str(e.value) == "stage 'b' failed: ValueError: bad row 7"
+    text = log.read_text()
+    assert text.startswith("stage 'b' failed at ") and "Traceback (most recent call last)" in text
+    assert 'raise ValueError("bad row 7")' in text and text.rstrip().endswith("ValueError: bad row 7")
+    assert json.loads((tmp_path / "run" / "b" / "manifest.json").read_text())["error_log"] == str(log)
+    stages["b"].fail = False
+    graph.run_graph(cfg(tmp_path))
+    assert not log.exists()  # the rerun that completes starts from an empty folder
+
+
+def test_a_failure_to_write_the_log_still_raises_the_stage_failure(tmp_path, stages, monkeypatch):
+    stages["a"].fail = True
+    real = storage.write_bytes
+
+    def refuse(loc, data):
+        if loc.path.endswith("error.log"):
+            raise OSError("disk full")
+        real(loc, data)
+
+    monkeypatch.setattr(storage, "write_bytes", refuse)
+    with pytest.raises(graph.StageFailed, match="bad row 7") as e:
+        graph.run_graph(cfg(tmp_path))
+    assert e.value.log is None
+    assert json.loads((tmp_path / "run" / "a" / "manifest.json").read_text())["status"] == "failed"
+
+
 def test_bad_selection_is_a_config_error(tmp_path, stages):
     with pytest.raises(ConfigError, match="unknown stage 'z'"):
         graph.select(cfg(tmp_path, "run.stages=[a, z]"))

@@ -312,7 +312,7 @@ def test_dockerfile():
     assert re.search(r"torch==.*&&.*-r\s+requirements\.txt", " ".join(runs)), "torch goes in first"
     assert any(ins == "COPY" and "requirements.txt" in args for ins, args in steps)
     assert any(re.search(r"pip install (--no-deps -e|--no-deps) \.", r) for r in runs), "the project"
-    for pin in ("faiss-gpu==1.15.1", "vllm==0.33.0"):
+    for pin in ("faiss-gpu==1.15.1", "ray[llm]==2.60.0"):  # vLLM through Ray's llm extra
         assert any(pin in r for r in runs), pin
     env = " ".join(args for ins, args in steps if ins == "ENV")
     for setting in ("HF_HOME=", "RAY_USAGE_STATS_ENABLED=0", "TOKENIZERS_PARALLELISM=false"):

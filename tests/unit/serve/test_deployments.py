@@ -4,17 +4,22 @@ every module-level name its methods use."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import dis
 import pickle
 import types
 
+import numpy as np
 import pytest
 from ray import cloudpickle
+from ray.serve import batching
 
 from coral.config import DeploymentConfig, ServeConfig
-from coral.serve import deployments
+from coral.serve import api, deployments
 from coral.serve.deployments import Encoder, Index, Ingress, ReplicaSettings
+from coral.serve.metrics import EncoderMetrics
+from coral.serve.pacing import BatchWait
 
 
 def test_replica_settings_come_from_the_serve_section():
@@ -67,3 +72,38 @@ def test_each_pickled_deployment_finds_the_module_names_it_uses(deployment):
         if name not in fn.__globals__
     }
     assert not missing, sorted(missing)
+
+
+def bare_encoder(sizes: list[int]):
+    """The encoder class as Serve runs it, without a model: its batches' sizes go to ``sizes``, and each
+    query's "hits" are its text."""
+    cls = Encoder.func_or_class
+    encoder = cls.__new__(cls)
+    encoder.pacing, encoder.metrics, encoder.turn = BatchWait(0.005), EncoderMetrics(), asyncio.Lock()
+    encoder.counts = {"batches": 0, "requests": 0, "refused": 0}
+    encoder.run_many.set_max_batch_size(16)
+
+    def work(items):
+        sizes.append(len(items))
+        return [np.zeros(2)] * len(items), list(range(len(items))), [[q.text] * k for _, q, k, _ in items]
+
+    encoder._work = work
+    return encoder
+
+
+def test_a_requests_several_queries_run_in_one_batch_in_order(monkeypatch):
+    # outside a replica: no Serve context to read max_ongoing_requests from for the batch queue's warning
+    monkeypatch.setattr(
+        batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda _: None
+    )
+    sizes: list[int] = []
+    encoder = bare_encoder(sizes)
+
+    async def main():
+        many = await encoder.search([api.Query(t, []) for t in "abcde"], [1, 2, 1, 1, 3])
+        one = await encoder.search([api.Query("z", [])], [1])
+        return many, one
+
+    many, one = asyncio.run(main())
+    assert many == [["a"], ["b", "b"], ["c"], ["d"], ["e", "e", "e"]] and one == [["z"]]
+    assert sizes == [5, 1] and encoder.pacing.in_flight == 0

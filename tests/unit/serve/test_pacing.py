@@ -116,3 +116,15 @@ def test_the_cost_fit_follows_size_and_forgets_old_batches():
 def test_no_configured_wait_never_waits():
     pace = BatchWait(0.0)
     assert {pace.arrive() for _ in range(10)} == {0.0}
+
+
+def test_a_request_of_several_inputs_is_never_alone_and_keeps_company_once():
+    """Several queries of one request are queued together (one batch), and count as one request for the
+    company average: a lone request after them still goes at once."""
+    pace = BatchWait(0.005)
+    assert pace.arrive(4) == 0.0  # idle: its batch may open at once, the four already queued
+    assert pace.in_flight == 4 and not pace.alone()
+    pace.leave(4)
+    assert pace.in_flight == 0
+    assert pace.arrive() == 0.0 and pace.alone()
+    pace.leave()
