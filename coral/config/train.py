@@ -88,7 +88,7 @@ class TrainConfig:
     keep_checkpoints: int = field(
         default=2, metadata={"rerun": False}
     )  # the newest kept (Ray Train num_to_keep)
-    validation_queries: int = 200  # held-out (test split) queries scored at start and end
+    validation_queries: int = 200  # held-out (test split) queries scored at start, every checkpoint and end
     num_workers: int = field(default=2, metadata={"rerun": False})
     cpus_per_worker: float = field(default=1.0, metadata={"rerun": False})
     resources: dict[str, float] = field(default_factory=dict, metadata={"rerun": False})  # custom, per worker

@@ -143,7 +143,7 @@ def render(spec: Mapping, facts: Mapping, evaluation: str = NOT_EVALUATED) -> st
     validation = [
         [when, v.get("queries"), *(v.get(k) for k in ("R@1", "R@10", "MRR@10"))]
         for when, v in (facts.get("validation") or {}).items()
-        if v
+        if v and when in ("start", "end")  # "during": the checkpoints' points, drawn in curves.png
     ]
     lines = [
         front_matter(spec, facts),

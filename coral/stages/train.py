@@ -4,7 +4,7 @@ Training rows: the ``train`` split of every stage in ``train.data``, less those 
 ``merit.ood`` holds out (``coral.stages.heldout``); written to ``train/data/`` (the rows trained on) and
 counted per stage and source in the manifest (``rows_by_source``). Validation: up to
 ``validation_queries`` held-out (``test`` split) MERIT queries against every test product, scored at the
-start and the end with the evaluation's metric code. Checkpoints go to ``{run_root}/_checkpoints/train``
+start, at every checkpoint and at the end with the evaluation's metric code (the training curves' points). Checkpoints go to ``{run_root}/_checkpoints/train``
 (outside the stage folder, so a rerun after an interruption resumes from the last one); the exported
 Hugging Face dir of the final model goes to ``train/model/``, with its model card ``README.md`` and
 ``coral_retriever.json`` (``coral.stages.artifacts``). Units: ``rows_in`` counts training rows,

@@ -113,9 +113,12 @@ def smooth(values: list[float], window: int) -> np.ndarray:
 def figure(history: list[dict], validation: dict, title: str) -> Figure:
     """Each loss term against the step (``history``: the loop's terms of every step, step 1 first; over
     60 steps the raw values faint and their running mean over them); below, when there are any, the
-    validation metrics at the start (step 0) and the end (``validation``: {"start"|"end": {"R@1": ...}})."""
-    at = {"start": 0, "end": len(history)}
-    points = [(at[w], validation[w]) for w in ("start", "end") if (validation or {}).get(w)]
+    validation metrics at the start (step 0), at every checkpoint and at the end (``validation``:
+    {"start"|"end": {"R@1": ...}, "during": [{"step": 100, "R@1": ...}, ...]})."""
+    validation = validation or {}
+    points = [(0, validation["start"])] if validation.get("start") else []
+    points += [(v["step"], v) for v in validation.get("during", [])]
+    points += [(len(history), validation["end"])] if validation.get("end") else []
     fig = report.figure(width=8.0, height=4.8 if points else report.HEIGHT)
     if points:
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
@@ -153,12 +156,15 @@ def figure(history: list[dict], validation: dict, title: str) -> Figure:
     for name in VALIDATION:
         got = [(s, v[name]) for s, v in points if name in v]
         if got:
-            bottom.plot(*zip(*got, strict=True), linestyle=":", marker="o", label=name)
+            bottom.plot(
+                *zip(*got, strict=True), linestyle="-" if len(got) > 2 else ":", marker="o", label=name
+            )
     queries = next((v["queries"] for _, v in points if v.get("queries")), "?")
     bottom.set_ylim(0, 1.05)
     bottom.set_xlabel("step")
     bottom.set_ylabel("validation")
-    bottom.set_title(f"held-out validation at the start and the end ({queries} queries)", fontsize=10)
+    when = "at the start, every checkpoint and the end" if len(points) > 2 else "at the start and the end"
+    bottom.set_title(f"held-out validation {when} ({queries} queries)", fontsize=10)
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return fig

@@ -212,6 +212,8 @@ def train_loop(config: dict) -> None:
         if last and evaluates:
             state["validation"]["end"] = validate()
             state["probe"] = probe(engine.module.model, retriever, held_out, pool, products)
+        elif evaluates:  # every checkpoint: the training curves' validation points between start and end
+            state["validation"].setdefault("during", []).append({"step": state["step"], **validate()})
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG)
             if last:

@@ -180,6 +180,8 @@ def test_merit_yaml_runs_in_miniature_on_merits_protocol(ray_local, tiny_models,
         "images",
         "queries-test.json",
         "queries-train.json",
+        "test.jsonl",  # the same queries as {query, pos, neg} JSON lines (FlagEmbedding's keys)
+        "train.jsonl",
     ]
     root = tmp_path / "run"
     overrides = [

@@ -72,7 +72,8 @@ def test_card_and_spec_are_written_and_leave_the_checkpoint_hash(tiny_models, tm
     out = export_of(tiny_models, "qwen2_vl", tmp_path)
     before = checkpoint.content_hash(str(out)), checkpoint.listing_fingerprint(str(out))
     cfg = TrainConfig(model="coral", base="models/tiny/qwen2_vl", steps=3, batch_size=4)
-    result = {"steps": 3, "validation": {"start": {"queries": 4, "R@1": 0.1, "R@10": 0.5, "MRR@10": 0.2}}}
+    start = {"queries": 4, "R@1": 0.1, "R@10": 0.5, "MRR@10": 0.2}
+    result = {"steps": 3, "validation": {"start": start, "during": [{"step": 2, **start}]}}
     artifacts.write_model_card(cfg, result, storage.resolve(str(out)), facts(tmp_path))
     text = (out / card.CARD).read_text()
     head = text.split("---\n")[1]

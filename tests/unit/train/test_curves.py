@@ -53,6 +53,14 @@ def test_every_loss_term_against_the_step_and_validation_below():
     assert img.size == (800, 480)
 
 
+def test_validation_at_every_checkpoint_joins_start_and_end():
+    during = [{"step": 10, "R@1": 0.3, "queries": 16}]
+    fig = curves.figure(coral_history(20), {**VALIDATION, "during": during}, "coral on tiny")
+    r1 = fig.axes[1].get_lines()[0]
+    assert list(r1.get_xdata()) == [0, 10, 20] and list(r1.get_ydata()) == [0.1, 0.3, 0.5]
+    assert "every checkpoint" in fig.axes[1].get_title()
+
+
 def test_a_long_run_is_smoothed_and_a_total_equal_to_its_one_term_is_one_line():
     history = [{"contrastive_loss": float(v), "loss": float(v)} for v in np.linspace(3, 1, 300)]
     fig = curves.figure(history, {}, "mmret_clip on tiny")
