@@ -11,6 +11,7 @@ from benchmarks import (
     bench_gpu,
     bench_index,
     bench_knn,
+    bench_plan,
     bench_serve,
     bench_train,
 )
@@ -28,6 +29,7 @@ def main() -> None:
         bench_train,
         bench_index,
         bench_serve,
+        bench_plan,
         bench_gpu,
     ):
         bench.main()  # bench_gpu skips itself without CUDA

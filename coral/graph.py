@@ -12,7 +12,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from coral import manifest, ray_runtime, report, storage
+from coral import cost, manifest, ray_runtime, report, storage
 from coral.config import Config, section_dict, section_hash_dict
 from coral.errors import ConfigError, UserInputError
 from coral.lease import Lease, LeaseLost
@@ -52,6 +52,7 @@ class SummaryRow:
     rows_out: int
     rows_rejected: int
     seconds: float
+    cost: dict | None = None  # the manifest's (coral.cost); None when skipped
 
 
 def select(config: Config, start: str | None = None, until: str | None = None) -> list[str]:
@@ -135,13 +136,18 @@ def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = 
         if lease is not None:
             lease.check()
         storage.delete_tree(stage_dir)
-        ray_runtime.connect(ctx.config.ray)
-        result = stage.run(ctx)
+        with cost.Meter(name) as meter:
+            ray_runtime.connect(ctx.config.ray)
+            meter.fixed(started, time.time())  # Ray coming up (the first stage) is start-up
+            result = stage.run(ctx)
         check_output(ctx.data(name), stage.output(ctx.config))
         if result.rows_out == 0:
             raise EmptyOutput(empty_output_message(name, result.rejected, result.rows_in))
+        spent = meter.block(
+            result.rows_in, result.rows_out, result.work_s, cost.parallelism(stage.resources(ctx.config))
+        )
         m = manifest.build(
-            name, section_dict(section), config_hash, inputs, "complete", started, result=result
+            name, section_dict(section), config_hash, inputs, "complete", started, result=result, cost=spent
         )
         if lease is not None:
             lease.check()  # never mark complete what another run may have written into
@@ -161,7 +167,9 @@ def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = 
         if isinstance(e, KeyboardInterrupt | SystemExit):
             raise
         raise StageFailed(name, e, error_log) from e
-    return SummaryRow(name, "ran", result.rows_in, result.rows_out, result.rows_rejected, m["duration_s"])
+    return SummaryRow(
+        name, "ran", result.rows_in, result.rows_out, result.rows_rejected, m["duration_s"], spent
+    )
 
 
 def write_error_log(stage_dir: storage.Location, name: str, trace: str) -> str | None:
@@ -178,9 +186,41 @@ def write_error_log(stage_dir: storage.Location, name: str, trace: str) -> str |
 
 
 def format_summary(rows: list[SummaryRow]) -> str:
-    header = ["stage", "status", "rows_in", "rows_out", "rejected", "seconds"]
-    body = [[r.stage, r.status, r.rows_in, r.rows_out, r.rows_rejected, f"{r.seconds:.1f}"] for r in rows]
+    """The run's stages, what each read, wrote and rejected, and what it cost (``coral.cost``: the CPU-
+    and GPU-seconds its Ray work held, peak memory, its units per second), with a total."""
+    header = [
+        "stage",
+        "status",
+        "rows_in",
+        "rows_out",
+        "rejected",
+        "seconds",
+        "cpu_s",
+        "gpu_s",
+        "peak_mem",
+        "rate",
+    ]
+    body = [
+        [r.stage, r.status, r.rows_in, r.rows_out, r.rows_rejected, f"{r.seconds:.1f}", *_cost(r.cost)]
+        for r in rows
+    ]
+    ran = [r.cost for r in rows if r.cost]
+    total = [
+        f"{sum(r.seconds for r in rows):.1f}",
+        f"{sum(c['cpu_s'] for c in ran):.1f}",
+        f"{sum(c['gpu_s'] for c in ran):.1f}",
+        report.gib(max((c["peak_memory_bytes"] for c in ran), default=0)),
+        "",
+    ]
+    body.append(["total", "", "", "", sum(r.rows_rejected for r in rows), *total])
     return report.text_table(header, body, left=2)
+
+
+def _cost(c: dict | None) -> list[str]:
+    if not c:
+        return ["-"] * 4
+    rate = f"{c['rows_per_s']:.1f} {c['unit']}/s" if c.get("rows_per_s") is not None else "-"
+    return [f"{c['cpu_s']:.1f}", f"{c['gpu_s']:.1f}", report.gib(c["peak_memory_bytes"]), rate]
 
 
 def describe_resources(pools: dict) -> str:

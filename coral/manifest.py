@@ -32,12 +32,15 @@ _VERSIONED = ("ray", "torch", "transformers", "deepspeed", "faiss-cpu", "pyarrow
 
 @dataclass
 class StageResult:
-    """What a stage reports: rows read, rows written, rows rejected by reason, and free-form details."""
+    """What a stage reports: rows read, rows written, rows rejected by reason, and free-form details;
+    ``work_s``, where the stage knows it better than its meter: the seconds of it that grow with its rows
+    (``coral.cost``)."""
 
     rows_in: int
     rows_out: int
     rejected: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    work_s: float | None = None
 
     @property
     def rows_rejected(self) -> int:
@@ -87,6 +90,7 @@ def build(
     started: float,
     result: StageResult | None = None,
     error: str | None = None,
+    cost: dict | None = None,
 ) -> dict:
     manifest = {
         "stage": stage,
@@ -108,6 +112,8 @@ def build(
             rejected_reasons=dict(sorted(result.rejected.items())),
             details=result.details,
         )
+    if cost is not None:
+        manifest["cost"] = cost
     if error is not None:
         manifest["error"] = error
     return manifest

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from coral import cost
 from coral.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,11 @@ def actor_pool(
 ) -> ray.data.Dataset:
     """``ds`` mapped by a pool of ``cls`` actors (built with ``kwargs``), sized and placed by the stage's
     declared resources: ``res.num_actors`` actors (or ``size``) of ``remote_args(res)`` each. The one place
-    a stage's resources become Ray Data's actor pool options."""
+    a stage's resources become Ray Data's actor pool options. Under a stage's ``cost.Meter`` the actors
+    report their start-up to it."""
+    meter = cost.current()
+    if meter is not None:
+        cls = meter.wrap(cls, size or res.num_actors)
     return ds.map_batches(
         cls,
         fn_constructor_kwargs=kwargs,

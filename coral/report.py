@@ -153,6 +153,11 @@ def cell(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def gib(n: int | float) -> str:
+    """Bytes for a person: ``1.25 GiB``, or ``310 MiB`` under one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def text_table(header: list[str], rows: list[list], left: int = 1) -> str:
     """A fixed-width table for a terminal: the first ``left`` columns left-aligned, the rest right-aligned
     (numbers), a rule under the header."""

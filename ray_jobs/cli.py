@@ -3,6 +3,7 @@
     coral run --config demo.yaml [--overlay local] [--from STAGE] [--until STAGE] [key.path=value ...]
     coral serve --run-root runs/demo [--config demo.yaml] [key.path=value ...]
     coral check-cluster --cluster cluster.yaml --config megapairs.yaml [key.path=value ...]
+    coral plan --config megapairs.yaml --images 20000000 [--from-run runs/demo] [key.path=value ...]
     coral build-tiny-models [--out models/tiny] [--force]
     coral --version
 
@@ -27,6 +28,7 @@ COMMANDS = {
     "run": ("ray_jobs.run", "run the job graph of a workflow (resumable; --until STAGE stops early)"),
     "serve": ("ray_jobs.serve", "serve a finished run's retriever over HTTP"),
     "check-cluster": ("ray_jobs.check_cluster", "check a workflow against a cluster launcher config"),
+    "plan": ("ray_jobs.plan", "project a workflow's time and cost at a target size on a cluster"),
     "build-tiny-models": ("ray_jobs.build_tiny_models", "build the tiny offline models the demo uses"),
 }
 

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import ray
 
+from coral import cost
 from coral.config import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ def _search_shard(
     cfg: IndexConfig,
     filled: bool,
     threads: int,
+    clock=None,
 ):
+    cost.task_started(clock)
     faiss.omp_set_num_threads(threads)
     index = faiss.deserialize_index(blob)
     set_search_params(index, cfg)
@@ -169,7 +172,10 @@ def knn(
     refs = [ray.put(faiss.serialize_index(index)), ray.put(vectors), ray.put(probes)]
     del index  # the tasks have their own copies
     shards = np.array_split(order, min(tasks, n))
-    pending = [_search_shard.remote(*refs, rows, k, cfg, filled, 1) for rows in shards]
+    pending = [
+        _search_shard.remote(*refs, rows, k, cfg, filled, 1, cost.task_clock("search_shard"))
+        for rows in shards
+    ]
     sims, rows = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
     for shard, s, r in ray.get(pending):
         sims[shard], rows[shard] = s, r

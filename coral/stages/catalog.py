@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from coral import cost, storage
 from coral import schemas as S
-from coral import storage
 from coral.catalog import products
 from coral.catalog.generate import generate_table, shard_groups
 from coral.config import CatalogConfig, Config, Resources, StorageConfig
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=1)
-def write_shard(cfg: CatalogConfig, groups: range, out: Location, index: int) -> int:
+def write_shard(cfg: CatalogConfig, groups: range, out: Location, index: int, clock=None) -> int:
+    cost.task_started(clock)
     table = generate_table(cfg, groups)
     if not out.is_s3:
         out.fs.create_dir(out.path, recursive=True)
@@ -47,7 +48,9 @@ def write_products(
     allowed: tuple[str, ...],
     out: Location,
     index: int,
+    clock=None,
 ) -> tuple[int, list[dict]]:
+    cost.task_started(clock)
     rows, rejected = products.product_rows(entries, root, cfg, allowed)
     if rows:
         if not out.is_s3:
@@ -81,7 +84,10 @@ class CatalogStage:
         if cfg.source == "products":
             return self.run_products(ctx)
         out = ctx.data(self.name)
-        pending = [write_shard.remote(cfg, groups, out, i) for i, groups in enumerate(shard_groups(cfg))]
+        pending = [
+            write_shard.remote(cfg, groups, out, i, cost.task_clock("write_shard"))
+            for i, groups in enumerate(shard_groups(cfg))
+        ]
         total, rows = len(pending), 0
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -106,7 +112,15 @@ class CatalogStage:
             dropped.update(info["dropped_attributes"])
             jobs += [(s, root, key) for s in products.shards(entries, cfg.num_tasks)]
         refs = {
-            write_products.remote(s, root, ctx.config.storage, cfg.allowed_image_roots, out, i): key
+            write_products.remote(
+                s,
+                root,
+                ctx.config.storage,
+                cfg.allowed_image_roots,
+                out,
+                i,
+                cost.task_clock("write_products"),
+            ): key
             for i, (s, root, key) in enumerate(jobs)
         }
         pending, total, rows = list(refs), len(refs), 0

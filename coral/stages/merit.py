@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from coral import cost, storage
 from coral import schemas as S
-from coral import storage
 from coral.annotate.runner import run_step
 from coral.annotate.steps import step_stats
 from coral.catalog import formats, lookup
@@ -77,7 +77,9 @@ def _compose(
     hi: int,
     cold: bool,
     embeddings: Embeddings | None = None,
+    clock=None,
 ):
+    cost.task_started(clock)
     index = compose.ProductIndex(pool)
     similarity = None if embeddings is None else compose.embedding_similarity(*embeddings)
     fn = compose.cold_start_queries if cold else compose.compose_table
@@ -103,7 +105,11 @@ def compose_split(
         bounds = np.linspace(0, n, max(1, min(tasks, n)) + 1).astype(int)
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             if hi > lo:
-                jobs.append(_compose.remote(pool_ref, p, seed, int(lo), int(hi), is_cold, emb_ref))
+                jobs.append(
+                    _compose.remote(
+                        pool_ref, p, seed, int(lo), int(hi), is_cold, emb_ref, cost.task_clock("compose")
+                    )
+                )
     rows, rejected = [], []
     for r, bad in ray.get(jobs):
         rows += r

@@ -163,7 +163,21 @@ class TrainStage:
         if len(results) > 1:
             metrics["compare"] = [{**r, **e} for r, e in zip(results[1:], extra[1:], strict=True)]
         storage.write_json(ctx.stage_dir(self.name).child("metrics.json"), metrics)
-        return StageResult(train.num_rows, first["steps"], {}, details=details)
+        return StageResult(train.num_rows, first["steps"], {}, details=details, work_s=work_s(cfg0, results))
+
+
+def work_s(cfg: TrainConfig, results: list[dict]) -> float | None:
+    """The seconds that grow with the steps (``coral.cost``): each model's steps after its first (which
+    holds the pipeline's start-up) at the samples/s it measured, checkpoints between them included."""
+    total = 0.0
+    for r in results:
+        steps = r["steps"] - (r.get("resumed_from_step") or 0) - 1
+        if steps > 0 and not r.get("samples_per_s"):
+            return None
+        if steps > 0:
+            samples = steps * cfg.batch_size * cfg.gradient_accumulation * cfg.num_workers
+            total += samples / r["samples_per_s"]
+    return total
 
 
 def training_table(ctx: StageContext, tables: dict[str, pa.Table]) -> tuple[pa.Table, dict]:

@@ -165,11 +165,47 @@ def test_bad_selection_is_a_config_error(tmp_path, stages):
         graph.select(cfg(tmp_path), start="c", until="a")
 
 
-def test_summary_table_lists_every_stage():
-    text = graph.format_summary([graph.SummaryRow("catalog", "ran", 0, 240, 1, 2.25)])
-    header, rule, row = text.splitlines()
-    assert header.split() == ["stage", "status", "rows_in", "rows_out", "rejected", "seconds"]
-    assert row.split() == ["catalog", "ran", "0", "240", "1", "2.2"]
+def test_summary_table_lists_every_stage_with_its_cost_and_a_total():
+    spent = {
+        "cpu_s": 10.5,
+        "gpu_s": 0.0,
+        "peak_memory_bytes": 3 * 2**30,
+        "rows_per_s": 106.7,
+        "unit": "products",
+    }
+    rows = [
+        graph.SummaryRow("catalog", "ran", 0, 240, 1, 2.25, spent),
+        graph.SummaryRow("embed", "skipped", 240, 240, 0, 0.0),
+    ]
+    header, rule, catalog, embed, total = graph.format_summary(rows).splitlines()
+    assert header.split() == [
+        "stage",
+        "status",
+        "rows_in",
+        "rows_out",
+        "rejected",
+        "seconds",
+        "cpu_s",
+        "gpu_s",
+        "peak_mem",
+        "rate",
+    ]
+    assert catalog.split() == [
+        "catalog",
+        "ran",
+        "0",
+        "240",
+        "1",
+        "2.2",
+        "10.5",
+        "0.0",
+        "3.00",
+        "GiB",
+        "106.7",
+        "products/s",
+    ]
+    assert embed.split()[-4:] == ["-"] * 4  # skipped: it cost nothing this run
+    assert total.split() == ["total", "1", "2.2", "10.5", "0.0", "3.00", "GiB"]
 
 
 def test_a_stage_that_writes_nothing_fails_with_its_top_rejection_reasons(tmp_path, stages):
