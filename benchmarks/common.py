@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -100,6 +101,19 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
+RUNS = 3  # every whole-stage figure: the median of this many runs, each interleaved with its baseline
+
+
+def interleaved(stage, baseline, runs: int = RUNS) -> list[dict]:
+    """``runs`` rounds of ``baseline()`` then ``stage()`` in this process, so that a drift in the
+    machine's speed falls on both alike: per round {"baseline": (seconds, result), "stage": ...}."""
+    return [{"baseline": timed(baseline), "stage": timed(stage)} for _ in range(runs)]
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
 class PeakGPU:
     """Samples the GPU memory in use on device 0 by every process (``nvidia-smi``: no CUDA context here),
     so Ray actors' use counts; ``peak_gib`` is None without nvidia-smi or a GPU."""
@@ -150,13 +164,20 @@ def write_result(
     goal: dict,
     goal_on: str = "ratio",
     out_dir: Path | None = None,
+    run_ratios: list[float] | None = None,
     **extra,
 ) -> dict:
     """Write ``out_dir``/<name>.json (default benchmarks/results); ``baseline`` = {"what", "value"}; ``goal``
     = {"bar", "direction"}, judged on the ratio to the baseline, or on the value itself (``goal_on="value"``,
-    e.g. added latency)."""
+    e.g. added latency). ``run_ratios``: each interleaved run's own ratio (value and baseline are then the
+    runs' medians); ``goal_on="every_run"`` judges the worst of them."""
     ratio = round(value / baseline["value"], 3) if baseline.get("value") else None
-    judged = value if goal_on == "value" else ratio
+    if run_ratios is not None:
+        extra["run_ratios"] = [round(r, 3) for r in run_ratios]
+    worst = min(run_ratios) if run_ratios else None
+    if worst is not None and goal["direction"] == "lower":
+        worst = max(run_ratios)
+    judged = {"value": value, "every_run": worst}.get(goal_on, ratio)
     result = {
         "name": name,
         "value": round(value, 3),

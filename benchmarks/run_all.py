@@ -7,6 +7,7 @@ import logging
 from benchmarks import (
     bench_annotate,
     bench_catalog,
+    bench_commands,
     bench_embed,
     bench_gpu,
     bench_index,
@@ -31,6 +32,7 @@ def main() -> None:
         bench_serve,
         bench_plan,
         bench_gpu,
+        bench_commands,  # make demo (and make test with BENCH_MAKE_TEST=1) in their own processes
     ):
         bench.main()  # bench_gpu skips itself without CUDA
 

@@ -12,8 +12,10 @@ from collections.abc import Callable
 import numpy as np
 
 from benchmarks import http_load
+from benchmarks.common import RUNS
 
-CLIENTS, SEQUENTIAL, ROUND, BURSTS = 16, 300, 10, 4
+CLIENTS, SEQUENTIAL, ROUND = 16, 300, 10
+BURSTS = RUNS  # a batching run: one burst with it on, then one with it off
 IDLE_S = 0.005  # about how long the encoder replica sits idle between a sequential client's requests
 
 
@@ -83,7 +85,8 @@ def load(url: str, queries: list[dict], seconds: float, during=None) -> dict:
 
 def alternating(urls: dict[str, str], queries: list[dict], seconds: float) -> dict[str, dict]:
     """Load on each URL in turn, ``BURSTS`` bursts each, ``seconds`` in all per URL: requests/s over the
-    bursts (a drift in the machine's speed falls on both alike)."""
+    bursts and per burst (a drift in the machine's speed falls on both alike: burst i of each URL is
+    run i, compared with each other)."""
     runs: dict[str, list[dict]] = {name: [] for name in urls}
     for _ in range(BURSTS):
         for name, url in urls.items():

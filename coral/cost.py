@@ -299,6 +299,12 @@ class Meter:
         # up), each later pool's own start-up, and what the stage marked (Ray coming up)
         firsts = [e["first_batch"] for e in self.events if "first_batch" in e]  # tasks' starts too
         lead = [(self.started, min(firsts))] if firsts else []
+        firsts_by_pool: dict[str, float] = {}
+        for e in self.events:
+            if "first_batch" in e:
+                firsts_by_pool[e["pool"]] = min(
+                    firsts_by_pool.get(e["pool"], e["first_batch"]), e["first_batch"]
+                )
         clip = [
             (max(a, self.started), min(b, self.ended)) for a, b in [*self.usage.fixed, *lead, *spans.values()]
         ]
@@ -328,8 +334,15 @@ class Meter:
             "fixed_s": round(wall - work, 3),
             "work_s": round(work, 3),
             "parallelism": parallelism,
+            # per pool: its actors' start-up, and its first batch's start counted from the stage's
             "pools": {
-                k: {"actors": n, "startup_s": round(spans[k][1] - spans[k][0], 3) if k in spans else None}
+                k: {
+                    "actors": n,
+                    "startup_s": round(spans[k][1] - spans[k][0], 3) if k in spans else None,
+                    "first_batch_s": round(firsts_by_pool[k] - self.started, 3)
+                    if k in firsts_by_pool
+                    else None,
+                }
                 for k, n in self.pools.items()
             },
             "samples": u.samples,

@@ -30,6 +30,9 @@ def connect(cfg: RayConfig) -> str:
     # a direct-ingress replica drains 30 s on shutdown by default, for load balancers to let it go; a
     # local Ray has none, so a Serve app stops in a second, not half a minute
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # Ray Train's controller looks at its workers every 2 s by default, so a train stage waits seconds for
+    # its worker group to start, its reports and its end; on one machine looking is cheap
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     ray.init(
         address="local",  # a new Ray of our own, never one that `ray start` left running on this machine
         num_cpus=cfg.num_cpus,

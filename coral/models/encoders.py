@@ -25,12 +25,11 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
 
 
 class _Base:
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, loaded: dict | None = None):
         self.cfg = cfg
         self.modality = ENCODER_KINDS[cfg.kind][0]
         self.device = pick(cfg.device)
-        self.model = loader.load_model(cfg.model, self.device, cfg.dtype)
-        self.processor = loader.load_processor(cfg.model)
+        self.model, self.processor = _load(loaded, (cfg.model, self.device, cfg.dtype), _model_and_processor)
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         ip = getattr(self.processor, "image_processor", self.processor)
@@ -79,11 +78,10 @@ class SentenceTransformer(_Base):
 
     modality = "text"
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, loaded: dict | None = None):
         self.cfg = cfg
         self.device = pick(cfg.device)
-        self.model = loader.load_model(cfg.model, self.device, cfg.dtype, generic=True)
-        self.processor = loader.load_tokenizer(cfg.model)
+        self.model, self.processor = _load(loaded, (cfg.model, self.device, cfg.dtype, "generic"), _generic)
         self.pooling = sentence_transformers_pooling(loader.resolve(cfg.model))
 
     @torch.inference_mode()
@@ -143,5 +141,43 @@ ENCODERS: dict[str, type] = {
 assert ENCODERS.keys() == ENCODER_KINDS.keys()
 
 
-def build(cfg: EncoderConfig):
-    return ENCODERS[cfg.kind](cfg)
+def _model_and_processor(ref: str, device: str, dtype: str) -> tuple:
+    return loader.load_model(ref, device, dtype), loader.load_processor(ref)
+
+
+def _generic(ref: str, device: str, dtype: str, _generic: str) -> tuple:
+    return loader.load_model(ref, device, dtype, generic=True), loader.load_tokenizer(ref)
+
+
+def _load(loaded: dict | None, key: tuple, load) -> tuple:
+    """(model, processor) for ``key``, loaded once per ``loaded`` dict (one per actor)."""
+    if loaded is None:
+        return load(*key)
+    if key not in loaded:
+        loaded[key] = load(*key)
+    return loaded[key]
+
+
+def build(cfg: EncoderConfig, loaded: dict | None = None):
+    """The encoder ``cfg`` names; encoders built with the same ``loaded`` dict share a model they both
+    name (same dir, device and dtype): CLIP's image and text towers load one CLIP."""
+    return ENCODERS[cfg.kind](cfg, loaded)
+
+
+def shared_pools(cfgs) -> list[list[EncoderConfig]]:
+    """Encoders grouped into actor pools, in config order: those naming the same model (dir, device,
+    dtype) with the same placement (actors, CPUs, GPUs, node type, custom resources) share one pool, so
+    its actors start, import and load the model once for all of them."""
+    pools: dict[tuple, list[EncoderConfig]] = {}
+    for c in cfgs:
+        placement = (
+            c.num_actors,
+            c.num_cpus,
+            c.num_gpus,
+            c.accelerator_type,
+            tuple(sorted(c.resources.items())),
+        )
+        pools.setdefault(
+            (c.model, c.device, c.dtype, c.kind == "sentence_transformers", placement), []
+        ).append(c)
+    return list(pools.values())

@@ -22,7 +22,8 @@ from coral.config import Config, EmbedConfig, EncoderConfig, Resources
 from coral.errors import ConfigError
 from coral.images import decode_image
 from coral.manifest import StageResult
-from coral.models import encoders, loader
+from coral.models import encoders as enc_models
+from coral.models import loader
 from coral.models.encoders import sentence_transformers_pooling
 from coral.models.kinds import ENCODER_KINDS
 from coral.stages.base import StageContext, count_rejected, count_rows
@@ -32,24 +33,27 @@ COLUMNS = [S.ID, S.IMAGE, S.CAPTION, S.SPLIT]
 
 
 class EncodeBatch:
-    """Ray Data callable class: one encoder, loaded once per actor; appends ``emb_{name}`` to each batch.
+    """Ray Data callable class: one or more encoders that share a model (``encoders.shared_pools``),
+    loaded once per actor; appends ``emb_{name}`` for each, in order, each encoding in its own batch size.
 
-    It reads what its encoder needs (decodes the image, or takes the caption) and drops the rows it cannot
-    read, writing them to ``rejected`` with the reason, so later encoders never see them and each image
-    is decoded once per image encoder, with no separate validation pass."""
+    Each encoder reads what it needs (decodes the image, or takes the caption) and drops the rows it
+    cannot read, writing them to ``rejected`` with the reason, so later encoders never see them and each
+    image is decoded once per image encoder, with no separate validation pass."""
 
-    def __init__(self, encoder: EncoderConfig, max_pixels: int, rejected: Location):
+    def __init__(self, encoders: list[EncoderConfig], max_pixels: int, rejected: Location):
         import torch  # only encoder actors pay for torch and transformers
 
-        torch.set_num_threads(max(1, int(encoder.num_cpus)))
-        self.encoder = encoders.build(encoder)
-        self.column = S.embedding_column(encoder.name)
+        torch.set_num_threads(max(1, int(encoders[0].num_cpus)))
+        loaded: dict = {}
+        self.encoders = [
+            (enc_models.build(e, loaded), S.embedding_column(e.name), e.batch_size) for e in encoders
+        ]
         self.max_pixels, self.rejected = max_pixels, rejected
 
-    def _read(self, batch: pa.Table) -> tuple[list, list[int], list[dict]]:
+    def _read(self, encoder, batch: pa.Table) -> tuple[list, list[int], list[dict]]:
         items, keep, bad = [], [], []
         ids = batch.column(S.ID).to_pylist()
-        if self.encoder.modality == "image":
+        if encoder.modality == "image":
             for i, data in enumerate(batch.column(S.IMAGE).to_pylist()):
                 try:
                     items.append(decode_image(data, self.max_pixels))
@@ -66,13 +70,19 @@ class EncodeBatch:
         return items, keep, bad
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        items, keep, bad = self._read(batch)
+        bad: list[dict] = []
+        for encoder, column, size in self.encoders:
+            items, keep, dropped = self._read(encoder, batch)
+            if dropped:
+                bad += dropped
+                batch = batch.take(pa.array(keep, pa.int64()))
+            parts = [encoder.encode(items[i : i + size]) for i in range(0, len(items), size)]
+            emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)  # (B, D)
+            offsets = pa.array(np.arange(len(emb) + 1, dtype=np.int32) * emb.shape[1])
+            batch = batch.append_column(column, pa.ListArray.from_arrays(offsets, pa.array(emb.ravel())))
         if bad:
             storage.write_rejected(self.rejected, bad)
-            batch = batch.take(pa.array(keep, pa.int64()))
-        emb = self.encoder.encode(items) if items else np.zeros((0, 0), np.float32)  # (B, D)
-        offsets = pa.array(np.arange(len(emb) + 1, dtype=np.int32) * emb.shape[1])
-        return batch.append_column(self.column, pa.ListArray.from_arrays(offsets, pa.array(emb.ravel())))
+        return batch
 
 
 def image_id(path: str, root: str) -> str:
@@ -174,9 +184,10 @@ class EmbedStage:
         batch = min(e.batch_size for e in cfg.encoders)
         per_block = min(max(batch, -(-rows_in // (4 * actors))), 8 * batch)
         ds = ds.repartition(target_num_rows_per_block=per_block)
-        for enc in cfg.encoders:
-            kwargs = {"encoder": enc, "max_pixels": cfg.max_image_pixels, "rejected": rejected}
-            ds = ray_runtime.actor_pool(ds, EncodeBatch, enc, enc.batch_size, kwargs)
+        for pool in enc_models.shared_pools(cfg.encoders):
+            kwargs = {"encoders": pool, "max_pixels": cfg.max_image_pixels, "rejected": rejected}
+            batch = max(e.batch_size for e in pool)
+            ds = ray_runtime.actor_pool(ds, EncodeBatch, pool[0], batch, kwargs)
         ds = ds.select_columns([S.ID, S.SPLIT, *(S.embedding_column(e.name) for e in cfg.encoders)])
         ds.write_parquet(out.path, filesystem=out.fs)
         rows_out, reasons = count_rows(out), count_rejected(rejected)

@@ -5,8 +5,31 @@ import json
 from benchmarks import table
 
 
-def test_the_published_table_is_the_results():
+def test_the_published_tables_are_the_results():
     assert table.page_table() == table.table(), "stale: python -m benchmarks.table --write"
+    readme = table.page_table(table.README, table.HEAD_START, table.HEAD_END)
+    assert readme == table.headline(), "stale: python -m benchmarks.table --write"
+
+
+def test_the_readme_headline_gives_the_worst_run(tmp_path):
+    result = {
+        "name": "serve_batching_throughput",
+        "value": 300.0,
+        "unit": "requests/s",
+        "baseline": {"what": "batching off", "value": 140.0},
+        "ratio": 2.143,
+        "run_ratios": [2.2, 1.9, 2.1],
+        "goal": {"bar": 2.0, "direction": "higher"},
+        "goal_on": "every_run",
+        "goal_met": False,
+    }
+    (tmp_path / "serve_batching_throughput.json").write_text(json.dumps(result))
+    lines = table.headline(tmp_path).splitlines()
+    assert len(lines) == 3  # the other headline figures have no result here
+    assert (
+        lines[2]
+        == "| Serve batching on vs off, tiny encoder | 2.14 | 1.9 | ratio in every run >= 2, not met |"
+    )
 
 
 def test_every_result_is_a_row_with_its_ratio_and_goal(tmp_path):

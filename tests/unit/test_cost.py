@@ -97,6 +97,26 @@ def test_a_meter_splits_wall_time_into_start_up_and_work(monkeypatch):
     assert meter.block(3, 3, None, 1.0)["work_s"] == 0  # serve grows with nothing
 
 
+def test_each_pool_says_when_its_first_batch_began_after_the_stage_started(monkeypatch):
+    monkeypatch.setattr(cost.ray, "is_initialized", lambda: False)
+    with cost.Meter("embed", interval=0.01) as meter:
+        meter.pools = {"EncodeBatch#0": 2, "EncodeBatch#1": 1, "EncodeBatch#2": 1}
+    t0 = meter.started
+    meter.events = [
+        {"pool": "EncodeBatch#0", "created": t0 + 0.1, "init": t0 + 1.0, "ready": t0 + 3.0},
+        {"pool": "EncodeBatch#0", "first_batch": t0 + 3.5},
+        {"pool": "EncodeBatch#0", "first_batch": t0 + 3.2},  # its other actor
+        {"pool": "EncodeBatch#1", "created": t0 + 0.2, "init": t0 + 1.0, "ready": t0 + 4.0},
+        {"pool": "EncodeBatch#1", "first_batch": t0 + 4.5},
+    ]
+    meter.ended = t0 + 6.0
+    pools = meter.block(10, 10, None, 1.0)["pools"]
+    assert pools["EncodeBatch#0"]["first_batch_s"] == pytest.approx(3.2)
+    assert pools["EncodeBatch#0"]["startup_s"] == pytest.approx(3.1)  # its first process to its first batch
+    assert pools["EncodeBatch#1"]["first_batch_s"] == pytest.approx(4.5)
+    assert pools["EncodeBatch#2"] == {"actors": 1, "startup_s": None, "first_batch_s": None}  # no batch
+
+
 def test_held_resources_are_total_less_available(monkeypatch):
     monkeypatch.setattr(cost.ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0, "node:1.2.3.4": 1.0})
     monkeypatch.setattr(cost.ray, "available_resources", lambda: {"CPU": 1.5})  # all GPUs held: no key

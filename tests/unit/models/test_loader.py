@@ -200,14 +200,16 @@ def test_encoders_reject_what_they_cannot_read(tiny_models, tmp_path):
         }
     )
     clip = str(tiny_models["clip"])
-    img = EncodeBatch(EncoderConfig(name="v", model=clip, device="cpu"), 10**6, rejected)
-    txt = EncodeBatch(EncoderConfig(name="t", kind="clip_text", model=clip, device="cpu"), 10**6, rejected)
-    out = txt(img(batch))
+    img = EncoderConfig(name="v", model=clip, device="cpu", batch_size=1)  # batches of 1 inside the pool's
+    txt = EncoderConfig(name="t", kind="clip_text", model=clip, device="cpu")
+    pool = EncodeBatch([img, txt], 10**6, rejected)
+    assert pool.encoders[0][0].model is pool.encoders[1][0].model  # one CLIP for both towers
+    out = pool(batch)
     assert out.column(S.ID).to_pylist() == ["a", "b"]
     assert out.column_names == [S.ID, S.IMAGE, S.CAPTION, S.SPLIT, "emb_v", "emb_t"]
     assert len(out.column("emb_v")[0].as_py()) == 32 and len(out.column("emb_t")[0].as_py()) == 32
     files = storage.list_files(rejected, ".parquet")
-    assert len(files) == 2  # one per encoder that dropped rows; "bad" reached only the first
+    assert len(files) == 1  # one per batch; "bad" reached only the first encoder
     assert sorted((r for f in files for r in pq.read_table(f).to_pylist()), key=str) == sorted(
         [
             {S.ID: "bad", S.REASON: "undecodable image: UnidentifiedImageError"},
@@ -215,8 +217,27 @@ def test_encoders_reject_what_they_cannot_read(tiny_models, tmp_path):
         ],
         key=str,
     )
-    txt(img(batch))
-    assert len(storage.list_files(rejected, ".parquet")) == 2  # a retried batch overwrites its own file
+    pool(batch)
+    assert len(storage.list_files(rejected, ".parquet")) == 1  # a retried batch overwrites its own file
+    alone = EncodeBatch([img], 10**6, rejected)(batch)  # the same vectors as a pool of its own
+    assert alone.column(S.ID).to_pylist() == ["a", "b", "nocap"]
+    np.testing.assert_allclose(
+        np.array(alone.column("emb_v").to_pylist())[:2], np.array(out.column("emb_v").to_pylist()), atol=1e-5
+    )
+
+
+def test_encoders_sharing_a_model_and_placement_share_a_pool():
+    a = EncoderConfig(name="a", kind="clip_image", model="m/clip")
+    b = EncoderConfig(name="b", kind="clip_text", model="m/clip", batch_size=64)
+    c = EncoderConfig(name="c", kind="dinov2", model="m/dino")
+    d = EncoderConfig(name="d", kind="clip_text", model="m/clip", num_actors=2)  # placed apart
+    e = EncoderConfig(name="e", kind="clip_image", model="m/clip", dtype="bfloat16")
+    assert [[x.name for x in p] for p in encoders.shared_pools([a, c, b, d, e])] == [
+        ["a", "b"],
+        ["c"],
+        ["d"],
+        ["e"],
+    ]
 
 
 @pytest.mark.gpu
