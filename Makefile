@@ -20,18 +20,33 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench gpu-check install install-dev models clean
+.PHONY: demo test bench gpu-check install install-dev models clean bytecode ds-ops
 
-demo: install models
+# Bytecode for the project's own modules, written once: where PYTHONDONTWRITEBYTECODE is set, every Ray
+# worker process would otherwise compile what it imports of coral again (about half a second each).
+# Seconds when nothing changed.
+bytecode:
+	$(PY) -m compileall -q coral ray_jobs benchmarks tests
+
+# DeepSpeed on the CPU accelerator compiles its shared-memory collective op (g++) at the first
+# deepspeed.initialize, 20-80 s that the first train stage would wait for: built here, once per venv
+# (cached under ~/.cache/torch_extensions). Without a compiler the first train stage builds it, or fails.
+ds-ops: $(VENV)/.ds-ops
+
+$(VENV)/.ds-ops: $(VENV)/.installed
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" >/dev/null || echo "DeepSpeed's CPU op not built here: the first train stage builds it"
+	touch $@
+
+demo: install models bytecode ds-ops
 	$(VENV)/bin/coral run --config workflows/demo.yaml $(ARGS)
 
-test: install-dev
+test: install-dev bytecode ds-ops
 	$(VENV)/bin/ruff check coral ray_jobs tests benchmarks
 	$(VENV)/bin/ruff format --check coral ray_jobs tests benchmarks
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install-dev models
+bench: install-dev models bytecode ds-ops
 	$(PY) -m benchmarks.run_all
 
 # The GPU figures at real sizes, random weights, no download: full size with a CUDA GPU (at most 8 min on

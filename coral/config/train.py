@@ -92,7 +92,9 @@ class TrainConfig:
     num_workers: int = field(default=2, metadata={"rerun": False})
     cpus_per_worker: float = field(default=1.0, metadata={"rerun": False})
     resources: dict[str, float] = field(default_factory=dict, metadata={"rerun": False})  # custom, per worker
-    data_workers: int = field(default=1, metadata={"rerun": False})  # Ray Data actors running the processor
+    # Ray Data actors running the processor; 0: each training worker runs it on the rows it streams (on a
+    # small machine one process fewer to start, the processor's work on the workers' cores)
+    data_workers: int = field(default=1, metadata={"rerun": False})
     use_gpu: bool = field(default=False, metadata={"rerun": False})
     accelerator_type: str = field(default="", metadata={"rerun": False})  # e.g. A10G, L4, A100 (cluster.yaml)
     max_failures: int = field(default=2, metadata={"rerun": False})
@@ -115,8 +117,8 @@ class TrainConfig:
             0 <= self.vision_mask_ratio < 1 and 0 <= self.text_mask_ratio < 1, "mask ratios must be in [0, 1)"
         )
         check(
-            self.gradient_accumulation >= 1 and self.data_workers >= 1,
-            "gradient_accumulation, data_workers >= 1",
+            self.gradient_accumulation >= 1 and self.data_workers >= 0,
+            "gradient_accumulation >= 1, data_workers >= 0",
         )
         check(self.lora_rank >= 0, "lora_rank must be >= 0 (0: full fine-tuning)")
         for other in self.compare:

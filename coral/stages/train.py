@@ -97,7 +97,7 @@ class TrainStage:
             num_gpus=1.0 if cfg.use_gpu else 0.0,
             accelerator_type=cfg.accelerator_type,
         )
-        return {"workers": workers, "data": data.resources(cfg)}
+        return {"workers": workers, **({"data": data.resources(cfg)} if cfg.data_workers else {})}
 
     def validate(self, config: Config) -> None:
         deepspeed_config(config.train)
@@ -230,6 +230,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
     checkpoints = ctx.root.child("_checkpoints", "train")
     if not checkpoints.is_s3:
         checkpoints.fs.create_dir(checkpoints.path, recursive=True)
+    catalog = [ray.put(shared["catalog"])]  # in a list: a bare ref would be resolved when passed
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -241,6 +242,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
             "resume_key": key,
             # Ray Train V2 hands a checkpoint to restarted workers only; a rerun passes its own
             "resume_from": latest_checkpoint(checkpoints, key),
+            "train_catalog": catalog,  # [ref]: the products the rows name, for data_workers: 0
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -255,7 +257,7 @@ def fit(ctx: StageContext, cfg: TrainConfig, train: pa.Table, shared: dict, out)
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": data.pipeline(train, shared["catalog"], cfg)},
+        datasets={"train": data.pipeline(train, catalog, cfg)},
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

@@ -4,7 +4,8 @@
 rows name (from the catalog, shared through the object store) and runs the processor on each query and on
 its positive and K hard negatives (``step.featurize``). A row leaves as one ``example`` cell, the pickled
 features (numpy arrays, unpadded); the workers' ``get_dataset_shard`` streams them and the loop only pads
-and stacks (``retriever.collate``).
+and stacks (``retriever.collate``). With ``train.data_workers: 0`` the pipeline streams the rows as they
+are and each training worker runs ``step.featurize`` itself (``Featurizer``): no actor to start.
 
 The pipeline holds exactly the rows the run consumes (``schedule``: seeded epochs of the training rows, cut
 at steps x global batch), so Ray Data, which runs ahead of the workers as far as the object store allows,
@@ -41,8 +42,18 @@ class Featurize:
         )
 
 
-def examples(batch: pa.Table) -> list[dict]:
-    return [pickle.loads(b) for b in batch.column(EXAMPLE).to_pylist()]
+class Featurizer:
+    """What a training worker turns a streamed batch into examples with: unpickles the actors' features,
+    or (``data_workers: 0``) featurises the rows itself, the products resolved from the object store."""
+
+    def __init__(self, retriever, catalog: list | None, k: int):
+        self.retriever, self.k = retriever, k
+        self.products = None if catalog is None else lookup.products_from(ray.get(catalog[0]))
+
+    def __call__(self, batch: pa.Table) -> list[dict]:
+        if self.products is None:
+            return [pickle.loads(b) for b in batch.column(EXAMPLE).to_pylist()]
+        return step.featurize(self.retriever, batch.to_pylist(), self.products, self.k)
 
 
 def groups(rows: pa.Table) -> list[list[int]]:
@@ -76,18 +87,20 @@ def rows_per_run(cfg: TrainConfig) -> int:
     return cfg.steps * cfg.batch_size * cfg.num_workers * cfg.gradient_accumulation
 
 
-def pipeline(rows: pa.Table, catalog: dict, cfg: TrainConfig) -> ray.data.Dataset:
-    """The lazy featurised dataset of the training ``rows`` the run consumes, in order; ``catalog`` holds
-    id, title and image columns."""
+def pipeline(rows: pa.Table, catalog: list, cfg: TrainConfig) -> ray.data.Dataset:
+    """The lazy featurised dataset of the training ``rows`` the run consumes, in order (``data_workers: 0``:
+    the rows themselves); ``catalog``: [a ref to the id, title and image columns]."""
     rows = schedule(rows, rows_per_run(cfg), cfg.seed)
     # one map batch per input block: a block leaves the actor whole, so small blocks keep the workers fed
     # from the first seconds (one big block would arrive only once all of it is featurised)
     per_block = max(1, 4 * cfg.batch_size)
     blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)] or [rows]
+    if cfg.data_workers == 0:
+        return ray.data.from_arrow(blocks)
     kwargs = {
         "kind": cfg.model,
         "base": cfg.base,
-        "catalog": [ray.put(catalog)],
+        "catalog": catalog,
         "k": cfg.hard_negatives,
         "max_image_tokens": cfg.max_image_tokens,
     }

@@ -193,11 +193,14 @@ def train_loop(config: dict) -> None:
         state["validation"]["start"] = validate()
 
     shard = ray.train.get_dataset_shard("train")
+    featurize = data.Featurizer(
+        retriever, config["train_catalog"] if cfg.data_workers == 0 else None, cfg.hard_negatives
+    )
 
     def batches():
         while True:  # epochs until the step budget is spent; every worker takes the same number of steps
             for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True):
-                yield data.examples(b)
+                yield featurize(b)
 
     rows = batches()
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
