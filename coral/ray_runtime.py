@@ -33,6 +33,8 @@ def connect(cfg: RayConfig) -> str:
     # Ray Train's controller looks at its workers every 2 s by default, so a train stage waits seconds for
     # its worker group to start, its reports and its end; on one machine looking is cheap
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # nor does one machine get preempted: no watcher actor (a process to start) per train stage
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         address="local",  # a new Ray of our own, never one that `ray start` left running on this machine
         num_cpus=cfg.num_cpus,
