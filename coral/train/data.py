@@ -44,11 +44,10 @@ class Featurize:
 
 class Featurizer:
     """What a training worker turns a streamed batch into examples with: unpickles the actors' features,
-    or (``data_workers: 0``) featurises the rows itself, the products resolved from the object store."""
+    or, given the products (``data_workers: 0``), featurises the rows itself."""
 
-    def __init__(self, retriever, catalog: list | None, k: int):
-        self.retriever, self.k = retriever, k
-        self.products = None if catalog is None else lookup.products_from(ray.get(catalog[0]))
+    def __init__(self, retriever, products: lookup.Products | None, k: int):
+        self.retriever, self.products, self.k = retriever, products, k
 
     def __call__(self, batch: pa.Table) -> list[dict]:
         if self.products is None:

@@ -193,9 +193,9 @@ def train_loop(config: dict) -> None:
         state["validation"]["start"] = validate()
 
     shard = ray.train.get_dataset_shard("train")
-    featurize = data.Featurizer(
-        retriever, config["train_catalog"] if cfg.data_workers == 0 else None, cfg.hard_negatives
-    )
+    inline = cfg.data_workers == 0  # the rows arrive as they are: this worker runs the processor
+    streamed = lookup.products_from(ray.get(config["train_catalog"][0])) if inline else None
+    featurize = data.Featurizer(retriever, streamed, cfg.hard_negatives)
 
     def batches():
         while True:  # epochs until the step budget is spent; every worker takes the same number of steps

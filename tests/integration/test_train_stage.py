@@ -138,6 +138,7 @@ def test_zero3_on_s3_exports_every_full_tensor(s3_bucket, ray_local, tiny_models
             "merit.cold_start=false",
             f"train.base={tiny_models['qwen2_vl']}",
             "train.deepspeed=cluster/deepspeed/zero3.json",
+            "train.data_workers=1",  # the processor in a Ray Data actor, as on a cluster
             "train.steps=6",
             "train.checkpoint_every=3",
             "train.batch_size=4",

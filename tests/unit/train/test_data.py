@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pyarrow as pa
 
 from coral.config import TrainConfig
@@ -35,3 +37,15 @@ def test_an_epoch_draws_one_instruction_of_each_megapairs_pair():
         assert sorted(q.split("#")[0] for q in epoch) == ["m0", "m1", "pair0", "pair1", "pair2", "pair3"]
     drawn = {q for q in ids if q.startswith("pair0")}
     assert len(drawn) > 1  # over the epochs, other instructions of the same pair
+
+
+def test_a_worker_featurises_streamed_rows_itself_or_unpickles_the_actors_examples(monkeypatch):
+    def featurize(retriever, rows, products, k):
+        return [{"query": r["query_id"], "by": retriever, "k": k, "products": products} for r in rows]
+
+    monkeypatch.setattr(data.step, "featurize", featurize)
+    rows = pa.table({"query_id": ["q1", "q2"]})
+    inline = data.Featurizer("retriever", {"p1": "a product"}, 3)(rows)  # data_workers: 0
+    assert inline == featurize("retriever", rows.to_pylist(), {"p1": "a product"}, 3)
+    from_actors = pa.table({data.EXAMPLE: pa.array([pickle.dumps(e) for e in inline], pa.large_binary())})
+    assert data.Featurizer("retriever", None, 3)(from_actors) == inline
