@@ -65,7 +65,7 @@ def annotate_config(tmp: str, tiny: dict, batch: int):
             f"embed.encoders=[{{name: clip_image, kind: clip_image, model: {tiny['clip']}, batch_size: 32}}]",
             f"annotate.describe={engine('describe')}",
             f"annotate.instruct={engine('instruct')}",
-            f"annotate.max_pairs={PAIRS}",
+            f"annotate.max_pairs={PAIRS // 2}",  # per split: train and test
             # 128 pairs over the default 32 sets would make a quarter of the heads first-time misses, a start-up
             # cost that a run over thousands of pairs spreads thin; 4 sets stand for that steady state
             f"annotate.demonstration_sets={SETS}",

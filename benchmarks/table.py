@@ -69,7 +69,7 @@ def table(results: Path = RESULTS) -> str:
 def headline(results: Path = RESULTS) -> str:
     """README's table: per ``HEADLINE`` figure, the median ratio of its runs, the worst run, the goal."""
     head = (
-        "| whole stage, start-up included | ratio (median of runs) | worst run | goal |\n|---|---|---|---|\n"
+        "| whole stage, start-up included | ratio of the medians | worst run | goal |\n|---|---|---|---|\n"
     )
     lines = []
     for name, what in HEADLINE.items():
