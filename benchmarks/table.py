@@ -68,9 +68,7 @@ def table(results: Path = RESULTS) -> str:
 
 def headline(results: Path = RESULTS) -> str:
     """README's table: per ``HEADLINE`` figure, the median ratio of its runs, the worst run, the goal."""
-    head = (
-        "| whole stage, start-up included | ratio of the medians | worst run | goal |\n|---|---|---|---|\n"
-    )
+    head = "| whole stage, start-up included | ratio of the medians | worst run | goal |\n|---|---|---|---|\n"
     lines = []
     for name, what in HEADLINE.items():
         path = results / f"{name}.json"
