@@ -79,7 +79,7 @@ def headline(results: Path = RESULTS) -> str:
         worst = (min(runs) if r["goal"]["direction"] == "higher" else max(runs)) if runs else None
         goal = row(r).split(" | ")[4]
         lines.append(
-            f"| {what} | {number(r['ratio'])} | {number(worst) if worst is not None else ''} | {goal} |"
+            f"| {what} | {r['ratio']:.3f} | {f'{worst:.3f}' if worst is not None else ''} | {goal} |"
         )
     return head + "\n".join(lines) + "\n"
 
