@@ -40,16 +40,11 @@ $(VENV)/.ds-ops: $(VENV)/.installed
 demo: install models bytecode ds-ops
 	$(VENV)/bin/coral run --config workflows/demo.yaml $(ARGS)
 
-# The suite on TEST_WORKERS pytest-xdist workers, each module whole on one (tests/conftest.py): most of a
-# Ray test's time is waiting (processes starting, actors scheduling), so two workers on 2 cores finish in
-# far less time than one. TEST_WORKERS=0 runs it in this process.
-TEST_WORKERS ?= 2
-
 test: install-dev bytecode ds-ops
 	$(VENV)/bin/ruff check coral ray_jobs tests benchmarks
 	$(VENV)/bin/ruff format --check coral ray_jobs tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-dev models bytecode ds-ops
 	$(PY) -m benchmarks.run_all

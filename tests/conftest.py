@@ -91,22 +91,10 @@ def s3_bucket(s3_server, request):
     return cfg, name
 
 
-# Modules whose tests share the session's one training run (tests/integration/conftest.py): under
-# pytest-xdist they run on one worker, which trains once.
-SHARES_TRAINED_RUN = ("test_exported_artifacts", "test_index_evaluate", "test_serve", "test_serve_stage")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n N --dist loadgroup`` (make test) each module runs whole on one worker, so its
-    module fixtures are built once, the modules of the shared training run on the same one. Tests marked
-    ``gpu`` run only where CUDA is available."""
+    """Tests marked ``gpu`` run only where CUDA is available."""
     import torch
 
-    for item in items:
-        module = item.module.__name__ if item.module else item.nodeid.split("::")[0]
-        shared = module.rsplit(".", 1)[-1] in SHARES_TRAINED_RUN
-        item.add_marker(pytest.mark.xdist_group("trained_run" if shared else module))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
