@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import ray
@@ -20,9 +21,10 @@ from coral.config import RayConfig
 log = logging.getLogger(__name__)
 
 _warm = False  # this driver's local Ray runs CPU model pools as tasks in warm processes (RayConfig)
-# in each Ray worker process: the model pool instance it built last (one: a stage's memory goes when the
-# next stage's pool lands there)
-_built: dict[str, Any] = {}
+# in each Ray worker process: the model pool instances it built for the running stage (its pools run side
+# by side), at most MAX_BUILT; a stage's instances go when the next stage's first pool lands there
+_built: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+MAX_BUILT = 4
 
 
 def connect(cfg: RayConfig) -> str:
@@ -92,7 +94,7 @@ def actor_pool(
         fn = _warm_iter if inspect.isgeneratorfunction(cls.__call__) else _warm_call
         return ds.map_batches(
             fn,
-            fn_kwargs={"cls": cls, "kwargs": kwargs, "key": uuid.uuid4().hex},
+            fn_kwargs={"cls": cls, "kwargs": kwargs, "key": uuid.uuid4().hex, "stage": _stage_token(meter)},
             concurrency=size or res.num_actors,
             batch_size=batch_size,
             batch_format=batch_format,
@@ -108,19 +110,29 @@ def actor_pool(
     )
 
 
-def built(cls: type, kwargs: dict, key: str) -> Any:
+def _stage_token(meter) -> str:
+    """Which stage a pool belongs to: pools of one stage keep each other's instances."""
+    return f"{os.getpid()}:{id(meter)}" if meter is not None else "unmetered"
+
+
+def built(cls: type, kwargs: dict, key: str, stage: str) -> Any:
     """In a Ray worker process: the pool ``key``'s instance of ``cls``, built by the first of its tasks
-    that lands here; the previous pool's goes."""
-    inst = _built.get(key)
-    if inst is None:
-        _built.clear()
-        inst = _built[key] = cls(**kwargs)
+    that lands here. Another stage's instances go first; at most ``MAX_BUILT`` stay (the oldest goes)."""
+    if key in _built:
+        _built.move_to_end(key)
+        return _built[key][1]
+    for k in [k for k, (s, _) in _built.items() if s != stage]:
+        del _built[k]
+    while len(_built) >= MAX_BUILT:
+        _built.popitem(last=False)
+    inst = cls(**kwargs)
+    _built[key] = (stage, inst)
     return inst
 
 
-def _warm_call(batch, cls: type, kwargs: dict, key: str):
-    return built(cls, kwargs, key)(batch)
+def _warm_call(batch, cls: type, kwargs: dict, key: str, stage: str):
+    return built(cls, kwargs, key, stage)(batch)
 
 
-def _warm_iter(batch, cls: type, kwargs: dict, key: str):
-    yield from built(cls, kwargs, key)(batch)
+def _warm_iter(batch, cls: type, kwargs: dict, key: str, stage: str):
+    yield from built(cls, kwargs, key, stage)(batch)
