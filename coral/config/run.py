@@ -63,9 +63,8 @@ class RayConfig:
     serve_throughput_optimized: bool = True
     # a local Ray runs the stages' CPU model pools (embed, annotate's hf engine, index, evaluate) as tasks
     # in Ray's long-lived worker processes, each keeping the model it built last: later stages skip the
-    # 5-6 s of imports a new actor process costs. False (the default until the whole suite has run with
-    # it): actor pools, as on a cluster (always there).
-    warm_workers: bool = False
+    # 5-6 s of imports a new actor process costs. False: actor pools, as on a cluster (always there).
+    warm_workers: bool = True
 
     def __post_init__(self):
         check(self.num_cpus >= 1, f"num_cpus must be >= 1, got {self.num_cpus}")
