@@ -100,6 +100,12 @@ def main() -> dict:
             "bar": FIRST_BATCH_S,
             "met": median(firsts) <= FIRST_BATCH_S,
         },
+        first_run={
+            "what": "run 1, in Ray worker processes new to this Ray (importing torch and transformers, as a "
+            "graph's first model stage does without a prewarm); runs 2-3 find them warm (ray.warm_workers)",
+            "ratio": round(base_s[0] / stage_s[0], 3),
+            "first_batch_s": firsts[0],
+        },
         peak_rss_gib=mem.peak_gib,
     )
 
