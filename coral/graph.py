@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from coral import cost, manifest, ray_runtime, report, storage
@@ -107,16 +106,14 @@ def run_graph(
                 f"stage '{missing[0]}' is not complete under {root.uri}; run it first (drop --from, or --from {missing[0]})"
             )
         rows = [] if summary is None else summary
-        for i, name in enumerate(names):
-            rows.append(_run_stage(ctx, name, force=start is not None, lease=lease, later=names[i + 1 :]))
+        for name in names:
+            rows.append(_run_stage(ctx, name, force=start is not None, lease=lease))
         return rows
     finally:
         lease.release()
 
 
-def _run_stage(
-    ctx: StageContext, name: str, force: bool, lease: Lease | None = None, later: Sequence[str] = ()
-) -> SummaryRow:
+def _run_stage(ctx: StageContext, name: str, force: bool, lease: Lease | None = None) -> SummaryRow:
     stage = STAGES[name]
     section = stage.section(ctx.config)
     config_hash = manifest.stable_hash(section_hash_dict(section))
@@ -142,8 +139,6 @@ def _run_stage(
         with cost.Meter(name) as meter:
             ray_runtime.connect(ctx.config.ray)
             meter.fixed(started, time.time())  # Ray coming up (the first stage) is start-up
-            if not getattr(stage, "model_pools", False):  # its own pools would warm their processes
-                ray_runtime.prewarm(*prewarm_plan(ctx.config, later))
             result = stage.run(ctx)
         check_output(ctx.data(name), stage.output(ctx.config))
         if result.rows_out == 0:
@@ -175,22 +170,6 @@ def _run_stage(
     return SummaryRow(
         name, "ran", result.rows_in, result.rows_out, result.rows_rejected, m["duration_s"], spent
     )
-
-
-def prewarm_plan(config: Config, later: Sequence[str]) -> tuple[int, list[str]]:
-    """How many worker processes the later stages' CPU model pools take at most (one more for Ray Data's
-    read tasks, at most ``ray.num_cpus``) and the modules their pools import; (0, []) without any."""
-    pools = [
-        (STAGES[n], r)
-        for n in later
-        if getattr(STAGES[n], "model_pools", False)
-        for r in STAGES[n].resources(config).values()
-        if not r.num_gpus
-    ]
-    if not pools:
-        return 0, []
-    modules = sorted({type(s).__module__ for s, _ in pools} | {"transformers.modeling_utils"})
-    return min(config.ray.num_cpus, max(r.num_actors for _, r in pools) + 1), modules
 
 
 def write_error_log(stage_dir: storage.Location, name: str, trace: str) -> str | None:

@@ -6,7 +6,6 @@ transformers imported (5-6 s of a core per new process) instead of starting acto
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import os
@@ -26,7 +25,6 @@ _warm = False  # this driver's local Ray runs CPU model pools as tasks in warm p
 # by side), at most MAX_BUILT; a stage's instances go when the next stage's first pool lands there
 _built: OrderedDict[str, tuple[str, Any]] = OrderedDict()
 MAX_BUILT = 4
-_prewarming: list = []  # this driver's prewarm tasks (once per driver)
 
 
 def connect(cfg: RayConfig) -> str:
@@ -114,30 +112,6 @@ def actor_pool(
         batch_format=batch_format,
         **remote_args(res),
     )
-
-
-def prewarm(processes: int, modules: list[str]) -> int:
-    """On a local Ray with warm workers, once per driver: ``processes`` of Ray's worker processes import
-    ``modules`` (a later stage's pool code: torch, transformers) while the current stage runs, so that the
-    later stage's pool starts in processes that have them (Ray hands a task the worker that went idle
-    last). Returns how many it started (0 on a cluster, without warm workers, or when already done)."""
-    if not _warm or _prewarming or processes < 1 or not ray.is_initialized():
-        return 0
-    _prewarming.extend(_imports.remote(modules) for _ in range(processes))
-    log.info("prewarming %d worker processes for later stages' model pools", processes)
-    return processes
-
-
-@ray.remote(num_cpus=1)
-def _imports(modules: list[str]) -> list[str]:
-    """In a Ray worker process: import ``modules``; the ones that failed (their pool will say why)."""
-    failed = []
-    for m in modules:
-        try:
-            importlib.import_module(m)
-        except Exception:  # a prewarm only saves time: the stage that needs the module reports it
-            failed.append(m)
-    return failed
 
 
 def _stage_token(meter) -> str:

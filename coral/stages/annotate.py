@@ -61,7 +61,6 @@ def image_table(ctx: StageContext, ids: set[str]) -> pa.Table:
 
 class AnnotateStage:
     name = "annotate"
-    model_pools = True  # its resources are model pools (ray_runtime.actor_pool, prewarm)
 
     def inputs(self, config: Config) -> tuple[str, ...]:
         return ("mine", "catalog") if config.embed.source == "catalog" else ("mine",)

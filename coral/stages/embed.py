@@ -125,7 +125,6 @@ def load_captions(uri: str, cfg: Config) -> dict[str, str]:
 
 class EmbedStage:
     name = "embed"
-    model_pools = True  # its resources are model pools (ray_runtime.actor_pool, prewarm)
 
     def inputs(self, config: Config) -> tuple[str, ...]:
         return ("catalog",) if config.embed.source == "catalog" else ()

@@ -158,7 +158,6 @@ def gate_failures(gate: dict[str, float], trained: dict) -> list[str]:
 
 class EvaluateStage:
     name = "evaluate"
-    model_pools = True  # its resources are model pools (ray_runtime.actor_pool, prewarm)
 
     def inputs(self, config: Config) -> tuple[str, ...]:
         return ("index", *config.train.data, "catalog")

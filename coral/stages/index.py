@@ -32,7 +32,6 @@ CANDIDATE_COLUMNS = [S.ID, S.TITLE, S.CLASS, S.LANGUAGE]
 
 class IndexStage:
     name = "index"
-    model_pools = True  # its resources are model pools (ray_runtime.actor_pool, prewarm)
 
     def inputs(self, config: Config) -> tuple[str, ...]:
         return ("catalog", "train") if config.index.model == "train" else ("catalog",)

@@ -148,7 +148,6 @@ def ood_labels(cfg: MeritConfig, rows: list[dict], languages: dict[str, str]) ->
 
 class MeritStage:
     name = "merit"
-    model_pools = True  # its resources are model pools (ray_runtime.actor_pool, prewarm)
 
     def inputs(self, config: Config) -> tuple[str, ...]:
         return ("catalog", "embed") if config.merit.rerank_by else ("catalog",)

@@ -275,23 +275,3 @@ def test_every_stage_declares_its_output_and_resources():
         assert all(isinstance(r, Resources) for r in pools.values()), name
     assert set(STAGES["embed"].resources(config)) == {e.name for e in config.embed.encoders}
     assert "2 x 1 CPU" in graph.describe_resources({"p": Resources(num_actors=2, num_cpus=1)})
-
-
-def test_prewarm_plan_counts_the_later_stages_cpu_model_pools():
-    config = load_config(REPO / "workflows" / "demo.yaml")
-    biggest = max(r.num_actors for s in ("embed", "annotate") for r in STAGES[s].resources(config).values())
-    n, modules = graph.prewarm_plan(config, ["embed", "mine", "annotate"])
-    assert n == min(config.ray.num_cpus, biggest + 1)
-    assert {"coral.stages.embed", "coral.stages.annotate", "transformers.modeling_utils"} <= set(modules)
-    assert graph.prewarm_plan(config, ["mine"]) == (0, [])
-    gpu = load_config(REPO / "workflows" / "demo.yaml", ["index.num_gpus=1"])
-    assert graph.prewarm_plan(gpu, ["index"]) == (0, [])  # a GPU pool keeps its actors: nothing to warm
-
-
-def test_only_a_stage_without_model_pools_prewarms_for_the_later_ones(tmp_path, stages, monkeypatch):
-    stages["b"].model_pools = True
-    monkeypatch.setattr(graph, "prewarm_plan", lambda config, later: (len(later), list(later)))
-    calls = []
-    monkeypatch.setattr(ray_runtime, "prewarm", lambda n, modules: calls.append(modules))
-    graph.run_graph(cfg(tmp_path))
-    assert calls == [["b", "c"], []]  # a, then c; b's own pool warms its processes

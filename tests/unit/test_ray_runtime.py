@@ -91,19 +91,3 @@ def test_warm_pools_map_every_row_once_with_one_instance_per_process(ray_local, 
         assert all(len(v) == 1 for v in instances.values()), instances  # built once per process
     pids = lambda rows: {int(r["pid"]) for r in rows}  # noqa: E731
     assert pids(second) & pids(first), "the second pool found none of the first pool's processes"
-
-
-def test_prewarm_needs_a_local_ray_with_warm_workers(monkeypatch):
-    monkeypatch.setattr(ray_runtime, "_prewarming", [])
-    monkeypatch.setattr(ray_runtime, "_warm", False)
-    assert ray_runtime.prewarm(2, ["json"]) == 0 and ray_runtime._prewarming == []
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(120)
-def test_prewarm_imports_in_that_many_processes_once_per_driver(ray_local, monkeypatch):
-    monkeypatch.setattr(ray_runtime, "_prewarming", [])
-    monkeypatch.setattr(ray_runtime, "_warm", True)
-    assert ray_runtime.prewarm(2, ["json", "coral.no_such_module"]) == 2
-    assert ray_runtime.prewarm(3, ["json"]) == 0  # once per driver
-    assert ray.get(ray_runtime._prewarming, timeout=60) == [["coral.no_such_module"]] * 2
