@@ -5,8 +5,10 @@ each app in turn (``alternating``), and latency quantiles (``ms``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 
 import numpy as np
@@ -90,7 +92,14 @@ def alternating(urls: dict[str, str], queries: list[dict], seconds: float) -> di
     runs: dict[str, list[dict]] = {name: [] for name in urls}
     for _ in range(BURSTS):
         for name, url in urls.items():
-            runs[name].append(load(url, queries, seconds / BURSTS))
+            before = ran(url)
+            part = load(url, queries, seconds / BURSTS)
+            after = ran(url)
+            batches = after["batches"] - before["batches"]
+            part["mean_batch"] = (
+                round((after["requests"] - before["requests"]) / batches, 2) if batches else None
+            )
+            runs[name].append(part)
     out = {}
     for name, parts in runs.items():
         ok = sum(p["requests"] - p["errors"] for p in parts)
@@ -101,8 +110,15 @@ def alternating(urls: dict[str, str], queries: list[dict], seconds: float) -> di
             "requests_per_s": round(ok / sum(p["seconds"] for p in parts), 2),
             "bursts_requests_per_s": [p["requests_per_s"] for p in parts],
             "p50_ms_of_bursts": [p["p50_ms"] for p in parts],
+            "mean_batch_of_bursts": [p["mean_batch"] for p in parts],
         }
     return out
+
+
+def ran(url: str) -> dict:
+    """What the encoder replica behind ``url`` has run so far (``/v1/info``): batches and inputs."""
+    with urllib.request.urlopen(f"{url}/v1/info", timeout=30) as r:
+        return json.load(r)["encoder_ran"]
 
 
 def ms(seconds: list[float], prefix: str = "") -> dict:
