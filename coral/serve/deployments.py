@@ -22,6 +22,7 @@ from ray.serve._private import constants as serve_constants
 from coral import storage
 from coral.catalog import lookup
 from coral.config import Config, IndexStageConfig, ServeConfig, StorageConfig
+from coral.models import image_features
 from coral.search.embedder import Embedder
 from coral.serve import api, embeddings
 from coral.serve.binding import IndexTable, check_binding, pool_ids, pool_products
@@ -86,6 +87,8 @@ class Encoder:
         index_dir = storage.resolve(config.run.run_root, config.storage).child("index")
         ckpt = check_binding(config, index_dir, bound)
         self.embedder = Embedder(ckpt.uri, ckpt.kind, config.storage, settings.device, settings.dtype)
+        # a product's image processed once, not once per query that names it
+        self.image_features = image_features.install(self.embedder.retriever)
         # the pool's images, read here from storage: never deployment arguments held by the controller
         self.products = lookup.products_from(pool_products(config, index_dir))
         self.rgb = lookup.rgb
@@ -100,13 +103,19 @@ class Encoder:
 
     def features(self, role: str, query: api.Query) -> dict:
         """Decoded here, one image at a time, in the worker thread that runs the batch."""
-        images = [self.products.images(i) if isinstance(i, str) else self.rgb(i) for i in query.images]
+        images = [self._product(i) if isinstance(i, str) else self.rgb(i) for i in query.images]
         retriever = self.embedder.retriever
         return (
             retriever.query(query.text, images)
             if role == "query"
             else retriever.candidate(query.text, images[0])
         )
+
+    def _product(self, pid: str):
+        image = self.products.images(pid)
+        if self.image_features is not None:
+            self.image_features.keep(image)
+        return image
 
     def _embed(self, features: list[dict]) -> list:
         """Embeddings of ``features`` in one batch; when the batch fails, each alone, so that one input
@@ -201,7 +210,9 @@ class Encoder:
 
     async def ran(self) -> dict:
         """Batches and inputs (queries, embeddings) this replica has run, and inputs it refused."""
-        return dict(self.counts)
+        cache = self.image_features
+        kept = {"image_features": {"hits": cache.hits, "misses": cache.misses}} if cache is not None else {}
+        return {**self.counts, **kept}
 
 
 @serve.deployment
