@@ -60,7 +60,7 @@ def test_the_demo_records_its_costs_and_the_plan_projects_from_them(ray_local, t
         assert c["fixed_s"] + c["work_s"] == pytest.approx(c["wall_s"], abs=2e-3), stage
         # cpu_s is rounded to 0.01 s and wall_s to 0.001 s: a stage of 0.64 s on warm workers can read
         # cpu_s 0.64 against 1 CPU x 0.639 s
-        assert c["cpu_s"] <= c["peak_cpus"] * c["wall_s"] + 0.005 + 1e-6, stage
+        assert c["cpu_s"] <= c["peak_cpus"] * (c["wall_s"] + 0.0005) + 0.005 + 1e-6, stage
         assert c["gpu_s"] == 0 and c["memory_scope"] == "driver and local Ray", stage
         if c["unit"]:
             assert c["rows_per_s"] == pytest.approx(c["units"] / c["wall_s"], rel=1e-2), stage
