@@ -22,7 +22,7 @@ from ray.serve._private import constants as serve_constants
 from coral import storage
 from coral.catalog import lookup
 from coral.config import Config, IndexStageConfig, ServeConfig, StorageConfig
-from coral.models import image_features
+from coral.models import image_features, vision_cache
 from coral.search.embedder import Embedder
 from coral.serve import api, embeddings
 from coral.serve.binding import IndexTable, check_binding, pool_ids, pool_products
@@ -89,6 +89,8 @@ class Encoder:
         self.embedder = Embedder(ckpt.uri, ckpt.kind, config.storage, settings.device, settings.dtype)
         # a product's image processed once, not once per query that names it
         self.image_features = image_features.install(self.embedder.retriever)
+        # and its image through the vision tower once (a Qwen-VL model's)
+        self.vision = vision_cache.install(self.embedder.model)
         # the pool's images, read here from storage: never deployment arguments held by the controller
         self.products = lookup.products_from(pool_products(config, index_dir))
         self.rgb = lookup.rgb
@@ -210,8 +212,8 @@ class Encoder:
 
     async def ran(self) -> dict:
         """Batches and inputs (queries, embeddings) this replica has run, and inputs it refused."""
-        cache = self.image_features
-        kept = {"image_features": {"hits": cache.hits, "misses": cache.misses}} if cache is not None else {}
+        caches = {"image_features": self.image_features, "vision": self.vision}
+        kept = {name: {"hits": c.hits, "misses": c.misses} for name, c in caches.items() if c is not None}
         return {**self.counts, **kept}
 
 
