@@ -26,7 +26,7 @@ def _digest(rows: torch.Tensor, grid: torch.Tensor) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(str(rows.dtype).encode())
     h.update(grid.cpu().numpy().tobytes())
-    h.update(rows.detach().cpu().contiguous().numpy().tobytes())
+    h.update(rows.detach().cpu().contiguous().numpy())  # its buffer: no copy
     return h.digest()
 
 

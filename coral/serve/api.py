@@ -285,6 +285,11 @@ def to_queries(parts: list[list], names: list[str], limits: Limits, products, to
     return out
 
 
+def carries_images(parts: list[list]) -> bool:
+    """Whether any of a request's inputs carries an image of its own (base64 to decode and check)."""
+    return any(isinstance(p, ImagePart) for query in parts for p in query)
+
+
 def check_inputs(n: int, limits: Limits) -> None:
     if n > limits.max_inputs_per_request:
         raise ApiError(422, f"{n} inputs, over the limit {limits.max_inputs_per_request} a request")

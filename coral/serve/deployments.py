@@ -69,6 +69,15 @@ def over_serve_transport(handle):
     return handle.options(_by_reference=not serve_constants.RAY_SERVE_USE_GRPC_BY_DEFAULT)
 
 
+async def to_queries(parts: list[list], *args) -> list[api.Query]:
+    """``api.to_queries``: in a worker thread when an input carries an image (base64 and image headers are
+    CPU work: the event loop keeps answering meanwhile, ``/healthz`` included); text and product ids are
+    checked at once, without the thread's hop."""
+    if api.carries_images(parts):
+        return await asyncio.to_thread(api.to_queries, parts, *args)
+    return api.to_queries(parts, *args)
+
+
 @serve.deployment
 class Encoder:
     """Query and candidate embeddings, and the search of queries: concurrent requests are embedded together
@@ -164,6 +173,7 @@ class Encoder:
         run on the loop would hide the requests that arrive during it, and each would look alone in turn.
         Runs take turns (a lone request's and a batch's would otherwise share the cores)."""
         async with self.turn:
+            self.metrics.in_flight(self.pacing.in_flight)  # a gauge: read as each batch starts
             start = time.perf_counter()
             self.counts["batches"] += 1
             self.counts["requests"] += len(items)
@@ -192,7 +202,6 @@ class Encoder:
         now = time.perf_counter()
         items = [(*item, now) for item in items]
         wait = self.pacing.arrive(len(items))
-        self.metrics.in_flight(self.pacing.in_flight)
         try:
             if len(items) == 1 and self.pacing.alone():  # nothing to batch with: no batch queue
                 return await self.run(items)
@@ -200,7 +209,8 @@ class Encoder:
             return list(await asyncio.gather(*(self.run_many(item) for item in items)))
         finally:
             self.pacing.leave(len(items))
-            self.metrics.in_flight(self.pacing.in_flight)
+            if not self.pacing.in_flight:  # idle: the gauge reads 0, not the last batch's count
+                self.metrics.in_flight(0)
 
     async def embed(self, role: str, queries: list[api.Query]) -> list:
         """Each query's ``Embedded`` (or ``Refused``), in order."""
@@ -263,9 +273,7 @@ class Ingress:
         parts, ks, names = body.asked()
         for k in ks:
             api.check_top_k(k, self.limits)
-        # checked and turned into queries in a worker thread (base64 and image headers are CPU work): the
-        # event loop keeps answering, ``/healthz`` included
-        queries = await asyncio.to_thread(api.to_queries, parts, names, self.limits, self.pool)
+        queries = await to_queries(parts, names, self.limits, self.pool)
         # embedded and searched in the encoder's batch; sent again if its replica dies meanwhile
         hits = api.answers(await retried(lambda: self.encoder.search.remote(queries, ks)), names)
         answered = {
@@ -279,7 +287,7 @@ class Ingress:
     @app.post("/v1/embed", dependencies=[Depends(authorized)], response_model=api.EmbedResponse)
     async def embed(self, body: api.EmbedRequest) -> dict:
         to = api.to_query if body.role == "query" else api.to_candidate
-        queries = await asyncio.to_thread(api.to_queries, [body.parts], ["parts"], self.limits, self.pool, to)
+        queries = await to_queries([body.parts], ["parts"], self.limits, self.pool, to)
         vector = api.answers(await retried(lambda: self.encoder.embed.remote(body.role, queries)), ["parts"])
         vector = vector[0].vector
         return {

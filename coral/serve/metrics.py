@@ -13,7 +13,8 @@ import, it would be made in every process that imports this module, the driver i
   ``coral_serve_queue_wait_seconds`` (histogram, seconds an input waits at the encoder before its batch
   runs), ``coral_serve_batch_seconds`` (histogram, a batch's model run and search),
   ``coral_serve_encoder_inputs{outcome}`` (counter: ``embedded``, ``searched``, ``refused``) and
-  ``coral_serve_encoder_in_flight`` (gauge, inputs queued or running at the replica).
+  ``coral_serve_encoder_in_flight`` (gauge, inputs queued or running at the replica, as each batch
+starts; 0 once the replica is idle).
 
 A ``route`` is one of ``ROUTES`` or ``other`` (a path no route serves), so that a client cannot grow the
 label set.
@@ -68,7 +69,8 @@ class HttpMetrics:
 
 
 class EncoderMetrics:
-    """The encoder replica's: ``batch`` once a batch, ``in_flight`` as inputs come and go."""
+    """The encoder replica's: ``batch`` once a batch, ``in_flight`` as a batch starts and when the replica
+    falls idle."""
 
     def __init__(self):
         self.batch_size = metrics.Histogram(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 
@@ -303,3 +304,4 @@ def train_loop(config: dict) -> None:
         save(last=True)
     if board is not None:
         board.close()
+    shutil.rmtree(log_dir, ignore_errors=True)  # the curves live on in the checkpoints (``board.save``)

@@ -5,6 +5,8 @@ from the last checkpoint."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -59,10 +61,17 @@ def assert_export_embeds_like_the_trained_model(root, metrics: dict, kind: str, 
     torch.testing.assert_close(got_c, torch.tensor(probe["candidates"]), atol=1e-4, rtol=1e-4)
 
 
+def curve_dirs() -> set[Path]:
+    """The workers' local curve folders (``coral-curves-*``: the workers run on this machine)."""
+    return set(Path(tempfile.gettempdir()).glob("coral-curves-*"))
+
+
 def test_train_exports_a_model_and_resumes(ray_local, tiny_models, tmp_path):
     root = tmp_path / "run"
     cfg = config(root, tiny_models, 4, "train.checkpoint_every=2", "train.log_every=2")
+    left = curve_dirs()
     graph.run_graph(cfg)
+    assert curve_dirs() <= left  # the curves went into the checkpoints; the workers' folders are gone
     m = manifest.read_complete(storage.resolve(str(root)).child("train"))
     assert m["rows_out"] == 4 and m["details"]["resumed_from_step"] == 0
     metrics = json.loads((root / "train" / "metrics.json").read_text())
