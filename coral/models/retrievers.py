@@ -67,6 +67,32 @@ class MLLMRetriever:
     def query(self, text: str, images: list) -> dict[str, np.ndarray]:
         return self._features(collate.query_message(text, self.style), images)
 
+    def queries(self, inputs: list[tuple[str, list]]) -> list[dict[str, np.ndarray]]:
+        """``query`` of each (text, images), through one processor call: each input's features as ``query``
+        gives them (its padding stripped, its images' rows of the batch's)."""
+        messages = [collate.query_message(text, self.style) for text, _ in inputs]
+        for message, (_, images) in zip(messages, inputs, strict=True):
+            slots = sum(p["type"] == "image" for m in message for p in m["content"])
+            if slots != len(images):
+                raise ValueError(f"a message has {slots} image slots but {len(images)} images")
+        texts = [
+            self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+            for m in messages
+        ]
+        flat = [im for _, images in inputs for im in images]
+        out = self.processor(text=texts, images=flat or None, return_tensors="np", padding=True)
+        image_rows = np.cumsum([0, *np.prod(out["image_grid_thw"], -1)]) if flat else None
+        features, image = [], 0
+        for i, (_, images) in enumerate(inputs):
+            n = int(out["attention_mask"][i].sum())  # left padded: the row's tokens are its last n
+            f = {k: out[k][i][len(out[k][i]) - n :] for k in SEQUENCE_KEYS if k in out}
+            if images:
+                f["pixel_values"] = out["pixel_values"][image_rows[image] : image_rows[image + len(images)]]
+                f["image_grid_thw"] = out["image_grid_thw"][image : image + len(images)]
+                image += len(images)
+            features.append(f)
+        return features
+
     def candidate(self, title: str | None, image) -> dict[str, np.ndarray]:
         return self._features(collate.candidate_message(title, self.style), [image])
 

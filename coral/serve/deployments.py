@@ -114,13 +114,38 @@ class Encoder:
 
     def features(self, role: str, query: api.Query) -> dict:
         """Decoded here, one image at a time, in the worker thread that runs the batch."""
-        images = [self._product(i) if isinstance(i, str) else self.rgb(i) for i in query.images]
+        images = self._images(query)
         retriever = self.embedder.retriever
         return (
             retriever.query(query.text, images)
             if role == "query"
             else retriever.candidate(query.text, images[0])
         )
+
+    def _images(self, query: api.Query) -> list:
+        return [self._product(i) if isinstance(i, str) else self.rgb(i) for i in query.images]
+
+    def _features(self, items: list[tuple], out: list) -> dict[int, dict]:
+        """Each input's features, by its place in the batch; an input the processor cannot take gets
+        ``Refused`` in ``out``. A batch's queries go through the processor in one call where the
+        retriever has one (``queries``); when that call fails, each alone, so that only the input at fault
+        is refused."""
+        features: dict[int, dict] = {}
+        together = getattr(self.embedder.retriever, "queries", None)
+        asked = [i for i, item in enumerate(items) if item[0] == "query"] if together else []
+        if len(asked) > 1:
+            try:
+                inputs = [(items[i][1].text, self._images(items[i][1])) for i in asked]
+                features = dict(zip(asked, together(inputs), strict=True))
+            except Exception:
+                features = {}
+        for i, (role, query, _, _) in enumerate(items):
+            if i not in features:
+                try:
+                    features[i] = self.features(role, query)
+                except Exception as e:
+                    out[i] = api.refused(e)
+        return features
 
     def _product(self, pid: str):
         image = self.products.images(pid)
@@ -143,12 +168,7 @@ class Encoder:
         """The batch's embeddings (``Embedded``, or ``Refused``), the rows that want hits, and their hits
         when the index is here."""
         out: list = [None] * len(items)
-        features = {}
-        for i, (role, query, _, _) in enumerate(items):
-            try:
-                features[i] = self.features(role, query)
-            except Exception as e:
-                out[i] = api.refused(e)
+        features = self._features(items, out)
         for i, v in zip(features, self._embed(list(features.values())), strict=True):
             out[i] = v
         wanted = [i for i, item in enumerate(items) if item[2] > 0 and isinstance(out[i], np.ndarray)]

@@ -48,3 +48,22 @@ def test_clip_query_slots_must_match_images(tiny_models):
     r = retrievers.make("mmret_clip", loader.load_processor(str(tiny_models["clip"])))
     with pytest.raises(ValueError, match="1 image slots but 0 images"):
         r.query(f"a {S.IMAGE_SLOT}", [])
+
+
+@pytest.mark.parametrize("kind", ["coral", "mmret_mllm"])
+def test_queries_in_one_processor_call_are_each_querys_own_features(tiny_models, kind):
+    r = retrievers.make(kind, loader.load_processor(str(tiny_models["qwen2_vl"])))
+    a, b, c = images(3)
+    inputs = [
+        (f"a {S.IMAGE_SLOT} but in red leather and longer than the others", [a]),
+        (f"{S.IMAGE_SLOT} and {S.IMAGE_SLOT}", [b, c]),
+        ("only text", []),
+        (f"{S.IMAGE_SLOT} smaller", [c]),
+    ]
+    for (text, ims), got in zip(inputs, r.queries(inputs), strict=True):
+        want = r.query(text, ims)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(torch.as_tensor(got[k]), torch.as_tensor(want[k]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="1 image slots but 0 images"):
+        r.queries([(f"a {S.IMAGE_SLOT}", [])])

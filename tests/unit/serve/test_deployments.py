@@ -15,11 +15,14 @@ import pytest
 from ray import cloudpickle
 from ray.serve import batching
 
+from coral import schemas as S
 from coral.config import DeploymentConfig, ServeConfig
+from coral.models import loader, retrievers
 from coral.serve import api, deployments
 from coral.serve.deployments import Encoder, Index, Ingress, ReplicaSettings
 from coral.serve.metrics import EncoderMetrics
 from coral.serve.pacing import BatchWait
+from tests.unit.models.test_loader import images
 
 
 def test_replica_settings_come_from_the_serve_section():
@@ -107,3 +110,25 @@ def test_a_requests_several_queries_run_in_one_batch_in_order(monkeypatch):
     many, one = asyncio.run(main())
     assert many == [["a"], ["b", "b"], ["c"], ["d"], ["e", "e", "e"]] and one == [["z"]]
     assert sizes == [5, 1] and encoder.pacing.in_flight == 0
+
+
+def test_a_batchs_queries_are_processed_together_and_a_bad_one_refused_alone(tiny_models):
+    retriever = retrievers.make("coral", loader.load_processor(str(tiny_models["qwen2_vl"])))
+    cls = Encoder.func_or_class
+    encoder = cls.__new__(cls)
+    encoder.embedder = types.SimpleNamespace(retriever=retriever)
+    encoder.image_features, encoder.rgb = None, lambda raw: raw
+    calls = []
+    together = retriever.queries
+    retriever.queries = lambda inputs: calls.append(len(inputs)) or together(inputs)
+    good = [api.Query(f"a {S.IMAGE_SLOT} in red", [img]) for img in images(2)]
+    bad = api.Query(f"{S.IMAGE_SLOT} and {S.IMAGE_SLOT}", [images(1)[0]])  # two slots, one image
+    for items, refused in (([*good, api.Query("text", [])], []), ([good[0], bad, good[1]], [1])):
+        out = [None] * len(items)
+        features = encoder._features([("query", q, 1, 0.0) for q in items], out)
+        assert [i for i, v in enumerate(out) if isinstance(v, api.Refused)] == refused
+        assert sorted(features) == [i for i in range(len(items)) if i not in refused]
+        for i, f in features.items():
+            want = retriever.query(items[i].text, items[i].images)
+            assert all(np.array_equal(f[k], want[k]) for k in want)
+    assert calls == [3, 3]  # one call a batch; the second failed, and its queries went one at a time
