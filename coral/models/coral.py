@@ -140,7 +140,7 @@ def encode(
         pad_id = torch.tensor([model.config.text_config.pad_token_id or 0], device=device)
         pad = inner.get_input_embeddings()(pad_id)[0]
         embeds = torch.where(mlm_positions[..., None], pad.to(embeds.dtype), embeds)
-    kwargs = {k: v for k, v in batch.items() if k in ("image_grid_thw", "mm_token_type_ids")}
+    kwargs = {k: v for k, v in batch.items() if k in ("image_grid_thw", "mm_token_type_ids", "position_ids")}
     hidden = inner(input_ids=ids, inputs_embeds=embeds, attention_mask=attention, **kwargs).last_hidden_state
     embedding = last_token(hidden, attention)
     if heads is None:

@@ -27,7 +27,7 @@ import torch
 
 from coral import schemas as S
 from coral.device import to_model
-from coral.models import collate
+from coral.models import collate, rope
 from coral.models.coral import encode
 from coral.models.heads import fuse
 
@@ -106,6 +106,13 @@ class MLLMRetriever:
             parts = [f[k] for f in features if k in f]
             if parts:
                 batch[k] = torch.from_numpy(np.concatenate(parts))
+        if "image_grid_thw" in batch and "mm_token_type_ids" in batch:  # as the model would, once a row
+            none = np.zeros((0, 3), dtype=np.int64)
+            batch["position_ids"] = rope.batch_positions(
+                [f["mm_token_type_ids"] for f in features],
+                [f.get("image_grid_thw", none) for f in features],
+                self.processor.image_processor.merge_size,
+            )
         return batch
 
     def embed(self, model, batch: dict) -> torch.Tensor:

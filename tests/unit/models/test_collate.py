@@ -62,7 +62,7 @@ def test_collate_fills_every_slot_and_pads_left(tiny_models):
 
 def test_features_collated_equal_the_processor_on_the_whole_batch(tiny_models):
     """Featurising one input at a time (the data pipeline) then collating gives the processor's own
-    left-padded batch, tensor for tensor."""
+    left-padded batch, tensor for tensor, and the model's rotary positions (``coral.models.rope``)."""
     proc = loader.load_processor(str(tiny_models["qwen2_vl"]))
     r = retrievers.make("mmret_mllm", proc)
     msgs = [
@@ -77,7 +77,7 @@ def test_features_collated_equal_the_processor_on_the_whole_batch(tiny_models):
     got = r.collate(
         [r.query(QUERY, imgs[0]), r.candidate("Kova mug", imgs[1][0]), r.candidate(None, imgs[2][0])]
     )
-    assert set(got) == set(ref)
+    assert set(got) == {*ref, "position_ids"}
     for k in ref:  # ids, masks and grids exact; pixels (computed per image vs per batch) within a tolerance
         if ref[k].is_floating_point():
             torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
