@@ -4,7 +4,11 @@ A retriever wraps a processor and does three things:
 
 - ``query(text, images)`` / ``candidate(title, image)``: one input -> its unpadded features (numpy arrays).
   This is the processor's work; training runs it in the Ray Data pipeline, not in the training loop.
-- ``collate(features)``: a list of features -> one model batch (torch tensors, padded).
+  A Qwen-VL retriever's ``queries`` does several queries in one processor call (the Serve encoder's
+  batches).
+- ``collate(features)``: a list of features -> one model batch (torch tensors, padded); for a Qwen-VL
+  batch with images, also the model's rotary positions (``coral.models.rope``), which the model would
+  otherwise compute row by row.
 - ``embed(model, batch)``: (B, D) L2-normalised embeddings.
 
 Kinds:

@@ -24,7 +24,7 @@ from coral.catalog import lookup
 from coral.config import Config, IndexStageConfig, ServeConfig, StorageConfig
 from coral.models import image_features, vision_cache
 from coral.search.embedder import Embedder
-from coral.serve import api, embeddings
+from coral.serve import api, embeddings, grouping
 from coral.serve.binding import IndexTable, check_binding, pool_ids, pool_products
 from coral.serve.http import app, authorized, configure
 from coral.serve.metrics import EncoderMetrics, HttpMetrics
@@ -272,6 +272,10 @@ class Ingress:
         # the ids a product part may name, read here from storage (not deployment arguments)
         self.pool = pool_ids(storage.resolve(config.run.run_root, config.storage).child("index"))
         configure(self.limits, token_digest, HttpMetrics())  # metrics made here, in the replica
+        # concurrent searches go to the encoder in one call while enough calls are out (batching on)
+        size, encoder = info["batching"]["max_batch_size"], config.serve.encoder
+        calls = 2 * int(encoder.autoscaling.get("max_replicas", encoder.replicas))
+        self.grouped = grouping.Grouped(self._search_many, calls, size) if size > 1 else None
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -294,8 +298,11 @@ class Ingress:
         for k in ks:
             api.check_top_k(k, self.limits)
         queries = await to_queries(parts, names, self.limits, self.pool)
-        # embedded and searched in the encoder's batch; sent again if its replica dies meanwhile
-        hits = api.answers(await retried(lambda: self.encoder.search.remote(queries, ks)), names)
+        asked = (queries, ks)
+        found = (
+            await self.grouped(asked) if self.grouped is not None else (await self._search_many([asked]))[0]
+        )
+        hits = api.answers(found, names)
         answered = {
             "checkpoint": self.info_body["checkpoint"]["hash"],
             "index": self.info_body["index"]["id"],
@@ -303,6 +310,18 @@ class Ingress:
         if body.queries is None:
             return {"results": hits[0], **answered}
         return {"queries": [{"results": h} for h in hits], **answered}
+
+    async def _search_many(self, asked: list[tuple[list[api.Query], list[int]]]) -> list[list]:
+        """Several requests' queries embedded and searched in one call to the encoder (into its batch),
+        sent again if its replica dies meanwhile: each request's answers (hits or ``Refused``)."""
+        queries = [q for qs, _ in asked for q in qs]
+        ks = [k for _, request_ks in asked for k in request_ks]
+        out = await retried(lambda: self.encoder.search.remote(queries, ks))
+        answers, start = [], 0
+        for qs, _ in asked:
+            answers.append(out[start : start + len(qs)])
+            start += len(qs)
+        return answers
 
     @app.post("/v1/embed", dependencies=[Depends(authorized)], response_model=api.EmbedResponse)
     async def embed(self, body: api.EmbedRequest) -> dict:
