@@ -4,6 +4,7 @@ the graph refusing a run_root another run holds before it touches a stage folder
 import json
 import logging
 import os
+import re
 import socket
 import time
 
@@ -59,7 +60,9 @@ def second_lease_fails_naming_holder(root, cfg):
             Lease(root, cfg, ttl_s=60).acquire()
         msg = str(e.value)
         assert first.owner in msg and socket.gethostname() in msg and f"pid {os.getpid()}" in msg
-        assert "last heartbeat 0 s ago" in msg and root.child(LEASE).uri in msg
+        # the heartbeat written just now: 0 s ago, or a second or two where the store answers slowly
+        age = re.search(r"last heartbeat (\d+) s ago", msg)
+        assert age and int(age.group(1)) <= 3 and root.child(LEASE).uri in msg
         assert stored(root)["owner"] == first.owner  # the holder's lease is untouched
     finally:
         first.release()
