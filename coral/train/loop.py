@@ -130,12 +130,20 @@ def with_lora(model, cfg: TrainConfig):
 
 
 def train_loop(config: dict) -> None:
+    # nothing here compiles; DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose module-level
+    # torch.compile loads the inductor (0.8-1.2 s a worker on 2 cores). A runtime env may still set it to 0
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import deepspeed
     import ray.train
 
     cfg: TrainConfig = config["train"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    # the rows start arriving while the model loads: as many batches as the run's steps take at most (the
+    # pipeline holds that many per worker; a resumed run takes fewer)
+    streamed_rows = data.Prefetch(
+        ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.steps * cfg.gradient_accumulation
+    )
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     model = loader.load_model(cfg.base)
@@ -193,17 +201,10 @@ def train_loop(config: dict) -> None:
     if state["step"] == 0 and evaluates:
         state["validation"]["start"] = validate()
 
-    shard = ray.train.get_dataset_shard("train")
     inline = cfg.data_workers == 0  # the rows arrive as they are: this worker runs the processor
     streamed = lookup.products_from(ray.get(config["train_catalog"][0])) if inline else None
     featurize = data.Featurizer(retriever, streamed, cfg.hard_negatives)
-
-    def batches():
-        while True:  # epochs until the step budget is spent; every worker takes the same number of steps
-            for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True):
-                yield featurize(b)
-
-    rows = batches()
+    rows = map(featurize, streamed_rows)  # every worker takes the same number of steps
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     started, samples, first = time.perf_counter(), 0, state["step"]
     seconds = dict.fromkeys(TIMED, 0.0)

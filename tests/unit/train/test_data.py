@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import threading
 
 import pyarrow as pa
+import pytest
 
 from coral.config import TrainConfig
 from coral.train import data
@@ -49,3 +51,47 @@ def test_a_worker_featurises_streamed_rows_itself_or_unpickles_the_actors_exampl
     assert inline == featurize("retriever", rows.to_pylist(), {"p1": "a product"}, 3)
     from_actors = pa.table({data.EXAMPLE: pa.array([pickle.dumps(e) for e in inline], pa.large_binary())})
     assert data.Featurizer("retriever", None, 3)(from_actors) == inline
+
+
+class Shard:
+    """A stand-in for a worker's dataset shard: ``epoch_rows`` rows per epoch, batches as asked."""
+
+    def __init__(self, epoch_rows: int, fail_at: int | None = None):
+        self.epoch_rows, self.fail_at, self.epochs, self.pulled = epoch_rows, fail_at, 0, 0
+
+    def iter_batches(self, batch_size, batch_format, drop_last):
+        assert (batch_format, drop_last) == ("pyarrow", True)
+        self.epochs += 1
+        for i in range(0, self.epoch_rows - batch_size + 1, batch_size):
+            if self.fail_at is not None and self.pulled == self.fail_at:
+                raise RuntimeError("the object store lost a block")
+            self.pulled += 1
+            yield pa.table({"i": list(range(i, i + batch_size))})
+
+
+def test_prefetch_hands_over_the_count_in_order_and_asks_for_nothing_beyond_it():
+    shard = Shard(epoch_rows=12)
+    batches = list(data.Prefetch(shard, 4, count=3))  # exactly one epoch
+    assert [b["i"].to_pylist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    threading.Event().wait(0.2)  # time for a thread that went on to start another epoch
+    assert (shard.pulled, shard.epochs) == (3, 1)
+
+
+def test_prefetch_pulls_before_it_is_asked_and_runs_epochs_as_the_count_needs():
+    shard = Shard(epoch_rows=9)  # two full batches of 4 an epoch (drop_last)
+    rows = data.Prefetch(shard, 4, count=5, depth=5)
+    for _ in range(200):  # the thread fills the queue on its own
+        if shard.pulled == 5:
+            break
+        threading.Event().wait(0.01)
+    assert shard.pulled == 5 and shard.epochs == 3
+    assert [b["i"].to_pylist()[0] for b in rows] == [0, 4, 0, 4, 0]
+
+
+def test_prefetch_raises_the_pipelines_error_and_an_empty_shard():
+    rows = data.Prefetch(Shard(epoch_rows=12, fail_at=1), 4, count=3)
+    assert next(rows).num_rows == 4
+    with pytest.raises(RuntimeError, match="lost a block"):
+        next(rows)
+    with pytest.raises(ValueError, match="no full batch of 4 rows"):
+        next(data.Prefetch(Shard(epoch_rows=3), 4, count=1))
