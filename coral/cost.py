@@ -8,7 +8,10 @@ The driver runs a ``Meter`` around each stage. A thread samples every ``SAMPLE_S
 (``cluster_resources - available_resources``, logical CPUs and GPUs, all nodes) and the resident memory of
 the driver and its child processes (a local Ray's raylet and workers; on a cluster the driver's only, and
 the manifest says which). Pool actors started by ``ray_runtime.actor_pool`` are ``metered``: each tells a
-small ``Tally`` actor (no CPU) when its process started and when its first batch began. Figures of a Ray
+small ``Tally`` actor (no CPU) when its process started, when its first batch began, and how long its
+``__init__`` and each batch held the pool's resources. A pool's work shorter than the sampling interval
+(the index stage of a small run: a few tasks in 0.2 s) can fall between two samples; the sum of those
+spans is then the stage's figure (a floor: what the sampler saw, if more, stands). Figures of a Ray
 shared with other jobs include theirs.
 """
 
@@ -73,8 +76,9 @@ class Clock:
 
 
 def metered(cls: type, clock: Clock) -> type:
-    """``cls`` (a Ray Data callable class) that reports its process start, its ``__init__`` and its first
-    batch to ``clock``; same name (Ray Data's operator names), same results."""
+    """``cls`` (a Ray Data callable class) that reports its process start, its ``__init__``, its first
+    batch and each batch's span (``busy``) to ``clock``; same name (Ray Data's operator names), same
+    results."""
 
     def __init__(self, *args, **kwargs):
         entered = time.time()
@@ -83,21 +87,26 @@ def metered(cls: type, clock: Clock) -> type:
         self._coral_first = True
         clock.report(created=created, init=entered, ready=time.time())
 
-    def first(self) -> None:
+    def first(self) -> float:
+        now = time.time()
         if self._coral_first:
             self._coral_first = False
-            clock.report(first_batch=time.time())
+            clock.report(first_batch=now)
+        return now
 
     if inspect.isgeneratorfunction(cls.__call__):
 
         def __call__(self, batch, *args, **kwargs):
-            first(self)
+            began = first(self)
             yield from cls.__call__(self, batch, *args, **kwargs)
+            clock.report(busy=(began, time.time()))
     else:
 
         def __call__(self, batch, *args, **kwargs):
-            first(self)
-            return cls.__call__(self, batch, *args, **kwargs)
+            began = first(self)
+            out = cls.__call__(self, batch, *args, **kwargs)
+            clock.report(busy=(began, time.time()))
+            return out
 
     functools.update_wrapper(__call__, cls.__call__)
     body = {"__init__": __init__, "__call__": __call__, "__module__": cls.__module__}
@@ -145,6 +154,28 @@ def union_s(spans: list[tuple[float, float]]) -> float:
             total += b - max(a, reach)
             reach = b
     return total
+
+
+def held_spans(
+    events: list[dict], res: dict[str, tuple[float, float]], window: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """From metered actors' reports: the CPU- and GPU-seconds their ``__init__`` and batches held within
+    ``window`` (each span times its pool's per-actor ``res``: (cpus, gpus)), and the most CPUs and GPUs
+    held at once."""
+    marks: list[tuple[float, float, float]] = []  # (time, +/- cpus, +/- gpus)
+    cpu_s = gpu_s = 0.0
+    for e in events:
+        cpus, gpus = res.get(e["pool"], (0.0, 0.0))
+        a, b = (e["init"], e["ready"]) if "init" in e else e.get("busy", (0.0, 0.0))
+        a, b = max(a, window[0]), min(b, window[1])
+        if b > a and (cpus or gpus):
+            cpu_s, gpu_s = cpu_s + cpus * (b - a), gpu_s + gpus * (b - a)
+            marks += [(a, cpus, gpus), (b, -cpus, -gpus)]
+    peak_c = peak_g = now_c = now_g = 0.0
+    for _, c, g in sorted(marks, key=lambda m: (m[0], m[1])):  # an end before a start at the same time
+        now_c, now_g = now_c + c, now_g + g
+        peak_c, peak_g = max(peak_c, now_c), max(peak_g, now_g)
+    return cpu_s, gpu_s, peak_c, peak_g
 
 
 def pool_spans(events: list[dict], started: float) -> dict[str, tuple[float, float]]:
@@ -220,6 +251,7 @@ class Meter:
         self.id = f"{stage}-{uuid.uuid4().hex[:12]}"
         self.usage = Usage()
         self.pools: dict[str, int] = {}  # pool key -> actors asked for
+        self.pool_res: dict[str, tuple[float, float]] = {}  # pool key -> (CPUs, GPUs) per actor
         self._stop = threading.Event()
         self._tally = None
         self._last = 0.0
@@ -281,10 +313,12 @@ class Meter:
             self._tally = tally()
         return Clock(self._tally, self.id, key)
 
-    def wrap(self, cls: type, actors: int) -> type:
-        """``cls`` metered, as a new pool of this stage (``ray_runtime.actor_pool``)."""
+    def wrap(self, cls: type, actors: int, cpus: float = 0.0, gpus: float = 0.0) -> type:
+        """``cls`` metered, as a new pool of this stage (``ray_runtime.actor_pool``) of ``actors`` actors
+        holding ``cpus`` and ``gpus`` each."""
         key = f"{cls.__name__}#{len(self.pools)}"
         self.pools[key] = actors
+        self.pool_res[key] = (float(cpus), float(gpus))
         return metered(cls, self.clock(key))
 
     def block(self, rows_in: int, rows_out: int, work_s: float | None, parallelism: float) -> dict:
@@ -318,12 +352,16 @@ class Meter:
         else:
             work = max(wall - startup, 0.0)
         u = self.usage
+        # what the pools' own spans say they held: where it is more than the samples saw, it stands
+        cpu_s, gpu_s, peak_cpus, peak_gpus = held_spans(
+            self.events, self.pool_res, (self.started, self.ended)
+        )
         return {
             "wall_s": round(wall, 3),
-            "cpu_s": round(u.cpu_s, 2),
-            "gpu_s": round(u.gpu_s, 2),
-            "peak_cpus": u.peak_cpus,
-            "peak_gpus": u.peak_gpus,
+            "cpu_s": round(max(u.cpu_s, cpu_s), 2),
+            "gpu_s": round(max(u.gpu_s, gpu_s), 2),
+            "peak_cpus": max(u.peak_cpus, peak_cpus),
+            "peak_gpus": max(u.peak_gpus, peak_gpus),
             "peak_nodes": u.peak_nodes,
             "peak_memory_bytes": u.peak_memory_bytes,
             "memory_scope": "driver and local Ray" if self._local else "driver",

@@ -93,7 +93,7 @@ def actor_pool(
     report their start-up to it."""
     meter = cost.current()
     if meter is not None:
-        cls = meter.wrap(cls, size or res.num_actors)
+        cls = meter.wrap(cls, size or res.num_actors, res.num_cpus, res.num_gpus)
     if _warm and not res.num_gpus and ray.is_initialized():  # a GPU task's device is not its process's
         fn = _warm_iter if inspect.isgeneratorfunction(cls.__call__) else _warm_call
         return ds.map_batches(

@@ -61,10 +61,41 @@ def test_a_metered_class_keeps_its_name_and_results_and_reports_once_per_first_b
     assert cls.__name__ == "Double" and issubclass(cls, Double)
     actor = cls(k=3)
     assert actor(range(3)) == [0, 3, 6] and actor([1]) == [3]
-    ready, first = clock.events
+    ready, first, busy, busy2 = clock.events
     assert ready["created"] <= ready["init"] <= ready["ready"] and "first_batch" in first
-    gen = cost.metered(Gen, Recorder())()
+    assert first["first_batch"] == busy["busy"][0] <= busy["busy"][1] <= busy2["busy"][0]  # each batch's span
+    gen_clock = Recorder()
+    gen = cost.metered(Gen, gen_clock)()
     assert list(gen([1, 2])) == [1, 2]
+    assert [sorted(e) for e in gen_clock.events] == [["created", "init", "ready"], ["first_batch"], ["busy"]]
+
+
+def test_what_pools_held_is_their_spans_times_their_resources_with_the_peak_at_once():
+    res = {"A#0": (2.0, 0.0), "B#1": (1.0, 0.5)}
+    events = [
+        {"pool": "A#0", "created": 0.0, "init": 1.0, "ready": 2.0},  # __init__ holds the actor's CPUs
+        {"pool": "A#0", "busy": (2.0, 3.0)},
+        {"pool": "A#0", "busy": (2.5, 3.5)},  # a second task of the pool, side by side
+        {"pool": "B#1", "busy": (3.0, 5.0)},  # starts as the first A task ends
+        {"pool": "A#0", "first_batch": 2.0},
+        {"pool": "C#2", "busy": (0.0, 9.0)},  # a pool with no resources recorded counts nothing
+        {"pool": "B#1", "busy": (9.0, 11.0)},  # clipped to the window: 1 s of it
+    ]
+    cpu_s, gpu_s, peak_cpus, peak_gpus = cost.held_spans(events, res, (0.0, 10.0))
+    assert cpu_s == pytest.approx(2 * 1 + 2 * 1 + 2 * 1 + 1 * 2 + 1 * 1)
+    assert gpu_s == pytest.approx(0.5 * 3)
+    assert (peak_cpus, peak_gpus) == (pytest.approx(4.0), pytest.approx(0.5))  # two A tasks at 2.5-3
+
+
+def test_a_pool_held_between_two_samples_still_counts(monkeypatch):
+    monkeypatch.setattr(cost.ray, "is_initialized", lambda: False)  # the sampler sees nothing held
+    with cost.Meter("index", interval=10.0) as meter:
+        meter.pools, meter.pool_res = {"Double#0": 2}, {"Double#0": (1.0, 0.0)}  # as ``wrap`` records it
+    t0, key = meter.started, "Double#0"
+    meter.events = [{"pool": key, "busy": (t0, t0 + 0.1)}, {"pool": key, "busy": (t0 + 0.05, t0 + 0.15)}]
+    meter.ended = t0 + 1.0
+    block = meter.block(10, 10, None, 1.0)
+    assert block["cpu_s"] == pytest.approx(0.2, abs=0.006) and block["peak_cpus"] == 2.0
 
 
 def test_parallelism_is_the_mean_actor_count_of_a_stages_pools():
