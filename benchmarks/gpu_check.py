@@ -2,7 +2,8 @@
 
 Models are random-init at real sizes, built from configs (no download): a Qwen2-VL-2B-size VLM (the sizes
 of Qwen2-VL-2B-Instruct's config.json) and a ViT-L/14-size CLIP. Each part runs in a process of its own
-with its own time limit, inside one overall budget, and writes ``gpu_<part>.json`` (``status`` "ok",
+with its own time limit, inside one overall budget (one part at a time on the GPU; two side by side at
+tiny size on the CPU, ``Size.lanes``), and writes ``gpu_<part>.json`` (``status`` "ok",
 "skipped" with the reason, or "error" with the error); a failing part does not stop the others. This
 driver imports no part: each is a module of ``benchmarks.gpu`` that its own process runs
 (``python -m benchmarks.gpu.<part> <size> <work dir> <results dir>``), so a part that cannot even be
@@ -34,7 +35,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import write_status
@@ -56,12 +59,18 @@ def size_name() -> str:
     return name
 
 
+_running: dict[str, subprocess.Popen] = {}  # the parts' processes now running, by part
+_stopping = threading.Event()  # set when this process is interrupted: no part starts after
+
+
 def launch(name: str, size_key: str, work: Path, out: Path, limit_s: float) -> tuple[int | None, float]:
     """Run a part in a process group of its own; past ``limit_s`` (or when this process is interrupted or
     terminated) stop it. Returns (its exit code, or None when it timed out; seconds)."""
     cmd = [sys.executable, "-m", f"benchmarks.gpu.{name}", size_key, str(work), str(out)]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    if _stopping.is_set():
+        raise RuntimeError("the gpu check was interrupted")
+    proc = _running[name] = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
     try:
         return proc.wait(timeout=limit_s), time.monotonic() - started
     except subprocess.TimeoutExpired:
@@ -70,6 +79,8 @@ def launch(name: str, size_key: str, work: Path, out: Path, limit_s: float) -> t
     except BaseException:  # Ctrl-C or SIGTERM here: the part must not outlive this process
         stop(proc)
         raise
+    finally:
+        _running.pop(name, None)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -144,19 +155,41 @@ def main() -> int:
         f"gpu check, {size_key} size, {budget:.0f} s budget, parts {', '.join(parts)}; results in {out}",
         flush=True,
     )
-    signal.signal(signal.SIGTERM, terminated)  # a timeout's SIGTERM stops the running part too
+    signal.signal(signal.SIGTERM, terminated)  # a timeout's SIGTERM stops the running parts too
     started, results = time.monotonic(), {}
+
+    def one(name: str, work: Path) -> None:
+        (out / f"gpu_{name}.json").unlink(missing_ok=True)
+        left = budget - (time.monotonic() - started)
+        if left < 10:
+            write_status(f"gpu_{name}", "skipped", f"the {budget:.0f} s budget was spent before it", out)
+            results[name] = settle(name, out, 0, 0.0, 0.0)
+            return
+        limit = min(size.limits.get(name, left), left)
+        if size.lanes > 1:  # parts side by side: none builds a model into a folder another reads
+            work = work / name
+            work.mkdir()
+        code, seconds = launch(name, size_key, work, out, limit)
+        results[name] = settle(name, out, code, seconds, limit)
+
     with tempfile.TemporaryDirectory(prefix="gpu_check_work_") as work:
-        for name in parts:
-            (out / f"gpu_{name}.json").unlink(missing_ok=True)
-            left = budget - (time.monotonic() - started)
-            if left < 10:
-                write_status(f"gpu_{name}", "skipped", f"the {budget:.0f} s budget was spent before it", out)
-                results[name] = settle(name, out, 0, 0.0, 0.0)
-                continue
-            limit = min(size.limits.get(name, left), left)
-            code, seconds = launch(name, size_key, Path(work), out, limit)
-            results[name] = settle(name, out, code, seconds, limit)
+        if size.lanes == 1:
+            for name in parts:
+                one(name, Path(work))
+        else:  # the longest first (by its limit), so the lanes end together
+            order = sorted(parts, key=lambda n: -size.limits.get(n, 0))
+            pool = ThreadPoolExecutor(max_workers=size.lanes)
+            try:
+                for f in [pool.submit(one, name, Path(work)) for name in order]:
+                    f.result()
+            except BaseException:  # Ctrl-C or SIGTERM: no part outlives this process
+                _stopping.set()
+                for proc in list(_running.values()):
+                    stop(proc)
+                raise
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+    results = {name: results[name] for name in parts if name in results}
     print(summary(results, out, time.monotonic() - started), flush=True)
     return 1 if any(r["status"] == "error" for r in results.values()) else 0
 

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)  # --help and --version exit here, and so does a usage error
         name, rest = args.command, args.args
     module, _ = COMMANDS[name]
-    try:
-        command = importlib.import_module(module).main
+    try:  # a command imports FAISS when it loads, or once its arguments are read
+        return importlib.import_module(module).main(rest, prog=f"coral {name}") or 0
     except ModuleNotFoundError as e:
         if e.name != "faiss":
             raise
@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return command(rest, prog=f"coral {name}") or 0
 
 
 if __name__ == "__main__":

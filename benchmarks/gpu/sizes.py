@@ -56,6 +56,10 @@ class Size:
     serve_groups: int  # catalog groups (3 products each) of the served run
     budget_s: float
     limits: dict = field(default_factory=dict)  # seconds per part at most
+    # parts at once: one on the GPU (each wants the whole device), two on the CPU at tiny size, where a
+    # part is mostly its process starting, importing and bringing up Ray (76 s one by one, 57 s two at a
+    # time on 2 cores); parts at once each get a work dir of their own (no shared model build)
+    lanes: int = 1
 
 
 FULL = Size(
@@ -101,5 +105,6 @@ TINY = Size(
     serve_groups=20,
     budget_s=240.0,
     limits={"train": 90, "embed": 90, "knn": 60, "serve": 120, "annotate": 60},
+    lanes=2,
 )
 SIZES = {"full": FULL, "tiny": TINY}
