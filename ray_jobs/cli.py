@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)  # --help and --version exit here, and so does a usage error
         name, rest = args.command, args.args
     module, _ = COMMANDS[name]
-    try:  # a command imports FAISS when it loads, or once its arguments are read
-        return importlib.import_module(module).main(rest, prog=f"coral {name}") or 0
+    try:
+        command = importlib.import_module(module).main
     except ModuleNotFoundError as e:
         if e.name != "faiss":
             raise
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    return command(rest, prog=f"coral {name}") or 0
 
 
 if __name__ == "__main__":

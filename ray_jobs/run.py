@@ -16,8 +16,10 @@ import logging
 import sys
 import time
 
+from coral import graph
 from coral.config import load_config
 from coral.errors import ConfigError, UserInputError
+from coral.stages.evaluate import summary_table
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m ray_jobs.run") -> int:
@@ -51,9 +53,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m ray_jobs.run") ->
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # the stages (torch, transformers, Ray: about 3 s) once the config is known good: a bad key is
-    # reported in well under a second
-    from coral import graph
 
     try:
         graph.run_graph(config, args.start, args.until, summary=rows)
@@ -80,8 +79,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m ray_jobs.run") ->
             print(f"\nrun '{config.run.name}' at {config.run.run_root} ({time.time() - started:.1f} s)")
             print(graph.format_summary(rows))
             if any(r.stage == "evaluate" for r in rows):
-                from coral.stages.evaluate import summary_table
-
                 table = summary_table(config)
                 if table:
                     print(f"\nheld-out retrieval ({config.run.run_root}/evaluate/metrics.json):\n{table}")

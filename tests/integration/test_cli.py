@@ -1,5 +1,8 @@
 """``python -m ray_jobs.run`` as a user runs it: exit codes, messages, nothing written on bad input,
-and an interrupted run that completes when started again."""
+and an interrupted run that completes when started again. The command itself runs in a process of its
+own where that is the point (its exit code from ``-m``, Ctrl-C); elsewhere its ``main`` runs in this
+process with the same arguments (``sys.exit(main())`` is all ``-m`` adds), sparing a Python that imports
+torch, transformers and Ray (about 3.5 s each) or a second local Ray."""
 
 import json
 import os
@@ -15,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from ray_jobs import run as command
 from tests.conftest import encoders_override, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +35,14 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
+def main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``ray_jobs.run.main(args)`` in this process: its exit code and what it printed."""
+    capsys.readouterr()
+    code = command.main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def test_unknown_key_exits_2_naming_key_and_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("catalog:\n  num_grups: 3\n")
@@ -40,29 +52,30 @@ def test_unknown_key_exits_2_naming_key_and_file(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_wrong_type_exits_2(tmp_path):
-    r = cli("--config", SMALL, "catalog.image_size=big", f"run.run_root={tmp_path / 'run'}")
+def test_wrong_type_exits_2(tmp_path, capsys):
+    r = main(capsys, "--config", SMALL, "catalog.image_size=big", f"run.run_root={tmp_path / 'run'}")
     assert r.returncode == 2 and "catalog.image_size" in r.stderr and "expected int" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_stage_in_from_exits_2(tmp_path):
-    r = cli("--config", SMALL, "--from", "train", f"run.run_root={tmp_path / 'run'}")
+def test_unknown_stage_in_from_exits_2(tmp_path, capsys):
+    r = main(capsys, "--config", SMALL, "--from", "train", f"run.run_root={tmp_path / 'run'}")
     assert r.returncode == 2 and "--from train" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_run_root_exits_2(tmp_path, tiny_models):
+def test_unwritable_run_root_exits_2(tmp_path, tiny_models, capsys):
     (tmp_path / "file").write_text("x")
     root = tmp_path / "file" / "run"
-    r = cli("--config", SMALL, f"run.run_root={root}", encoders_override(tiny_models))
+    r = main(capsys, "--config", SMALL, f"run.run_root={root}", encoders_override(tiny_models))
     assert r.returncode == 2 and str(root) in r.stderr and "cannot write" in r.stderr
 
 
-def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials(tiny_models):
+def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials(tiny_models, capsys):
     secret = "do-not-print-this-secret"
     t = time.time()
-    r = cli(
+    r = main(
+        capsys,
         "--config",
         SMALL,
         "run.run_root=s3://somebucket/run",
@@ -70,7 +83,6 @@ def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials(tiny_mode
         f"storage.endpoint_url=http://127.0.0.1:{free_port()}",
         "storage.access_key_id=AKIANOTPRINTED",
         f"storage.secret_access_key={secret}",
-        timeout=60,
     )
     assert time.time() - t < 30
     assert r.returncode == 2 and "s3://somebucket/run" in r.stderr
@@ -79,7 +91,7 @@ def test_unreachable_s3_exits_2_within_30s_without_leaking_credentials(tiny_mode
 
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
+def test_interrupted_embed_completes_on_rerun(ray_local, tmp_path, tiny_models, capsys):
     args = [
         "--config",
         SMALL,
@@ -119,7 +131,7 @@ def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
     assert not (tmp_path / "run" / "embed" / "_SUCCESS").exists()
     assert json.loads((tmp_path / "run" / "embed" / "manifest.json").read_text())["status"] == "failed"
 
-    r = cli(*args, timeout=300)
+    r = main(capsys, *args)  # the same command again (in this process's Ray: the first one's is gone)
     assert r.returncode == 0, r.stderr[-3000:]
     status = {
         line.split()[0]: line.split()[1]
@@ -132,8 +144,9 @@ def test_interrupted_embed_completes_on_rerun(tmp_path, tiny_models):
     assert len(catalog_ids) == 120 and sorted(embed_ids) == sorted(catalog_ids)
 
 
-def test_missing_model_exits_2_before_any_stage_runs(tmp_path):
-    r = cli(
+def test_missing_model_exits_2_before_any_stage_runs(tmp_path, capsys):
+    r = main(
+        capsys,
         "--config",
         SMALL,
         f"run.run_root={tmp_path / 'run'}",
@@ -145,16 +158,16 @@ def test_missing_model_exits_2_before_any_stage_runs(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_failing_stage_exits_1_naming_it_and_keeps_earlier_stages(tmp_path, tiny_models):
+def test_failing_stage_exits_1_naming_it_and_keeps_earlier_stages(ray_local, tmp_path, tiny_models, capsys):
     broken = tmp_path / "broken-clip"
     shutil.copytree(tiny_models["clip"], broken)
     (broken / "model.safetensors").write_bytes(b"not weights")  # config is valid, weights are not
-    r = cli(
+    r = main(
+        capsys,
         "--config",
         SMALL,
         f"run.run_root={tmp_path / 'run'}",
         f"embed.encoders=[{{name: clip_image, model: {broken}}}]",
-        timeout=240,
     )
     assert r.returncode == 1, r.stderr[-2000:]
     assert "stage 'embed' failed" in r.stderr

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 from coral import graph, manifest, storage
 from coral import schemas as S
 from coral.config import load_config
+from ray_jobs import run as command
 from tests.conftest import REPO, annotate_override, encoders_override, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -37,13 +36,13 @@ def tiny(tiny_models) -> list[str]:
     ]
 
 
-def run(workflow: str, overrides: list[str]) -> subprocess.CompletedProcess:
+def run(capsys, workflow: str, overrides: list[str]) -> tuple[int, str]:
     """``python -m ray_jobs.run --config workflows/{workflow}.yaml --overlay workflows/overlays/local.yaml
-    ...``, as a user types it."""
-    cmd = [sys.executable, "-m", "ray_jobs.run", "--config", f"workflows/{workflow}.yaml"]
-    return subprocess.run(
-        [*cmd, "--overlay", str(OVERLAY), *overrides], cwd=REPO, capture_output=True, text=True, timeout=840
-    )
+    ...`` as a user types it, its ``main`` in this process: (exit code, what it wrote to stderr)."""
+    argv = ["--config", str(REPO / "workflows" / f"{workflow}.yaml"), "--overlay", str(OVERLAY)]
+    capsys.readouterr()
+    code = command.main([*argv, *overrides])
+    return code, capsys.readouterr().err
 
 
 def manifests(root: Path, stages) -> dict[str, dict]:
@@ -90,13 +89,13 @@ def image_folder(folder: Path, n: int = 64) -> Path:
     return folder / "products.jsonl"
 
 
-def test_the_command_line_merges_the_overlay_over_the_workflow():
+def test_the_command_line_merges_the_overlay_over_the_workflow(capsys):
     """``--overlay`` reaches the config: a bad key anywhere is reported against the workflow and the
     overlay, exit code 2, before Ray starts."""
-    r = run("megapairs", ["train.no_such_key=1"])
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "workflows/megapairs.yaml with" in r.stderr and "overlays/local.yaml" in r.stderr
-    assert "train.no_such_key" in r.stderr
+    code, err = run(capsys, "megapairs", ["train.no_such_key=1"])
+    assert code == 2, err[-2000:]
+    assert "workflows/megapairs.yaml with" in err and "overlays/local.yaml" in err
+    assert "train.no_such_key" in err
 
 
 def test_megapairs_yaml_runs_in_miniature_and_evaluates_held_out_images_only(
